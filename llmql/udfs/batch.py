@@ -1,0 +1,153 @@
+"""Submit rendered prompts to the engine in chunks, through the persistent result cache."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from llmql.engine.types import Engine, GenerationRequest, GenerationResult
+from llmql.settings import get_settings
+from llmql.udfs.functions import get_spec, max_tokens
+from llmql.udfs.result_cache import ResultCache
+from llmql.udfs.types import CallReport, CallSpec
+
+_OVERFLOW_WORDS = ("context", "too long", "exceeds", "max_model_len", "kv")
+
+
+@dataclass(frozen=True)
+class PendingPrompt:
+    """One distinct prompt to answer, with its result-cache key (send order = list order)."""
+
+    key: str
+    prompt: str
+
+
+class BatchRunner:
+    """Answers prompts for one call: cache lookup, then chunked generation, caching each chunk.
+
+    The engine is resolved lazily, so a fully cached call never loads a model.
+    """
+
+    def __init__(
+        self,
+        spec: CallSpec,
+        engine_factory: Callable[[], Engine],
+        cache: ResultCache | None,
+        report: CallReport,
+        progress: bool | None = None,
+    ) -> None:
+        self.spec = spec
+        self._engine_factory = engine_factory
+        self.cache = cache
+        self.report = report
+        self.progress = get_settings().progress if progress is None else progress
+
+    def answer(self, pending: Sequence[PendingPrompt]) -> dict[str, str | None]:
+        """Texts by key (None where the engine failed on that prompt)."""
+        t0 = time.perf_counter()
+        answers: dict[str, str | None] = (
+            dict(self.cache.get_many([p.key for p in pending])) if self.cache else {}
+        )
+        self.report.cache_hits += len(answers)
+        self.report.add_time("cache", time.perf_counter() - t0)
+        misses = [p for p in pending if p.key not in answers]
+        if misses:
+            answers.update(self._generate(misses))
+        return answers
+
+    def _generate(self, misses: Sequence[PendingPrompt]) -> dict[str, str | None]:
+        engine = self._engine_factory()
+        size = self.spec.options.chunk_size
+        out: dict[str, str | None] = {}
+        bar = _progress_bar(len(misses), self.spec.function, self.progress and len(misses) > size)
+        try:
+            for i in range(0, len(misses), size):
+                chunk = misses[i : i + size]
+                out.update(self._run_chunk(engine, chunk))
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+        return out
+
+    def _run_chunk(self, engine: Engine, chunk: Sequence[PendingPrompt]) -> dict[str, str | None]:
+        t0 = time.perf_counter()
+        requests = [self._request(p.prompt) for p in chunk]
+        results = _generate_isolated(engine, requests)
+        self.report.add_time("generate", time.perf_counter() - t0)
+        texts: dict[str, str | None] = {}
+        good: list[tuple[str, str]] = []
+        for pending, result in zip(chunk, results):
+            self._account(result)
+            if result.finish_reason == "error" or result.error:
+                texts[pending.key] = None
+                continue
+            texts[pending.key] = result.text
+            good.append((pending.key, result.text))
+        if self.cache is not None:
+            t1 = time.perf_counter()
+            self.cache.put_many(good)
+            self.report.add_time("cache", time.perf_counter() - t1)
+        return texts
+
+    def _request(self, prompt: str) -> GenerationRequest:
+        o = self.spec.options
+        fn = get_spec(self.spec.function)
+        return GenerationRequest(
+            prompt=prompt,
+            max_tokens=max_tokens(self.spec),
+            temperature=float(o.temperature),
+            choices=fn.choices(o),
+            json_schema=o.json_schema if self.spec.function == "llm_extract" else None,
+            adapter=o.adapter,
+        )
+
+    def _account(self, result: GenerationResult) -> None:
+        r = self.report
+        r.llm_calls += 1
+        r.prompt_tokens += result.prompt_tokens
+        r.cached_tokens += result.cached_tokens
+        r.output_tokens += result.output_tokens
+        if result.finish_reason == "error" or result.error:
+            message = (result.error or "").lower()
+            if any(word in message for word in _OVERFLOW_WORDS):
+                r.context_overflows += 1
+            else:
+                r.errors += 1
+
+
+def _generate_isolated(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    """One engine call; if it raises, retry one by one so one bad prompt fails alone."""
+    try:
+        return list(engine.generate(requests, progress=False))
+    except Exception:
+        if len(requests) == 1:
+            return [_failed(requests[0], _last_error())]
+    return [_generate_isolated(engine, [r])[0] for r in requests]
+
+
+def _last_error() -> str:
+    import sys
+
+    exc = sys.exc_info()[1]
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _failed(request: GenerationRequest, error: str) -> GenerationResult:
+    return GenerationResult("", 0, 0, 0, "error", error)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _progress_bar(total: int, desc: str, show: bool):
+    if not show:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="prompt", leave=False)

@@ -1,0 +1,66 @@
+"""Prompt rendering and the order-independent identity of an input row."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from llmql.udfs.functions import get_spec, max_tokens
+from llmql.udfs.types import CallSpec
+
+
+def render_value(value: Any) -> str:
+    """One field value as prompt text, on one line."""
+    if isinstance(value, float):
+        text = str(int(value)) if math.isfinite(value) and value.is_integer() else repr(value)
+    elif isinstance(value, (dict, list)):
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    else:
+        text = str(value)
+    return " ".join(text.split())
+
+
+def render_prompt(spec: CallSpec, row: Mapping[str, Any], field_order: Sequence[str]) -> str:
+    """Instruction, then one `field: value` line per field in `field_order`, then the cue.
+
+    NOTE: everything before the first field line is the same for every row of a call, so it
+    is a prefix the engine's cache shares across the whole batch.
+    """
+    lines = [spec.instruction.strip()]
+    lines.extend(f"{name}: {render_value(row[name])}" for name in field_order)
+    lines.append(get_spec(spec.function).cue(spec.options))
+    return "\n".join(lines)
+
+
+def output_signature(spec: CallSpec) -> dict[str, Any]:
+    """Everything besides the inputs that determines an answer (part of the cache key)."""
+    o = spec.options
+    return {
+        "function": spec.function,
+        "instruction": spec.instruction,
+        "labels": list(o.labels) if o.labels else None,
+        "range": [o.lo, o.hi] if spec.function == "llm_score" else None,
+        "schema": o.json_schema,
+        "max_tokens": max_tokens(spec),
+        "temperature": float(o.temperature),
+        "adapter": o.adapter,
+        "prompt_format": 1,
+    }
+
+
+def cache_key(model: str, signature: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+    """A stable hash of (model, call signature, input values by field name).
+
+    NOTE: inputs are keyed by field name, sorted, so a row's key does not depend on the field
+    order its prompt was rendered in.
+    """
+    payload = {
+        "model": model,
+        "call": signature,
+        "inputs": sorted((str(k), render_value(v)) for k, v in row.items()),
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()

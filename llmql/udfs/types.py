@@ -1,0 +1,161 @@
+"""Call specs, options, reports and outputs shared by every LLM function and connector."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+FUNCTIONS = ("llm", "llm_filter", "llm_classify", "llm_score", "llm_extract", "llm_agg")
+_ON_ERROR = ("null", "raise")
+
+
+class UDFError(ValueError):
+    """A call that cannot run: bad arguments, unknown function or option. Raised before any
+    model call."""
+
+
+class OutputParseError(ValueError):
+    """A model answer that cannot be parsed as the declared output type (`on_error='raise'`)."""
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """Per-call options; SQL named arguments (`max_tokens := 8`) map onto these fields.
+
+    Args:
+        model: model to load (None = the settings' model).
+        adapter: LoRA adapter name.
+        max_tokens: most new tokens per answer (None = the function's default).
+        temperature: 0 is greedy.
+        labels: llm_classify's labels.
+        lo, hi: llm_score's inclusive range.
+        json_schema: llm_extract's schema (a dict).
+        on_error: "null" (unparseable answer → NULL + count) or "raise".
+        result_cache: None = settings.result_cache; False disables the persistent cache.
+        chunk_size: requests per engine call; results are cached after each chunk, so a crash
+            loses at most one chunk.
+        context_tokens: llm_agg's token budget per reduce prompt.
+    """
+
+    model: str | None = None
+    adapter: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    labels: tuple[str, ...] | None = None
+    lo: int | None = None
+    hi: int | None = None
+    json_schema: dict | None = None
+    on_error: str = "null"
+    result_cache: bool | None = None
+    chunk_size: int = 32
+    context_tokens: int = 1536
+
+    def __post_init__(self) -> None:
+        if self.on_error not in _ON_ERROR:
+            raise UDFError(f"on_error must be one of {_ON_ERROR}, got {self.on_error!r}")
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise UDFError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise UDFError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise UDFError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any] | None) -> CallOptions:
+        """Build options from a mapping, rejecting unknown names with a clear error."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UDFError(f"unknown option(s) {unknown}; known options: {sorted(known)}")
+        if isinstance(options.get("json_schema"), str):
+            options["json_schema"] = _parse_schema(options["json_schema"])
+        if options.get("labels") is not None:
+            options["labels"] = tuple(options["labels"])
+        return cls(**{k: v for k, v in options.items() if v is not None or k == "result_cache"})
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """One logical LLM call: the function, its constant instruction, its prompt fields."""
+
+    function: str
+    instruction: str
+    fields: tuple[str, ...]
+    options: CallOptions = field(default_factory=CallOptions)
+
+    def __post_init__(self) -> None:
+        if self.function not in FUNCTIONS:
+            raise UDFError(f"unknown LLM function {self.function!r}; known: {list(FUNCTIONS)}")
+        if not isinstance(self.instruction, str) or not self.instruction.strip():
+            raise UDFError(f"{self.function}: the instruction must be a non-empty constant string")
+        if not self.fields:
+            raise UDFError(f"{self.function}: needs at least one input column")
+
+
+@dataclass
+class CallReport:
+    """What one call (or a whole query, via `merge`) cost."""
+
+    rows: int = 0
+    null_inputs: int = 0
+    distinct_inputs: int = 0
+    cache_hits: int = 0
+    llm_calls: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    parse_failures: int = 0
+    context_overflows: int = 0
+    errors: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        """Accumulate wall time for a stage (render, cache, generate, parse, sql...)."""
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def merge(self, other: CallReport) -> CallReport:
+        """Add another report's counts and times into this one; returns self."""
+        for f in dataclasses.fields(self):
+            if f.name == "seconds":
+                for stage, secs in other.seconds.items():
+                    self.add_time(stage, secs)
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of prompt tokens served from the engine's prefix cache."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, with the prefix hit rate."""
+        out = dataclasses.asdict(self)
+        out["prefix_hit_rate"] = round(self.prefix_hit_rate, 4)
+        out["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
+        return out
+
+
+@dataclass
+class CallOutput:
+    """Results aligned with the input rows, and the report of the call."""
+
+    values: pa.Array
+    report: CallReport
+
+
+def _parse_schema(text: str) -> dict:
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UDFError(f"json_schema is not valid JSON: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise UDFError("json_schema must be a JSON object")
+    return schema
