@@ -1,0 +1,82 @@
+"""Prefill admission: which waiting requests start this step, and how many tokens each."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from llmql.engine.scheduler.cache import CacheManager
+from llmql.engine.scheduler.policy import SchedulingPolicy
+from llmql.engine.scheduler.request import Req
+
+
+class PrefillAdmitter:
+    """Admits waiting requests in policy order within a token budget and free memory.
+
+    A request that shares more than `defer_tokens` uncached tokens with one admitted in the
+    same step waits one step, so that it reuses that request's prefix from the cache
+    instead of computing it a second time (in-batch prefix sharing).
+    """
+
+    def __init__(
+        self,
+        kv: CacheManager,
+        policy: SchedulingPolicy,
+        *,
+        chunk_size: int,
+        max_running: int,
+        defer_tokens: int = 16,
+    ) -> None:
+        self.kv, self.policy = kv, policy
+        self.chunk_size, self.max_running, self.defer_tokens = chunk_size, max_running, defer_tokens
+
+    def admit(self, waiting: deque[Req], running: list[Req], budget: int) -> list[tuple[Req, int]]:
+        """Move admitted requests from `waiting` to `running`; returns (req, new tokens)."""
+        picked: list[tuple[Req, int]] = []
+        for req in self.policy.order(waiting, self.kv):
+            if budget <= 0 or len(running) + len(picked) >= self.max_running:
+                break
+            if not self.policy.admit(req, [r for r, _ in picked], running):
+                continue
+            n = self._try_start(req, picked, budget, len(running) + len(picked) + 1)
+            if n is None:
+                break
+            if n:
+                picked.append((req, n))
+                budget -= n
+        for req, _ in picked:
+            waiting.remove(req)
+            running.append(req)
+        return picked
+
+    def _try_start(
+        self, req: Req, picked: list[tuple[Req, int]], budget: int, decoders: int
+    ) -> int | None:
+        """New tokens for `req` (0: defer it; None: out of memory, stop admitting)."""
+        match = self.kv.match(req)
+        if self._defer(req, picked, match.length):
+            return 0
+        first = req.cached_tokens < 0
+        self.kv.attach(req, match)
+        # NOTE: keep one slot per running request for its next decode step
+        room = self.kv.available - decoders
+        n = min(req.seq_len - match.length, self.chunk_size, budget, room)
+        if n <= 0 or not self.kv.grow(req, n):
+            self.kv.release(req, keep_prefix=False)
+            req.cached_tokens = -1 if first else req.cached_tokens
+            return None
+        return n
+
+    def _defer(self, req: Req, picked: list[tuple[Req, int]], matched: int) -> bool:
+        if not self.kv.caching or not picked:
+            return False
+        mine = np.asarray(req.token_ids[: req.seq_len - 1])
+        return any(_lcp(mine, o.token_ids) - matched > self.defer_tokens for o, _ in picked)
+
+
+def _lcp(a: np.ndarray, b: list[int]) -> int:
+    """Length of the common prefix of `a` and `b`."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n

@@ -1,0 +1,148 @@
+"""Scheduler, preemption and cache bookkeeping on a fake model that reads its KV back.
+
+The fake model writes (token, position) into each new token's pool slot and predicts the
+next token from the sequence it reads back through `kv_indices`; any slot-table mistake
+(wrong prefix reuse, a freed slot still in use, a lost chunk) changes the outputs.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from llmql.engine.kvcache.base import create_prefix_cache
+from llmql.engine.kvcache.pool import KVPool
+from llmql.engine.scheduler.cache import CacheManager
+from llmql.engine.scheduler.policy import create_policy
+from llmql.engine.scheduler.request import Req, ScheduledBatch
+from llmql.engine.scheduler.scheduler import Scheduler
+from llmql.engine.types import GenerationRequest
+
+VOCAB = 50
+
+
+def _next_token(seq: list[int]) -> int:
+    return (sum((i + 1) * t for i, t in enumerate(seq)) * 7 + len(seq)) % VOCAB
+
+
+def _expected(prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(_next_token(seq))
+    return seq[len(prompt) :]
+
+
+def _fake_forward(pool: KVPool, batch: ScheduledBatch) -> list[int]:
+    k = pool.k_buffer[0]
+    out = []
+    for req, start, n in zip(batch.reqs, batch.starts, batch.extend_lens):
+        assert req.slots.numel() == start + n and len(set(req.slots.tolist())) == start + n
+        new = req.slots[start : start + n]
+        k[new, 0, 0] = torch.tensor(req.token_ids[start : start + n], dtype=k.dtype)
+        k[new, 0, 1] = torch.arange(start, start + n, dtype=k.dtype)
+        if start + n == req.seq_len:
+            kv = k[req.slots]
+            assert kv[:, 0, 1].tolist() == list(range(start + n)), "positions scrambled"
+            out.append(_next_token([int(t) for t in kv[:, 0, 0].tolist()]))
+    return out
+
+
+def _run(prompts, max_new, *, slots, cache="radix", page=1, chunk=8, budget=32, policy="fcfs"):
+    pool = KVPool(slots, num_layers=1, num_kv_heads=1, head_dim=2)
+    kv = CacheManager(pool, create_prefix_cache(cache, pool, page))
+    sched = Scheduler(kv, create_policy(policy), chunk_size=chunk, max_batch_tokens=budget)
+    reqs = [Req(i, list(p), GenerationRequest(p, max_tokens=max_new), max_new) for i, p in enumerate(prompts)]
+    for r in reqs:
+        sched.add(r)
+
+    def on_token(req: Req, tok: int) -> None:
+        req.token_ids.append(tok)
+        if len(req.output_ids) >= req.max_new_tokens:
+            req.finish("length")
+
+    steps = 0
+    while sched.has_work:
+        batch, failed = sched.schedule()
+        assert not failed
+        assert batch is not None, "scheduler stalled"
+        assert batch.num_tokens <= budget
+        sched.postprocess(batch, _fake_forward(pool, batch), on_token)
+        steps += 1
+        assert steps < 10_000
+    assert pool.free_slots + kv.cache.cached_size == slots, "leaked slots"
+    assert kv.cache.evictable_size == kv.cache.cached_size, "locks left behind"
+    return reqs, sched, kv
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(VOCAB) for _ in range(20)]
+    groups = [[rng.randrange(VOCAB) for _ in range(rng.randrange(3, 15))] for _ in range(4)]
+    out = []
+    for i in range(n):
+        tail = [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 6))]
+        out.append(shared + groups[i % 4] + tail)
+    return out
+
+
+@pytest.mark.parametrize("cache", ["radix", "none"])
+@pytest.mark.parametrize("page", [1, 4])
+@pytest.mark.parametrize("policy", ["fcfs", "lpm"])
+def test_outputs_match_reference(cache: str, page: int, policy: str) -> None:
+    prompts = _prompts(12)
+    reqs, _, _ = _run(prompts, 6, slots=2048, cache=cache, page=page, policy=policy)
+    for r, p in zip(reqs, prompts):
+        assert r.output_ids == _expected(p, 6)
+    hits = sum(r.cached_tokens for r in reqs)
+    assert (hits > 0) == (cache == "radix")
+
+
+def test_prefix_reuse_defers_in_batch_sharing() -> None:
+    prompts = _prompts(8)
+    reqs, _, _ = _run(prompts, 2, slots=2048, chunk=64, budget=512)
+    # every request after the first reuses at least the shared 20-token instruction
+    assert all(r.cached_tokens >= 20 for r in reqs[1:])
+
+
+def test_small_pool_forces_eviction_and_preemption() -> None:
+    prompts = _prompts(10, seed=1)
+    reqs, sched, kv = _run(prompts, 40, slots=160, chunk=8, budget=64)
+    for r, p in zip(reqs, prompts):
+        assert r.output_ids == _expected(p, 40)
+    assert sched.preemptions > 0 and kv.evicted_tokens > 0
+
+
+def test_preemption_without_cache() -> None:
+    prompts = _prompts(6, seed=2)
+    reqs, sched, _ = _run(prompts, 40, slots=120, cache="none")
+    assert sched.preemptions > 0
+    for r, p in zip(reqs, prompts):
+        assert r.output_ids == _expected(p, 40)
+
+
+def test_lone_request_that_outgrows_the_pool_fails_cleanly() -> None:
+    pool = KVPool(16, num_layers=1, num_kv_heads=1, head_dim=2)
+    kv = CacheManager(pool, create_prefix_cache("radix", pool))
+    sched = Scheduler(kv, create_policy("fcfs"), chunk_size=8)
+    req = Req(0, list(range(10)), GenerationRequest("x", max_tokens=50), 50)
+    sched.add(req)
+    failed = []
+    while sched.has_work:
+        batch, f = sched.schedule()
+        failed += f
+        if batch:
+            toks = _fake_forward(pool, batch)
+            sched.postprocess(batch, toks, lambda r, t: r.token_ids.append(t))
+    assert failed == [req] and req.finish_reason == "length" and req.error
+    assert pool.free_slots + kv.cache.cached_size == 16
+
+
+def test_bad_settings() -> None:
+    pool = KVPool(16, num_layers=1, num_kv_heads=1, head_dim=2)
+    kv = CacheManager(pool, create_prefix_cache("none", pool))
+    with pytest.raises(ValueError):
+        Scheduler(kv, create_policy("fcfs"), chunk_size=0)
+    with pytest.raises(ValueError, match="unknown scheduling policy"):
+        create_policy("sjf")
