@@ -1,0 +1,100 @@
+"""Sampling (greedy, temperature/top-p with a per-request seed, choices masks) and the
+per-token finish checks (EOS, stop strings, max_tokens, choices)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from llmql.engine.scheduler.request import Req
+
+
+class Sampler:
+    """Turns the logits of the sampled rows into one token per request."""
+
+    def sample(self, reqs: list[Req], logits: torch.Tensor) -> list[int]:
+        """logits [B, vocab] (row i belongs to reqs[i]) -> B token ids."""
+        assert logits.shape[0] == len(reqs), (logits.shape, len(reqs))
+        logits = logits.float()
+        constrained = [i for i, r in enumerate(reqs) if r.choice is not None]
+        if constrained:
+            logits = logits.clone()
+            for i in constrained:
+                logits[i] = _mask(logits[i], reqs[i].choice.allowed())  # type: ignore[union-attr]
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, req in enumerate(reqs):
+            if req.params.temperature > 0:
+                tokens[i] = _sample_row(logits[i], req)
+        return tokens
+
+
+def _mask(row: torch.Tensor, allowed: list[int]) -> torch.Tensor:
+    out = torch.full_like(row, float("-inf"))
+    idx = torch.tensor(allowed, dtype=torch.int64, device=row.device)
+    out[idx] = row[idx]
+    return out
+
+
+def _sample_row(row: torch.Tensor, req: Req) -> int:
+    """Temperature + nucleus (top-p) sampling with the request's own generator."""
+    if req.generator is None:
+        seed = req.params.seed if req.params.seed is not None else int(torch.seed() % 2**63)
+        req.generator = torch.Generator(device=row.device).manual_seed(seed)
+    probs = torch.softmax(row / req.params.temperature, dim=-1)
+    top_p = req.params.top_p
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+        sorted_p = sorted_p * keep
+        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=req.generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=req.generator))
+
+
+class Detokenizer(Protocol):
+    eos_ids: frozenset[int]
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class OutputProcessor:
+    """Appends each sampled token to its request and decides whether it finished.
+
+    Text excludes EOS and the stop string (and everything after it); a `choices` request
+    ends with exactly the choice reached.
+    """
+
+    def __init__(self, tokenizer: Detokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, req: Req, token: int) -> None:
+        req.token_ids.append(token)
+        if req.choice is not None:
+            self._advance_choice(req, token)
+        elif token in self.tokenizer.eos_ids:
+            req.text = self.tokenizer.decode(req.output_ids[:-1])
+            req.finish("stop")
+        elif req.params.stop and self._hit_stop(req):
+            req.finish("stop")
+        elif len(req.output_ids) >= req.max_new_tokens:
+            req.text = self.tokenizer.decode(req.output_ids)
+            req.finish("length")
+
+    def _hit_stop(self, req: Req) -> bool:
+        text = self.tokenizer.decode(req.output_ids)
+        hits = [i for i in (text.find(s) for s in req.params.stop if s) if i >= 0]
+        if hits:
+            req.text = text[: min(hits)]
+        return bool(hits)
+
+    def _advance_choice(self, req: Req, token: int) -> None:
+        state = req.choice
+        assert state is not None
+        state.advance(token)
+        if state.done:
+            req.text = state.text or ""
+            req.finish("stop")
+        elif len(req.output_ids) >= req.max_new_tokens:
+            req.text = state.finish_now()
+            req.finish("length")
