@@ -1,0 +1,78 @@
+"""The per-query report: rows, LLM calls, distinct inputs, cache hits, tokens, time per stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmql.udfs.types import CallReport
+
+
+@dataclass
+class CallEntry:
+    """One LLM call of a query and what it cost."""
+
+    id: str
+    function: str
+    report: CallReport
+    seconds: float
+
+
+@dataclass
+class QueryReport:
+    """What a query cost, per LLM call and in total (`con.last_report()`)."""
+
+    calls: list[CallEntry] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add_call(self, call_id: str, function: str, report: CallReport, seconds: float) -> None:
+        """Record one executed call."""
+        self.calls.append(CallEntry(call_id, function, report, seconds))
+        self.add_time("llm", seconds)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        """Accumulate wall time of a stage (plan, input_sql, llm, final_sql)."""
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    @property
+    def total(self) -> CallReport:
+        """The calls' reports summed."""
+        out = CallReport()
+        for entry in self.calls:
+            out.merge(entry.report)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: totals, per-call reports and stage times."""
+        return {
+            "total": self.total.to_dict(),
+            "calls": [
+                {"id": c.id, "function": c.function, **c.report.to_dict()} for c in self.calls
+            ],
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+    def format(self) -> str:
+        """A short human-readable table."""
+        lines = [
+            f"{'call':<8} {'function':<13} {'rows':>6} {'distinct':>8} {'cached':>6} "
+            f"{'llm':>5} {'prompt_tok':>10} {'prefix_hit':>10} {'bad':>4} {'secs':>7}"
+        ]
+        for c in self.calls:
+            lines.append(_row(c.id, c.function, c.report, c.seconds))
+        if len(self.calls) > 1:
+            lines.append(_row("total", "", self.total, sum(c.seconds for c in self.calls)))
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
+        lines.append(f"stages: {stages}" if stages else "stages: -")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _row(name: str, function: str, r: CallReport, seconds: float) -> str:
+    bad = r.parse_failures + r.context_overflows + r.errors
+    return (
+        f"{name:<8} {function:<13} {r.rows:>6} {r.distinct_inputs:>8} {r.cache_hits:>6} "
+        f"{r.llm_calls:>5} {r.prompt_tokens:>10} {r.prefix_hit_rate:>10.1%} {bad:>4} {seconds:>7.2f}"
+    )
