@@ -9,6 +9,7 @@ the LLM functions to any DuckDB connection as vectorised Python UDFs.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from llmql.udfs.vectorized import SQL_TYPES, ReportCollector, make_udf
 
 __all__ = ["LLMConnection", "Registration", "connect", "register"]
 _AGG_IMPL = "__llmql_llm_agg"
+_PLAN_KEYS = ("aggregate", "group_keys")  # planner metadata in LLMCall.options, not options
+_LLM_CALL = re.compile(r"\bllm(_filter|_classify|_score|_extract|_agg)?\s*\(", re.IGNORECASE)
 
 
 @dataclass
@@ -114,8 +117,10 @@ class LLMConnection:
 
     def explain(self, query: str) -> str:
         """The optimiser's EXPLAIN of `query` (calls, input relations, prefix reuse)."""
-        from llmql.optimizer import explain
-
+        try:
+            from llmql.optimizer import explain
+        except ImportError:
+            return _describe_plan(_plan(query, self.con))
         return str(explain(query, con=self.con))
 
     def last_report(self) -> QueryReport:
@@ -154,7 +159,8 @@ class LLMConnection:
         inputs = self._timed("input_sql", lambda: self.con.sql(call.input_sql).arrow())
         if isinstance(inputs, pa.RecordBatchReader):
             inputs = inputs.read_all()
-        options = CallOptions.from_dict({**self.options, **call.options})
+        call_options = {k: v for k, v in call.options.items() if k not in _PLAN_KEYS}
+        options = CallOptions.from_dict({**self.options, **call_options})
         spec = CallSpec(call.function, call.instruction, tuple(call.fields), options)
         t0 = time.perf_counter()
         if call.function == "llm_agg":
@@ -175,13 +181,30 @@ class LLMConnection:
 
 
 def _plan(query: str, con: duckdb.DuckDBPyConnection) -> Any:
-    """The optimiser's plan, or None when no optimiser is installed (the registered UDFs then
-    run the query per batch)."""
+    """The optimiser's plan; None for SQL without LLM calls, or when the optimiser is not
+    installed or cannot rewrite the query (the registered UDFs then run it per batch)."""
+    if not _LLM_CALL.search(query):
+        return None
     try:
-        from llmql.optimizer import plan
+        from llmql.optimizer import UnsupportedError, plan
     except ImportError:
         return None
-    return plan(query, dialect="duckdb", schema=_schema(con))
+    try:
+        return plan(query, dialect="duckdb", schema=_schema(con))
+    except UnsupportedError:
+        return None
+
+
+def _describe_plan(plan: Any) -> str:
+    """A plain listing of a plan (used when the optimiser offers no EXPLAIN)."""
+    if plan is None:
+        return "no LLM calls planned (the query runs as is)"
+    lines = []
+    for call in plan.calls:
+        lines.append(f"{call.id}: {call.function}({call.instruction!r}, {', '.join(call.fields)})")
+        lines.append(f"  input: {call.input_sql}")
+    lines.append(f"final: {plan.final_sql}")
+    return "\n".join(lines)
 
 
 def _schema(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, str]]:

@@ -54,6 +54,9 @@ class QueryReport:
 
     def format(self) -> str:
         """A short human-readable table."""
+        if not self.calls:
+            stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
+            return f"no LLM calls; stages: {stages or '-'}"
         lines = [
             f"{'call':<8} {'function':<13} {'rows':>6} {'distinct':>8} {'cached':>6} "
             f"{'llm':>5} {'prompt_tok':>10} {'prefix_hit':>10} {'bad':>4} {'secs':>7}"

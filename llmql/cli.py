@@ -1,0 +1,154 @@
+"""`llmql` command line: run or explain LLM SQL over CSV/Parquet files, and the demo.
+
+llmql query "SELECT ... FROM movies" --table movies=examples/movies_sample.csv
+llmql explain "SELECT ..." --table movies=movies.csv
+llmql demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import llmql
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DEMO_QUERIES = (
+    (
+        "filter",
+        "SELECT movie_title, review_content FROM movies "
+        "WHERE llm_filter('Is this movie suitable for kids?', movie_info, review_content)",
+    ),
+    (
+        "projection",
+        "SELECT movie_title, llm('Summarise the review in a few words.', movie_title, "
+        "review_content, max_tokens := 12) AS summary FROM movies WHERE movie_title = 'Shelter'",
+    ),
+    (
+        "aggregation",
+        "SELECT movie_title, AVG(llm_score('Rate the review from 1 to 5.', 1, 5, movie_title, "
+        "review_content)) AS avg_score, COUNT(*) AS reviews FROM movies GROUP BY movie_title "
+        "ORDER BY avg_score DESC",
+    ),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `llmql` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"llmql: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmql", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"llmql {llmql.__version__}")
+    sub = parser.add_subparsers(dest="command")
+    for name, run, text in (
+        ("query", _query, "run a SQL query and print the result and its report"),
+        ("explain", _explain, "print the optimiser's plan of a SQL query"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("sql", help="the SQL query")
+        p.add_argument(
+            "--table",
+            action="append",
+            default=[],
+            metavar="NAME=PATH",
+            help="load a .csv or .parquet file as table NAME (repeatable)",
+        )
+        p.add_argument("--max-rows", type=int, default=40, help="rows to print (default 40)")
+        p.add_argument("--no-cache", action="store_true", help="disable the result cache")
+        p.set_defaults(run=run)
+    demo = sub.add_parser("demo", help="filter, projection and aggregation on sample movies")
+    demo.add_argument("--data", default=str(EXAMPLES / "movies_sample.csv"), help="movies CSV")
+    demo.add_argument("--no-cache", action="store_true", help="disable the result cache")
+    demo.set_defaults(run=_demo, max_rows=20)
+    return parser
+
+
+def _connect(args: argparse.Namespace) -> llmql.connectors.duckdb.LLMConnection:
+    options = {"result_cache": False} if args.no_cache else {}
+    con = llmql.connect(**options)
+    for spec in args.table:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.isidentifier():
+            raise ValueError(f"--table expects NAME=PATH with NAME an identifier, got {spec!r}")
+        load_table(con.con, name, path)
+    return con
+
+
+def load_table(con, name: str, path: str) -> None:
+    """Create table `name` from a .csv/.tsv or .parquet file."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    reader = "read_parquet" if file.suffix.lower() in (".parquet", ".pq") else "read_csv_auto"
+    con.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM {reader}(?)', [str(file)])
+
+
+def _query(args: argparse.Namespace) -> int:
+    with _connect(args) as con:
+        _run_and_print(con, args.sql, args.max_rows)
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    with _connect(args) as con:
+        print(con.explain(args.sql))
+    return 0
+
+
+def _run_and_print(con, sql: str, max_rows: int) -> None:
+    t0 = time.perf_counter()
+    frame = con.sql(sql).df()
+    elapsed = time.perf_counter() - t0
+    import pandas as pd
+
+    with pd.option_context("display.max_colwidth", 60, "display.width", 160):
+        print(frame.to_string(max_rows=max_rows))
+    print(f"\n({len(frame)} rows in {elapsed:.1f}s)")
+    print(con.last_report().format())
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from llmql.udfs.engines import EngineUnavailable, get_engine
+
+    args.table = [f"movies={args.data}"]
+    print(f"llmql {llmql.__version__} demo on {args.data}\n")
+    with _connect(args) as con:
+        try:
+            engine = get_engine()
+        except (EngineUnavailable, ImportError) as exc:
+            print(f"(no inference engine available: {exc}; showing the plans only)\n")
+            for title, sql in DEMO_QUERIES:
+                print(f"== {title}\n{sql}\n{con.explain(sql)}\n")
+            return 0
+        for title, sql in DEMO_QUERIES:
+            print(f"== {title}\n{sql}\n")
+            _run_and_print(con, sql, args.max_rows)
+            print()
+        print(f"engine: {_engine_summary(engine)}")
+    return 0
+
+
+def _engine_summary(engine) -> str:
+    s = engine.stats()
+    return (
+        f"{s.requests} requests, {s.prompt_tokens} prompt tokens "
+        f"({s.cache_hit_rate:.1%} from the prefix cache), {s.output_tokens} output tokens, "
+        f"{s.seconds:.1f}s"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
