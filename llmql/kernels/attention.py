@@ -13,8 +13,9 @@ Causal: row i of sequence b (q_len rows, kv_len keys) sits at position kv_len - 
 sees key j iff j <= pos and, with a sliding window W, pos - j < W. Hq must be a multiple of
 Hkv (grouped-query attention). `softcap` applies tanh soft-capping to the scores.
 
-`ref_paged_attention` is the torch reference and the CPU path; `paged_attention` picks the
-Triton kernel on CUDA (module `llmql.kernels.attention_triton`) and the reference otherwise.
+`ref_paged_attention` is the torch reference (the test oracle); `paged_attention` picks the
+Triton kernel on CUDA (module `llmql.kernels.attention_triton`) and the vectorised
+same-signature CPU path (`llmql.kernels.attention_cpu`) otherwise.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Dispatch: the Triton kernel on CUDA, the torch reference on CPU (same signature)."""
+    """Dispatch: the Triton kernel on CUDA, the vectorised torch path elsewhere (same signature)."""
     if q.is_cuda:
         from llmql.kernels.attention_triton import triton_paged_attention
 
@@ -80,7 +81,9 @@ def paged_attention(
             q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices,
             scale=scale, sliding_window=sliding_window, softcap=softcap,
         )
-    return ref_paged_attention(
+    from llmql.kernels.attention_cpu import cpu_paged_attention
+
+    return cpu_paged_attention(
         q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices,
         scale=scale, sliding_window=sliding_window, softcap=softcap,
     )
