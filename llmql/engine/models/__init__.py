@@ -1,1 +1,58 @@
-"""models."""
+"""Model families and `load_model`: a model, its config and tokenizer from a name or path.
+
+`LoadedModel.model` contract (every family):
+    model(input_ids [T] int64, positions [T] int64) -> hidden [R, hidden_size]
+        runs inside `llmql.engine.context.forward_context(batch)`; writes each layer's K/V into
+        `batch.kv_pool` at `batch.out_cache_loc`. R = len(batch.logits_indices) when that is
+        set (the rows it names, in order), else R = T.
+    model.compute_logits(hidden [R, H]) -> logits [R, vocab] float32 (final soft-capping applied)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmql.engine.config import ModelConfig
+from llmql.engine.models.registry import get_model_class, supported_architectures
+from llmql.engine.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run model (eval mode, no grad needed) with its config and tokenizer."""
+
+    model: torch.nn.Module
+    config: ModelConfig
+    tokenizer: Tokenizer
+    name: str
+
+
+def load_model(
+    source: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load a model.
+
+    Args:
+        source: None or "default" (Gemma 3 270M Q4_K_M from the installed package), a `.gguf`
+            file, or a HF model directory (config.json, *.safetensors, tokenizer.json).
+        dtype: parameter dtype.
+        device: "cpu" or "cuda".
+        cache_dir: root of the model cache (default: settings' cache_dir); GGUF files are
+            dequantised once into `<cache_dir>/models/<name>-<hash>/`.
+
+    Raises:
+        FileNotFoundError: `source` does not exist; ValueError: unsupported architecture.
+    """
+    from llmql.engine.loader import load
+
+    return load(source, dtype=dtype, device=device, cache_dir=cache_dir)
+
+
+__all__ = ["LoadedModel", "get_model_class", "load_model", "supported_architectures"]

@@ -1,0 +1,78 @@
+"""Linear layers with per-parameter `weight_loader`s (nano-vllm style).
+
+A checkpoint tensor reaches its parameter through `param.weight_loader(param, tensor[, shard])`;
+packed layers (QKV, gate+up) take a shard id naming which slice the tensor fills.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    """Copy a whole tensor into `param` (shapes must match; dtype/device converted)."""
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), weights as in HF: [out, in]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = _param(out_features, in_features)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = _param(out_features) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        default_weight_loader(param, loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several linears sharing an input, stacked on the output dim (e.g. gate+up).
+
+    Shard id `i` fills rows of output `i`.
+    """
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False) -> None:
+        self.out_sizes = list(out_sizes)
+        super().__init__(in_features, sum(out_sizes), bias)
+
+    def shard_rows(self, shard: int | str) -> tuple[int, int]:
+        """(start, size) of a shard's rows."""
+        index = int(shard)
+        return sum(self.out_sizes[:index]), self.out_sizes[index]
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard: int | str | None = None
+    ) -> None:
+        if shard is None:
+            default_weight_loader(param, loaded)
+            return
+        start, size = self.shard_rows(shard)
+        default_weight_loader(param.data.narrow(0, start, size), loaded)
+
+
+class QKVLinear(MergedLinear):
+    """Q, K and V projections in one matmul; shard ids "q", "k", "v"."""
+
+    def __init__(
+        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False
+    ) -> None:
+        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        super().__init__(hidden, sizes, bias)
+
+    def shard_rows(self, shard: int | str) -> tuple[int, int]:
+        return super().shard_rows({"q": 0, "k": 1, "v": 2}.get(shard, shard))  # type: ignore[arg-type]

