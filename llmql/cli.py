@@ -42,9 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
+    import duckdb
+
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, duckdb.Error) as exc:
         print(f"llmql: error: {exc}", file=sys.stderr)
         return 1
 

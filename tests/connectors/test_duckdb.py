@@ -1,0 +1,106 @@
+"""DuckDB connector logic with a deterministic fake engine (the model path: test_duckdb_model)."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+from udfs.fakes import FakeEngine
+
+import llmql
+from llmql.udfs.types import UDFError
+
+
+def _answer(prompt: str) -> str:
+    if "Answer (yes or no):" in prompt:
+        return "yes" if "good" in prompt else "no"
+    if "JSON" in prompt:
+        return '{"n": 7}'
+    return prompt.splitlines()[-2].split(": ", 1)[1].upper()
+
+
+@pytest.fixture
+def con():
+    engine = FakeEngine(_answer)
+    con = llmql.connect(engine=engine, result_cache=False)
+    con.execute(
+        "CREATE TABLE t AS SELECT * FROM (VALUES ('m1', 'good'), ('m2', 'bad'), ('m1', 'good'),"
+        " ('m3', NULL)) v(title, review)"
+    )
+    con.engine_fake = engine
+    yield con
+    con.close()
+
+
+def test_projection_dedups_and_keeps_nulls(con):
+    rows = con.sql("SELECT title, llm('Say', title, review) AS s FROM t ORDER BY ALL").fetchall()
+    assert rows == [("m1", "GOOD"), ("m1", "GOOD"), ("m2", "BAD"), ("m3", None)]
+    report = con.last_report().total
+    assert report.llm_calls == 2 and report.null_inputs == 1
+
+
+def test_filter_classify_score_extract(con):
+    kept = con.sql("SELECT DISTINCT title FROM t WHERE llm_filter('Nice?', title, review)")
+    assert kept.fetchall() == [("m1",)]
+    labels = con.sql("SELECT llm_classify('Tone', ['GOOD', 'BAD'], review) AS l FROM t").df()
+    assert set(labels["l"].dropna()) == {"GOOD", "BAD"}
+    scores = con.sql("SELECT llm_score('Rate', 1, 5, review, max_tokens := 2) FROM t").fetchall()
+    assert all(v[0] is None or 1 <= v[0] <= 5 for v in scores)
+    schema = '{"type": "object", "properties": {"n": {"type": "integer"}}}'
+    got = con.sql(f"SELECT llm_extract('Get', '{schema}', review).n AS n FROM t").fetchall()
+    assert {r[0] for r in got} == {7, None}
+
+
+def test_aggregate(con):
+    rows = con.sql("SELECT title, llm_agg('Sum up', review) FROM t GROUP BY title ORDER BY 1")
+    assert rows.fetchall() == [("m1", "GOOD"), ("m2", "BAD"), ("m3", None)]
+
+
+def test_rerun_makes_no_model_calls(tmp_path):
+    engine = FakeEngine(_answer)
+    from llmql.settings import override
+
+    with override(cache_dir=tmp_path), llmql.connect(engine=engine) as con:
+        con.execute("CREATE TABLE t AS SELECT 'x' || i AS v FROM range(5) r(i)")
+        first = con.sql("SELECT llm('Say', v) FROM t").fetchall()
+        calls = len(engine.prompts)
+        assert con.sql("SELECT llm('Say', v) FROM t").fetchall() == first
+        assert len(engine.prompts) == calls == 5
+        assert con.last_report().total.cache_hits == 5
+
+
+def test_non_llm_sql_passes_through(con):
+    assert con.sql("SELECT count(*) FROM t").fetchall() == [(4,)]
+    assert con.execute("SELECT 1").fetchall() == [(1,)]
+    assert con.last_report().calls == []
+
+
+@pytest.mark.parametrize(
+    ("sql", "error"),
+    [
+        ("SELECT llm(review, title) FROM t", ValueError),  # non-constant instruction
+        ("SELECT llm('Say', title, bogus := 3) FROM t", ValueError),  # unknown option
+        ("SELECT llm_score('Rate', 'a', 5, title) FROM t", ValueError),  # wrong argument type
+        ("SELECT llm_nope('Say', title) FROM t", duckdb.Error),  # unknown function
+        ("SELECT llm('Say', nope) FROM t", (ValueError, duckdb.Error)),  # unknown column
+    ],
+)
+def test_bad_input_fails_before_model_calls(con, sql, error):
+    with pytest.raises(error):
+        con.sql(sql).fetchall()
+    assert con.engine_fake.prompts == []
+
+
+def test_register_on_a_plain_connection():
+    engine = FakeEngine(_answer)
+    raw = duckdb.connect()
+    reg = llmql.register(raw, engine=engine, result_cache=False)
+    rows = raw.sql("SELECT llm('Say', {'name': v}) FROM (VALUES ('a'), ('b'), ('a')) t(v)")
+    assert rows.fetchall() == [("A",), ("B",), ("A",)]
+    assert engine.prompts[0] == "Say\nname: a\nAnswer:"
+    assert reg.last_report().llm_calls == 2
+    assert raw.sql("SELECT llm_agg('Sum', v) FROM (VALUES ('a'), ('b')) t(v)").fetchall()
+    with pytest.raises(duckdb.Error, match="constant"):
+        raw.sql("SELECT llm(v, v) FROM (VALUES ('a'), ('b')) t(v)").fetchall()
+    with pytest.raises(UDFError):
+        llmql.register(raw, max_tokenz=3)
+    raw.close()

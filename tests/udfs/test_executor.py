@@ -1,0 +1,130 @@
+"""The batch executor's pure logic, against a deterministic fake engine (no model)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from udfs.fakes import FakeEngine
+
+from llmql.udfs.executor import CallOptions, CallSpec, run_call
+from llmql.udfs.result_cache import ResultCache
+from llmql.udfs.types import OutputParseError, UDFError
+
+TABLE = pa.table({"title": ["a", "b", "a", None, "c"], "review": ["x", "y", "x", "z", "w"]})
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return ResultCache(tmp_path / "results.sqlite")
+
+
+def test_dedup_nulls_and_alignment(cache):
+    engine = FakeEngine()
+    out = run_call(CallSpec("llm", "Say", ("title", "review")), TABLE, engine=engine, cache=cache)
+    assert out.values.to_pylist() == ["A", "B", "A", None, "C"]
+    assert out.report.null_inputs == 1 and out.report.distinct_inputs == 3
+    assert out.report.llm_calls == 3 == len(engine.prompts)
+
+
+def test_prompt_format():
+    engine = FakeEngine(lambda p: "yes")
+    run_call(
+        CallSpec("llm_filter", "Kids?", ("title", "review")),
+        TABLE.slice(0, 1),
+        engine=engine,
+        cache=None,
+    )
+    assert engine.prompts == ["Kids?\ntitle: a\nreview: x\nAnswer (yes or no):"]
+
+
+def test_rerun_hits_cache_whatever_the_field_order(cache):
+    run_call(CallSpec("llm", "Say", ("title", "review")), TABLE, engine=FakeEngine(), cache=cache)
+    again = FakeEngine()
+    out = run_call(CallSpec("llm", "Say", ("review", "title")), TABLE, engine=again, cache=cache)
+    assert again.prompts == [] and out.report.llm_calls == 0 and out.report.cache_hits == 3
+    other = FakeEngine()
+    run_call(CallSpec("llm", "Say it", ("title", "review")), TABLE, engine=other, cache=cache)
+    assert len(other.prompts) == 3  # a different instruction is a different key
+
+
+def test_chunks_are_cached_as_they_finish(cache):
+    table = pa.table({"t": [str(i) for i in range(10)]})
+    engine = FakeEngine()
+    run_call(
+        CallSpec("llm", "Say", ("t",), CallOptions(chunk_size=4)), table, engine=engine, cache=cache
+    )
+    assert engine.batches == [4, 4, 2] and len(cache) == 10
+
+
+def test_unparseable_answers_are_null_and_counted(cache):
+    spec = CallSpec("llm_score", "Rate", ("t",), CallOptions(lo=1, hi=5))
+    engine = FakeEngine(lambda p: "great")
+    engine.generate = _unconstrained(engine)
+    out = run_call(spec, pa.table({"t": ["q"]}), engine=engine, cache=cache)
+    assert out.values.to_pylist() == [None] and out.report.parse_failures == 1
+    raising = CallSpec("llm_score", "Rate", ("t",), CallOptions(lo=1, hi=5, on_error="raise"))
+    with pytest.raises(OutputParseError):
+        run_call(raising, pa.table({"t": ["q"]}), engine=engine, cache=cache)
+
+
+def test_context_overflow_and_engine_errors_are_null(cache):
+    engine = FakeEngine(overflow_on=("huge",), fail_on=("bad",))
+    table = pa.table({"t": ["huge", "bad", "ok"]})
+    out = run_call(CallSpec("llm", "Say", ("t",)), table, engine=engine, cache=cache)
+    assert out.values.to_pylist() == [None, None, "OK"]
+    assert out.report.context_overflows == 1 and out.report.errors == 1
+    assert len(cache) == 1  # failures are not cached
+
+
+def test_engine_exception_fails_only_the_bad_prompt(cache):
+    engine = FakeEngine()
+    original = engine.generate
+
+    def generate(requests, *, progress=False):
+        if any("boom" in r.prompt for r in requests):
+            raise RuntimeError("prompt too long for the context")
+        return original(requests, progress=progress)
+
+    engine.generate = generate
+    out = run_call(
+        CallSpec("llm", "Say", ("t",)),
+        pa.table({"t": ["boom", "fine"]}),
+        engine=engine,
+        cache=cache,
+    )
+    assert out.values.to_pylist() == [None, "FINE"] and out.report.context_overflows == 1
+
+
+@pytest.mark.parametrize(
+    ("function", "options", "message"),
+    [
+        ("llm_nope", {}, "unknown LLM function"),
+        ("llm_classify", {}, "labels"),
+        ("llm_score", {"lo": 5, "hi": 1}, "lo <= hi"),
+        ("llm_extract", {"json_schema": {"type": "array"}}, "object"),
+    ],
+)
+def test_bad_calls_fail_before_any_model_call(function, options, message):
+    engine = FakeEngine()
+    with pytest.raises(UDFError, match=message):
+        spec = CallSpec(function, "Do", ("title",), CallOptions.from_dict(options))
+        run_call(spec, TABLE, engine=engine, cache=None)
+    assert engine.prompts == []
+
+
+def test_unknown_option_and_missing_column():
+    with pytest.raises(UDFError, match="unknown option"):
+        CallOptions.from_dict({"max_tokenz": 3})
+    with pytest.raises(UDFError, match="not found"):
+        run_call(CallSpec("llm", "Do", ("nope",)), TABLE, engine=FakeEngine(), cache=None)
+    with pytest.raises(UDFError, match="instruction"):
+        CallSpec("llm", "", ("title",))
+
+
+def _unconstrained(engine):
+    def generate(requests, *, progress=False):
+        from dataclasses import replace
+
+        return [engine._one(replace(r, choices=None)) for r in requests]
+
+    return generate
