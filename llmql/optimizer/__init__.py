@@ -1,1 +1,19 @@
-"""optimizer."""
+"""Prefix-aware query optimizer: plan LLM calls in SQL, reorder inputs, measure prefix reuse."""
+
+from llmql.optimizer.errors import PlanError, SQLParseError, UnknownColumnError, UnsupportedError
+from llmql.optimizer.optimizer import RULES, optimize
+from llmql.optimizer.planner import plan
+from llmql.optimizer.types import LLMCall, LLMPlan, Ordering
+
+__all__ = [
+    "RULES",
+    "LLMCall",
+    "LLMPlan",
+    "Ordering",
+    "PlanError",
+    "SQLParseError",
+    "UnknownColumnError",
+    "UnsupportedError",
+    "optimize",
+    "plan",
+]
