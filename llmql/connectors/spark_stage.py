@@ -1,0 +1,111 @@
+"""One LLM call as a distributed Spark stage: distinct inputs → co-partition → mapInArrow.
+
+Rows that share their leading prompt field land in the same partition (hash-partitioned on
+the field the reorderer puts first most often on a sample), so each partition's batch keeps
+the long shared prefixes the executor's per-partition reordering then exploits.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from llmql.connectors.spark_worker import WorkerContext, run_batch
+from llmql.udfs.functions import validate
+from llmql.udfs.types import CallReport, CallSpec
+
+RESULT = "result"
+_SAMPLE_ROWS = 512
+
+
+def compute_results(
+    inputs: Any,
+    spec: CallSpec,
+    ctx: WorkerContext,
+    *,
+    report: Any = None,
+    partitions: int | None = None,
+) -> Any:
+    """Answer every row of `inputs` (distinct rows over `spec.fields`) on the workers.
+
+    Args:
+        inputs: a Spark DataFrame holding the columns `spec.fields`.
+        spec: the validated call.
+        ctx: settings and engine factory for the workers.
+        report: a Spark accumulator of `CallReport` (see `report_accumulator`), or None.
+        partitions: partitions to spread the work over (None = default parallelism).
+
+    Returns:
+        A checkpointed DataFrame with the columns of `spec.fields` plus `result`.
+    """
+    spark = inputs.sparkSession
+    inputs = inputs.select(*spec.fields)
+    n = partitions or spark.sparkContext.defaultParallelism
+    leading = leading_fields(inputs, spec.fields)
+    parted = inputs.repartition(n, *leading)
+    out = parted.mapInArrow(_partition_fn(ctx, spec, report), result_schema(inputs.schema, spec))
+    return out.localCheckpoint(eager=True)
+
+
+def result_schema(input_schema: Any, spec: CallSpec) -> Any:
+    """The Spark schema of a call's result table: its fields plus `result`."""
+    from pyspark.sql.pandas.types import from_arrow_type
+    from pyspark.sql.types import StructField, StructType
+
+    result_type = from_arrow_type(validate(spec).arrow_type(spec.options))
+    fields = [input_schema[name] for name in spec.fields]
+    return StructType([*fields, StructField(RESULT, result_type, True)])
+
+
+def leading_fields(inputs: Any, fields: tuple[str, ...]) -> list[str]:
+    """The field the reorderer most often sends first, judged on a sample of the inputs."""
+    try:
+        from llmql.optimizer import reorder
+    except ImportError:  # NOTE: the optimizer is optional at this layer, as in the executor
+        reorder = None
+    if len(fields) == 1 or reorder is None:
+        return [fields[0]]
+    sample = inputs.limit(_SAMPLE_ROWS).toArrow()
+    if sample.num_rows < 2:
+        return [fields[0]]
+    ordering = reorder(sample, list(fields))
+    firsts = Counter(order[0] for order in ordering.field_orders if order)
+    return [firsts.most_common(1)[0][0]] if firsts else [fields[0]]
+
+
+def report_accumulator(spark: Any) -> Any:
+    """A Spark accumulator that merges the workers' `CallReport`s."""
+    return spark.sparkContext.accumulator(CallReport(), ReportParam())
+
+
+def _partition_fn(ctx: WorkerContext, spec: CallSpec, report: Any):
+    def run_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        batches = list(batches)
+        if not batches:
+            return
+        table = pa.Table.from_batches(batches)
+        out = run_batch(ctx, spec, table)
+        if report is not None:
+            report.add(out.report)
+        yield from table.append_column(RESULT, out.values).to_batches()
+
+    return run_partition
+
+
+try:
+    from pyspark.accumulators import AccumulatorParam
+except ImportError:  # pragma: no cover - pyspark is an optional extra
+    AccumulatorParam = object  # type: ignore[assignment,misc]
+
+
+class ReportParam(AccumulatorParam):  # type: ignore[misc]
+    """Accumulates `CallReport`s (counts and per-stage seconds add up)."""
+
+    def zero(self, value: CallReport) -> CallReport:
+        return CallReport()
+
+    def addInPlace(self, value1: CallReport, value2: CallReport) -> CallReport:
+        return value1.merge(value2)

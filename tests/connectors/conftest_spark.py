@@ -1,0 +1,80 @@
+"""Shared helpers for the Spark tests: a deterministic picklable fake engine, the movies slice.
+
+Imported by the `test_spark*.py` modules (pytest puts this folder on sys.path). The fake
+engine only exercises plumbing; equivalence tests use the real default model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from llmql.engine.types import EngineStats, GenerationRequest, GenerationResult
+
+DATA_DIR = Path(os.environ.get("LLMQL_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data")
+
+
+def movies(rows: int = 12) -> pd.DataFrame:
+    """The first `rows` rows of movies.csv (repeated movie_info, one NULL review)."""
+    return pd.read_csv(DATA_DIR / "movies.csv", nrows=rows)
+
+
+def fake_answer(request: GenerationRequest) -> str:
+    """Deterministic answer: a choice picked by the prompt's hash, else an echo."""
+    digest = int(hashlib.sha256(str(request.prompt).encode()).hexdigest(), 16)
+    if request.choices:
+        return request.choices[digest % len(request.choices)]
+    return f"answer {digest % 1000}"
+
+
+class FakeEngine:
+    """Answers by hashing the prompt; logs each prompt (one line) to `log_dir/<pid>.prompts`."""
+
+    def __init__(self, log_dir: str, crash_after: int) -> None:
+        self.log_dir = Path(log_dir)
+        self.crash_after = crash_after
+        self.answered = 0
+
+    def generate(self, requests, *, progress=False):
+        marker = self.log_dir / "crashed"
+        if self.crash_after and self.answered >= self.crash_after and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os._exit(3)  # NOTE: a hard worker death, as an OOM kill would be
+        with open(self.log_dir / f"{os.getpid()}.prompts", "a") as log:
+            for r in requests:
+                log.write(str(r.prompt).replace("\n", " | ") + "\n")
+        self.answered += len(requests)
+        return [GenerationResult(fake_answer(r), 10, 4, 1, "stop") for r in requests]
+
+    def stats(self) -> EngineStats:
+        return EngineStats(requests=self.answered)
+
+
+@dataclass(frozen=True)
+class FakeEngineFactory:
+    """Picklable factory of `FakeEngine`s; each load is logged to `log_dir/<pid>.loads`."""
+
+    log_dir: str
+    crash_after: int = 0
+
+    def __call__(self) -> FakeEngine:
+        with open(Path(self.log_dir) / f"{os.getpid()}.loads", "a") as log:
+            log.write("load\n")
+        return FakeEngine(self.log_dir, self.crash_after)
+
+
+def logged(log_dir: Path, suffix: str) -> list[str]:
+    """Every line logged by any process under `log_dir` with that suffix."""
+    return [line for p in Path(log_dir).glob(f"*.{suffix}") for line in p.read_text().splitlines()]
+
+
+def ship_by_value() -> None:
+    """Workers cannot import this test module: pickle its classes by value."""
+    from pyspark import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
