@@ -175,7 +175,9 @@ class ModelConfig:
             sliding_window=window,
             layer_types=_hf_layer_types(cfg, layers, window, gemma),
             query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if gemma else None,
-            attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
+            # NOTE: Gemma 3 configs carry attn_logit_softcapping but neither transformers nor
+            # llama.cpp applies it (Gemma 2 did); Llama/Qwen have none.
+            attn_logit_softcapping=None,
             final_logit_softcapping=cfg.get("final_logit_softcapping"),
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
             o_bias=model_type in ("llama", "mistral") and bool(cfg.get("attention_bias")),
