@@ -18,17 +18,18 @@ import llmql
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DEMO_QUERIES = (
     (
-        "filter",
-        "SELECT movie_title, review_content FROM movies "
-        "WHERE llm_filter('Is this movie suitable for kids?', movie_info, review_content)",
+        "filter (60 rows, 6 distinct inputs)",
+        "SELECT movie_title, COUNT(*) AS reviews FROM movies "
+        "WHERE llm_filter('Is this movie suitable for kids?', movie_title, movie_info) "
+        "GROUP BY movie_title ORDER BY movie_title",
     ),
     (
         "projection",
-        "SELECT movie_title, llm('Summarise the review in a few words.', movie_title, "
-        "review_content, max_tokens := 12) AS summary FROM movies WHERE movie_title = 'Shelter'",
+        "SELECT DISTINCT movie_title, llm('Name the genre of the movie in one or two words.', "
+        "movie_title, movie_info, max_tokens := 6) AS genre FROM movies ORDER BY movie_title",
     ),
     (
-        "aggregation",
+        "aggregation (a score per review, averaged per movie)",
         "SELECT movie_title, AVG(llm_score('Rate the review from 1 to 5.', 1, 5, movie_title, "
         "review_content)) AS avg_score, COUNT(*) AS reviews FROM movies GROUP BY movie_title "
         "ORDER BY avg_score DESC",

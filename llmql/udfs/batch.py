@@ -42,6 +42,7 @@ class BatchRunner:
         self.cache = cache
         self.report = report
         self.progress = get_settings().progress if progress is None else progress
+        self._send_schema = spec.function == "llm_extract"
 
     def answer(self, pending: Sequence[PendingPrompt]) -> dict[str, str | None]:
         """Texts by key (None where the engine failed on that prompt)."""
@@ -74,6 +75,10 @@ class BatchRunner:
         t0 = time.perf_counter()
         requests = [self._request(p.prompt) for p in chunk]
         results = _generate_isolated(engine, requests)
+        if self._send_schema and any(_rejects_schema(r) for r in results):
+            # NOTE: engines without json_schema decoding get a JSON prompt; we parse it ourselves.
+            self._send_schema = False
+            results = _generate_isolated(engine, [self._request(p.prompt) for p in chunk])
         self.report.add_time("generate", time.perf_counter() - t0)
         texts: dict[str, str | None] = {}
         good: list[tuple[str, str]] = []
@@ -98,7 +103,7 @@ class BatchRunner:
             max_tokens=max_tokens(self.spec),
             temperature=float(o.temperature),
             choices=fn.choices(o),
-            json_schema=o.json_schema if self.spec.function == "llm_extract" else None,
+            json_schema=o.json_schema if self._send_schema else None,
             adapter=o.adapter,
         )
 
@@ -114,6 +119,10 @@ class BatchRunner:
                 r.context_overflows += 1
             else:
                 r.errors += 1
+
+
+def _rejects_schema(result: GenerationResult) -> bool:
+    return result.finish_reason == "error" and "json_schema" in (result.error or "")
 
 
 def _generate_isolated(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationResult]:

@@ -152,7 +152,7 @@ def _reorder(rows: list[dict], fields: Sequence[str]) -> tuple[list[int], list[l
     """Row send order and per-row field order from the optimizer (identity if unavailable)."""
     if len(rows) > 1:
         try:
-            from llmql.optimizer import reorder
+            from llmql.optimizer.reorder import reorder
         except ImportError:
             reorder = None
         if reorder is not None:

@@ -161,7 +161,7 @@ SPECS: dict[str, FunctionSpec] = {
     "llm_extract": FunctionSpec(
         "llm_extract",
         96,
-        lambda o: "Answer with a JSON object:",
+        lambda o: jsonschema.cue(o.json_schema),
         lambda o: None,
         lambda o: jsonschema.arrow_type(o.json_schema),
         _parse_extract,

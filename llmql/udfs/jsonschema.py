@@ -48,6 +48,16 @@ def arrow_type(schema: dict | None) -> pa.DataType:
     )
 
 
+def cue(schema: dict | None) -> str:
+    """The answer cue naming the keys and their types."""
+    props = (schema or {}).get("properties", {})
+    keys = ", ".join(
+        f'"{n}" ({"one of " + "/".join(p["enum"]) if "enum" in p else p.get("type")})'
+        for n, p in props.items()
+    )
+    return f"Answer with a JSON object with keys {keys}:"
+
+
 def parse_and_validate(text: str, schema: dict) -> dict:
     """The first JSON object in `text`, coerced to the schema; raises OutputParseError."""
     obj = _first_object(text)
