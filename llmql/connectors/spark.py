@@ -9,6 +9,8 @@ temp view, and finally runs the rewritten `final_sql`, so SQL semantics stay Spa
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,26 +18,20 @@ from llmql.connectors.spark_stage import compute_results, report_accumulator, re
 from llmql.connectors.spark_udf import make_spec, register
 from llmql.connectors.spark_worker import EngineFactory, WorkerContext
 from llmql.optimizer.types import LLMCall, LLMPlan
-from llmql.udfs.types import CallReport, CallSpec, UDFError
+from llmql.udfs.report import QueryReport
+from llmql.udfs.types import CallSpec, UDFError
 
 __all__ = ["SparkQueryResult", "register", "run", "run_plan", "sql"]
+_PLAN_KEYS = ("aggregate", "group_keys")  # planner metadata in LLMCall.options
 
 
 @dataclass
 class SparkQueryResult:
-    """The result DataFrame of a query, its plan, and what each LLM call cost."""
+    """The result DataFrame of a query, its plan (None when run as plain UDFs) and report."""
 
     df: Any
-    plan: LLMPlan
-    calls: dict[str, CallReport] = field(default_factory=dict)
-
-    @property
-    def report(self) -> CallReport:
-        """All calls' reports merged."""
-        total = CallReport()
-        for report in self.calls.values():
-            total.merge(report)
-        return total
+    plan: LLMPlan | None
+    report: QueryReport = field(default_factory=QueryReport)
 
 
 def sql(spark: Any, query: str, **kwargs: Any) -> Any:
@@ -55,10 +51,18 @@ def run(
     **settings: object,
 ) -> SparkQueryResult:
     """Plan `query` for Spark and run it (see `run_plan`)."""
-    from llmql import optimizer
+    from llmql.optimizer import UnsupportedError, plan
 
-    plan = optimizer.plan(query, dialect="spark")
-    return run_plan(spark, plan, engine_factory=engine_factory, partitions=partitions, **settings)
+    report = QueryReport()
+    try:
+        planned = _timed(report, "plan", lambda: plan(query, "spark", schema=_schema(spark)))
+    except UnsupportedError:
+        # NOTE: as in the DuckDB connector, queries the planner cannot rewrite run per batch
+        register(spark, engine_factory=engine_factory, settings=settings)
+        return SparkQueryResult(spark.sql(query), None, report)
+    result = run_plan(spark, planned, engine_factory=engine_factory, partitions=partitions, **settings)
+    result.report.seconds.update(report.seconds)
+    return result
 
 
 def run_plan(
@@ -94,13 +98,15 @@ def run_plan(
     result = SparkQueryResult(df=None, plan=plan)
     for call in plan.calls:
         accumulator = report_accumulator(spark)
+        t0 = time.perf_counter()
         inputs = spark.sql(call.input_sql)
         out = compute_results(
             inputs, specs[call.id], ctx, report=accumulator, partitions=partitions
         )
         out.createOrReplaceTempView(call.result_table)
-        result.calls[call.id] = accumulator.value
-    result.df = spark.sql(plan.final_sql)
+        seconds = time.perf_counter() - t0
+        result.report.add_call(call.id, call.function, accumulator.value, seconds)
+    result.df = _timed(result.report, "final_sql", lambda: spark.sql(plan.final_sql))
     return result
 
 
@@ -117,6 +123,22 @@ def check_plan(spark: Any, plan: LLMPlan, specs: dict[str, CallSpec]) -> None:
 
 
 def _spec(call: LLMCall) -> CallSpec:
-    if call.function == "llm_agg":
-        raise UDFError("llm_agg is not supported by the Spark connector yet")
-    return make_spec(call.function, call.instruction, call.fields, dict(call.options))
+    options = {k: v for k, v in call.options.items() if k not in _PLAN_KEYS}
+    return make_spec(call.function, call.instruction, call.fields, options, rows=False)
+
+
+def _schema(spark: Any) -> dict[str, dict[str, str]]:
+    """`{table: {column: type}}` of the current database's tables and temp views."""
+    schema: dict[str, dict[str, str]] = {}
+    for table in spark.catalog.listTables():
+        fields = spark.table(table.name).schema.fields
+        schema[table.name] = {f.name: f.dataType.simpleString() for f in fields}
+    return schema
+
+
+def _timed(report: QueryReport, stage: str, fn: Callable[[], Any]) -> Any:
+    t0 = time.perf_counter()
+    try:
+        return fn()
+    finally:
+        report.add_time(stage, time.perf_counter() - t0)

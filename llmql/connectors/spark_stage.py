@@ -32,32 +32,32 @@ def compute_results(
     """Answer every row of `inputs` (distinct rows over `spec.fields`) on the workers.
 
     Args:
-        inputs: a Spark DataFrame holding the columns `spec.fields`.
+        inputs: a Spark DataFrame of distinct rows holding the columns `spec.fields`
+            (for `llm_agg`, one row per group with the group's values as a list).
         spec: the validated call.
         ctx: settings and engine factory for the workers.
         report: a Spark accumulator of `CallReport` (see `report_accumulator`), or None.
         partitions: partitions to spread the work over (None = default parallelism).
 
     Returns:
-        A checkpointed DataFrame with the columns of `spec.fields` plus `result`.
+        A checkpointed DataFrame with the columns of `inputs` plus `result`.
     """
-    spark = inputs.sparkSession
-    inputs = inputs.select(*spec.fields)
-    n = partitions or spark.sparkContext.defaultParallelism
-    leading = leading_fields(inputs, spec.fields)
-    parted = inputs.repartition(n, *leading)
+    n = partitions or inputs.sparkSession.sparkContext.defaultParallelism
+    if spec.function == "llm_agg":
+        parted = inputs.repartition(n)  # NOTE: one row per group; nothing to co-locate
+    else:
+        parted = inputs.repartition(n, *leading_fields(inputs, spec.fields))
     out = parted.mapInArrow(_partition_fn(ctx, spec, report), result_schema(inputs.schema, spec))
     return out.localCheckpoint(eager=True)
 
 
 def result_schema(input_schema: Any, spec: CallSpec) -> Any:
-    """The Spark schema of a call's result table: its fields plus `result`."""
+    """The Spark schema of a call's result table: the input columns plus `result`."""
     from pyspark.sql.pandas.types import from_arrow_type
     from pyspark.sql.types import StructField, StructType
 
     result_type = from_arrow_type(validate(spec).arrow_type(spec.options))
-    fields = [input_schema[name] for name in spec.fields]
-    return StructType([*fields, StructField(RESULT, result_type, True)])
+    return StructType([*input_schema.fields, StructField(RESULT, result_type, True)])
 
 
 def leading_fields(inputs: Any, fields: tuple[str, ...]) -> list[str]:
@@ -66,7 +66,7 @@ def leading_fields(inputs: Any, fields: tuple[str, ...]) -> list[str]:
         from llmql.optimizer import reorder
     except ImportError:  # NOTE: the optimizer is optional at this layer, as in the executor
         reorder = None
-    if len(fields) == 1 or reorder is None:
+    if len(fields) == 1 or not callable(reorder):
         return [fields[0]]
     sample = inputs.limit(_SAMPLE_ROWS).toArrow()
     if sample.num_rows < 2:

@@ -1,39 +1,37 @@
 """Arrow-batched Spark UDFs over the udfs executor (dedup and reorder per Arrow batch).
 
-SQL form, after `register(spark)`::
+SQL form, after `register(spark)` (the DuckDB connector's argument conventions)::
 
     SELECT llm_filter('Is this movie suitable for kids?', movie_info, review_content) FROM t
-    SELECT llm_classify('Sentiment?', review_content, labels => array('pos', 'neg')) FROM t
-    SELECT llm('Summarise.', info => movie_info, review => review_content) FROM t
+    SELECT llm_classify('Sentiment?', array('pos', 'neg'), review_content) FROM t
+    SELECT llm_score('Rate the review.', 1, 5, review_content) FROM t
+    SELECT llm('Summarise.', struct(movie_title, review_content)) FROM t
+    SELECT movie_title, llm_agg('Summarise the reviews.', review_content) FROM t GROUP BY 1
 
-Named arguments whose name is a `CallOptions` field (labels, lo, hi, json_schema,
-max_tokens, ...) are options; other named arguments are prompt fields under that name.
-Positional fields are named after their position (`arg1`, `arg2`, ...), since Spark does not
-pass column names to Python UDFs; `llmql.spark.sql` and `llmql.spark.functions` use the
-real column names.
+Spark does not pass column names to Python UDFs: one STRUCT argument names the prompt
+fields, otherwise they are `input`, `input1`, `input2`, ... `llmql.spark.sql` and
+`llmql.spark.functions` use the real column names.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
 
-from llmql.connectors.spark_worker import EngineFactory, WorkerContext, run_batch
+from llmql.connectors.spark_worker import EngineFactory, WorkerContext, run_batch, run_sql_udf
 from llmql.udfs.functions import validate
-from llmql.udfs.types import CallOptions, CallSpec, UDFError
+from llmql.udfs.types import FUNCTIONS, CallOptions, CallSpec, UDFError
 
 ROW_FUNCTIONS = ("llm", "llm_filter", "llm_classify", "llm_score", "llm_extract")
-_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(CallOptions))
 _SQL_TYPES = {
     "llm": "string",
     "llm_filter": "boolean",
     "llm_classify": "string",
     "llm_score": "bigint",
     "llm_extract": "string",
+    "llm_agg": "string",
 }
 
 
@@ -41,46 +39,47 @@ def register(
     spark: Any,
     *,
     engine_factory: EngineFactory | None = None,
+    settings: dict | None = None,
     prefix: str = "",
-    **settings: object,
+    **options: Any,
 ) -> list[str]:
-    """Register the row LLM functions as Arrow UDFs on `spark` for use in `spark.sql`.
+    """Register llm, llm_filter, llm_classify, llm_score, llm_extract and llm_agg on `spark`.
 
     Args:
         spark: a SparkSession.
         engine_factory: a picklable zero-argument callable returning an Engine for the
             workers; None loads the settings' model in each Python worker (once per worker).
+        settings: overrides of `llmql.settings.Settings` shipped to the workers.
         prefix: prepended to each SQL function name.
-        **settings: overrides of `llmql.settings.Settings` shipped to the workers.
+        **options: CallOptions applied to every call (max_tokens, temperature, ...).
 
     Returns:
-        The registered SQL function names. `llm_extract` returns its JSON object as text
-        in SQL; use `llmql.spark.functions.llm_extract` for a typed STRUCT column.
+        The registered SQL function names. `llm_extract` returns JSON text in SQL (use
+        `llmql.spark.functions.llm_extract` for a STRUCT column); `llm_agg` is a grouped
+        aggregate that summarises each group separately.
     """
-    ctx = WorkerContext.capture(engine_factory, workers=_parallelism(spark), **settings)
-    names = []
-    for function in ROW_FUNCTIONS:
-        spark.udf.register(prefix + function, sql_udf(function, ctx))
-        names.append(prefix + function)
-    return names
+    CallOptions.from_dict(options)
+    ctx = WorkerContext.capture(engine_factory, workers=_parallelism(spark), **(settings or {}))
+    for function in FUNCTIONS:
+        spark.udf.register(prefix + function, sql_udf(function, ctx, options))
+    return [prefix + f for f in FUNCTIONS]
 
 
-def sql_udf(function: str, ctx: WorkerContext) -> Any:
-    """An Arrow UDF `f(instruction, *fields, **named)` for SQL; options come as named args."""
-    from pyspark.sql.functions import arrow_udf
+def sql_udf(function: str, ctx: WorkerContext, options: dict | None = None) -> Any:
+    """The Arrow UDF of `function` for SQL (a grouped aggregate for `llm_agg`)."""
+    from pyspark.sql.functions import ArrowUDFType, arrow_udf
 
-    def evaluate(instruction: pa.Array, *cols: pa.Array, **named: pa.Array) -> pa.Array:
-        fields = {f"arg{i + 1}": col for i, col in enumerate(cols)}
-        options: dict[str, Any] = {}
-        for name, col in named.items():
-            if name in _OPTION_NAMES:
-                options[name] = _constant(col, name)
-            else:
-                fields[name] = col
-        spec = CallSpec(function, _constant(instruction, "instruction"), tuple(fields),
-                        CallOptions.from_dict(options))
-        values = run_batch(ctx, spec, pa.table(fields)).values
-        return _as_json_text(values) if function == "llm_extract" else values
+    options = dict(options or {})
+    if function == "llm_agg":
+
+        def aggregate(instruction: pa.Array, values: pa.Array) -> str | None:
+            args = (instruction[:1], pa.array([values.to_pylist()]))
+            return run_sql_udf(ctx, function, options, args)[0].as_py()
+
+        return arrow_udf(aggregate, _SQL_TYPES[function], ArrowUDFType.GROUPED_AGG)
+
+    def evaluate(*args: pa.Array) -> pa.Array:
+        return run_sql_udf(ctx, function, options, args)
 
     return arrow_udf(evaluate, _SQL_TYPES[function])
 
@@ -100,27 +99,17 @@ def column_udf(spec: CallSpec, ctx: WorkerContext) -> Any:
     return arrow_udf(evaluate, return_type)
 
 
-def make_spec(function: str, instruction: str, fields: Sequence[str], options: dict) -> CallSpec:
-    """A validated CallSpec (raises UDFError for unknown functions or bad options)."""
-    if function not in ROW_FUNCTIONS:
-        raise UDFError(f"{function!r} is not a row LLM function; known: {list(ROW_FUNCTIONS)}")
+def make_spec(
+    function: str, instruction: str, fields: Sequence[str], options: dict, *, rows: bool = True
+) -> CallSpec:
+    """A validated CallSpec (UDFError for unknown functions or bad options); `rows` refuses
+    the aggregate `llm_agg`."""
+    known = ROW_FUNCTIONS if rows else FUNCTIONS
+    if function not in known:
+        raise UDFError(f"{function!r} is not a row LLM function; known: {list(known)}")
     spec = CallSpec(function, instruction, tuple(fields), CallOptions.from_dict(options))
     validate(spec)
     return spec
-
-
-def _constant(col: pa.Array, name: str) -> Any:
-    items = col.to_pylist()
-    value = items[0] if items else None
-    if any(item != value for item in items):
-        raise UDFError(f"{name} must be a constant, got different values across rows")
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _as_json_text(values: pa.Array) -> pa.Array:
-    items = values.to_pylist()
-    return pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in items],
-                    type=pa.string())
 
 
 def _parallelism(spark: Any) -> int:

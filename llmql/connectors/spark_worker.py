@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from llmql.engine.types import Engine, EngineStats, GenerationRequest, GenerationResult
 from llmql.settings import Settings, get_settings, override
+from llmql.udfs.aggregate import run_agg
 from llmql.udfs.executor import run_call
 from llmql.udfs.types import CallOutput, CallReport, CallSpec
 
@@ -96,7 +97,18 @@ def run_batch(ctx: WorkerContext, spec: CallSpec, table: pa.Table) -> CallOutput
     with override(**_settings_dict(ctx.settings)):
         if table.num_rows == 0:
             return CallOutput(_empty(spec, table), CallReport())
+        if spec.function == "llm_agg":
+            groups = [g or [] for g in table.column(spec.fields[0]).to_pylist()]
+            return run_agg(spec, groups, engine=_LazyEngine(ctx), progress=False)
         return run_call(spec, table, engine=_LazyEngine(ctx), progress=False)
+
+
+def run_sql_udf(ctx: WorkerContext, function: str, options: dict, args: tuple) -> pa.Array:
+    """Evaluate a SQL UDF batch with the DuckDB connector's argument conventions."""
+    from llmql.udfs.vectorized import make_udf
+
+    with override(**_settings_dict(ctx.settings)):
+        return make_udf(function, options, engine=_LazyEngine(ctx))(*args)
 
 
 class _LazyEngine:

@@ -58,22 +58,26 @@ def test_sql_udf_matches_executor_and_nulls(spark, fake, tmp_path):
         "SELECT id, llm_filter('Is this movie suitable for kids?', movie_info, review_content) AS k"
         " FROM movies ORDER BY id"
     ).toArrow()
-    table = spark.sql("SELECT movie_info AS arg1, review_content AS arg2 FROM movies ORDER BY id")
-    want = expected("llm_filter", ("arg1", "arg2"), table.toArrow(), tmp_path)
+    table = spark.sql("SELECT movie_info AS input1, review_content AS input2 FROM movies ORDER BY id")
+    want = expected("llm_filter", ("input1", "input2"), table.toArrow(), tmp_path)
     assert rows.column("k").to_pylist() == want.to_pylist()
     assert None in want.to_pylist()  # the NULL review gives NULL
     prompts = logged(fake, "prompts")
     assert len(prompts) == len(set(prompts)) == DISTINCT  # NULL inputs: no model call
 
 
-def test_sql_udf_named_fields_and_options(spark, fake):
+def test_sql_udf_struct_fields_labels_and_agg(spark, fake):
     llmql.spark.register(spark)
     rows = spark.sql(
-        "SELECT llm_classify('Genre?', info => movie_info, labels => array('drama', 'comedy'))"
+        "SELECT llm_classify('Genre?', array('drama', 'comedy'), named_struct('info', movie_info))"
         " AS g FROM movies"
     ).collect()
     assert {r.g for r in rows} <= {"drama", "comedy"}
     assert all(line.startswith("Genre? | info: ") for line in logged(fake, "prompts"))
+    sums = spark.sql(
+        "SELECT movie_title, llm_agg('Summarise.', review_content) AS s FROM movies GROUP BY 1"
+    ).collect()
+    assert len(sums) == 11 and all(r.s is None or r.s.startswith("answer") for r in sums)
 
 
 def test_column_functions_use_column_names(spark, fake, tmp_path):
@@ -97,26 +101,20 @@ def test_transform_helpers_dedup_across_partitions(spark, fake):
     assert len(prompts) == len(set(prompts)) == DISTINCT  # the second transform hit the result cache
 
 
-def test_run_plan_registers_results_and_reports(spark, fake):
-    call = LLMCall(
-        id="llm_0",
-        function="llm_filter",
-        instruction="Is this movie suitable for kids?",
-        fields=FIELDS,
-        input_sql="SELECT DISTINCT movie_info, review_content FROM movies",
-        result_table="__llm_0",
-        is_filter=True,
+def test_sql_runs_the_plan_and_reports(spark, fake):
+    result = llmql.spark.run(
+        spark,
+        "SELECT id FROM movies WHERE llm_filter('Is this movie suitable for kids?',"
+        " movie_info, review_content)",
     )
-    final = (
-        "SELECT m.id FROM movies m JOIN __llm_0 r ON m.movie_info = r.movie_info"
-        " AND m.review_content = r.review_content WHERE r.result"
-    )
-    plan = LLMPlan(sql="-", dialect="spark", calls=(call,), final_sql=final)
-    result = llmql.spark.run_plan(spark, plan)
     ids = sorted(r.id for r in result.df.collect())
     assert ids and len(ids) < 12
-    report = result.report
+    report = result.report.total
     assert (report.rows, report.null_inputs, report.llm_calls) == (12, 3, DISTINCT)
+    agg = llmql.spark.sql(
+        spark, "SELECT movie_title, llm_agg('Summarise.', review_content) AS s FROM movies GROUP BY 1"
+    ).collect()
+    assert len(agg) == 11
 
 
 def test_errors_before_any_model_call(spark, fake):
@@ -126,6 +124,10 @@ def test_errors_before_any_model_call(spark, fake):
         L.llm_classify("Genre?", "movie_info", labels=[])
     with pytest.raises(UDFError, match="not a row LLM function"):
         L.with_llm("x", "llm_summarize", "Hi", "movie_info")
+    with pytest.raises(Exception, match="nope"):
+        llmql.spark.sql(spark, "SELECT llm('Hi', nope) FROM movies")
+    with pytest.raises(Exception, match=r"(?i)llm_summarize"):
+        llmql.spark.sql(spark, "SELECT llm('Hi', movie_info), llm_summarize(1) FROM movies")
     bad = LLMCall("llm_0", "llm", "Hi", ("nope",), "SELECT DISTINCT nope FROM movies", "__llm_0")
     plan = LLMPlan("-", "spark", (bad,), "SELECT * FROM __llm_0")
     with pytest.raises(Exception, match="nope"):
