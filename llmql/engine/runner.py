@@ -1,0 +1,55 @@
+"""Model runner: builds the `ForwardBatch` of a scheduled batch, runs the model, returns
+the logits of the rows to sample (one per request whose chunk reaches its end)."""
+
+from __future__ import annotations
+
+import torch
+
+from llmql.engine.context import ForwardBatch, forward_context
+from llmql.engine.kvcache.pool import KVPool
+from llmql.engine.scheduler.request import ScheduledBatch
+
+
+class ModelRunner:
+    """Runs `model(input_ids, positions)` + `model.compute_logits` over the paged KV pool."""
+
+    def __init__(self, model: torch.nn.Module, pool: KVPool, device: str | torch.device) -> None:
+        self.model = model
+        self.pool = pool
+        self.device = torch.device(device)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Forward `batch`; returns logits [len(batch.sampled_reqs), vocab] float32."""
+        input_ids, forward_batch = self.prepare(batch)
+        with forward_context(forward_batch):
+            hidden = self.model(input_ids, forward_batch.positions)
+        return self.model.compute_logits(hidden)
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardBatch]:
+        """Flatten the batch (layout in `llmql.engine.context`)."""
+        ids: list[int] = []
+        positions, out_loc, kv_indices = [], [], []
+        qo, kv, rows = [0], [0], []
+        for req, start, n in zip(batch.reqs, batch.starts, batch.extend_lens):
+            end = start + n
+            ids.extend(req.token_ids[start:end])
+            positions.append(torch.arange(start, end, dtype=torch.int64))
+            out_loc.append(req.slots[start:end])
+            kv_indices.append(req.slots[:end])
+            qo.append(qo[-1] + n)
+            kv.append(kv[-1] + end)
+            if end == req.seq_len:
+                rows.append(qo[-1] - 1)
+        dev = self.device
+        forward_batch = ForwardBatch(
+            positions=torch.cat(positions).to(dev),
+            qo_indptr=torch.tensor(qo, dtype=torch.int64, device=dev),
+            kv_indptr=torch.tensor(kv, dtype=torch.int64, device=dev),
+            kv_indices=torch.cat(kv_indices).to(dev),
+            out_cache_loc=torch.cat(out_loc).to(dev),
+            kv_pool=self.pool,
+            is_decode=batch.is_decode,
+            logits_indices=torch.tensor(rows, dtype=torch.int64, device=dev),
+        )
+        return torch.tensor(ids, dtype=torch.int64, device=dev), forward_batch

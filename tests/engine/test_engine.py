@@ -1,0 +1,129 @@
+"""The embedded engine end to end: greedy parity with the cache on/off and under memory
+pressure (tiny random models), bad input, choices, seeds, and the real default model
+against transformers' greedy generation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from llmql.engine.engine import EmbeddedEngine, EngineConfig
+from llmql.engine.models import load_model
+from llmql.engine.types import Engine, GenerationRequest
+
+
+@pytest.fixture(scope="module", params=["gemma3", "llama"])
+def tiny(request, tiny_model_dir):
+    return load_model(str(tiny_model_dir(request.param)))
+
+
+def _word_prompts(n: int, seed: int = 0, vocab: int = 96) -> list[str]:
+    """Prompts sharing an instruction, then a group prefix, then a unique tail."""
+    rng = random.Random(seed)
+    words = lambda k: " ".join(f"w{rng.randrange(4, vocab)}" for _ in range(k))  # noqa: E731
+    shared, groups = words(24), [words(rng.randrange(5, 20)) for _ in range(3)]
+    return [f"{shared} {groups[i % 3]} {words(rng.randrange(1, 6))}" for i in range(n)]
+
+
+def _greedy(lm, prompts, max_tokens=12, **config) -> tuple[list[tuple], EmbeddedEngine]:
+    engine = EmbeddedEngine(lm, EngineConfig(**{"kv_tokens": 4096, **config}))
+    reqs = [GenerationRequest(p, max_tokens=max_tokens) for p in prompts]
+    results = engine.generate(reqs, progress=False)
+    assert all(r.finish_reason in ("stop", "length") for r in results), results
+    return [(r.text, r.output_tokens, r.finish_reason) for r in results], engine
+
+
+def test_engine_satisfies_protocol(tiny) -> None:
+    assert isinstance(EmbeddedEngine(tiny, EngineConfig(kv_tokens=64)), Engine)
+
+
+def test_greedy_same_with_cache_on_off_and_under_pressure(tiny) -> None:
+    prompts = _word_prompts(8)
+    base, off = _greedy(tiny, prompts, prefix_cache=False)
+    on_out, on = _greedy(tiny, prompts, prefix_cache=True)
+    assert on_out == base
+    assert on.stats().cached_tokens > 0 and off.stats().cached_tokens == 0
+    assert on.stats().computed_tokens < off.stats().computed_tokens
+    paged, _ = _greedy(tiny, prompts, page_size=4, chunk_size=7, max_batch_tokens=40)
+    assert paged == base
+    # a pool far too small for all requests at once: eviction AND preemption must happen
+    tight, engine = _greedy(tiny, prompts, max_tokens=30, kv_tokens=110, chunk_size=16)
+    wide, _ = _greedy(tiny, prompts, max_tokens=30)
+    extra = engine.stats().extra
+    assert extra["preemptions"] > 0 and extra["evicted_tokens"] > 0, extra
+    assert tight == wide
+
+
+def test_lpm_policy_same_outputs(tiny) -> None:
+    prompts = _word_prompts(9, seed=3)
+    assert _greedy(tiny, prompts, policy="lpm")[0] == _greedy(tiny, prompts)[0]
+
+
+def test_bad_input_is_per_request(tiny) -> None:
+    engine = EmbeddedEngine(tiny, EngineConfig(kv_tokens=200))
+    max_ctx = tiny.config.max_context
+    reqs = [
+        GenerationRequest("w5 w6", max_tokens=3),
+        GenerationRequest(" ".join(["w7"] * (max_ctx + 5)), max_tokens=3),  # beyond the context
+        GenerationRequest(list(range(4, 4 + 220)), max_tokens=3),  # beyond the KV pool
+        GenerationRequest("", max_tokens=3),
+        GenerationRequest("w5", json_schema={"type": "object"}),
+        GenerationRequest("w8 w9", max_tokens=0),
+    ]
+    res = engine.generate(reqs, progress=False)
+    assert res[0].finish_reason in ("stop", "length") and res[0].output_tokens > 0
+    assert res[1].finish_reason == "error" and "context" in res[1].error
+    assert res[2].finish_reason == "error" and "KV pool" in res[2].error
+    assert res[3].finish_reason == "error" and "empty prompt" in res[3].error
+    assert res[4].finish_reason == "error" and "json_schema" in res[4].error
+    assert (res[5].finish_reason, res[5].text) == ("length", "")
+    with pytest.raises(ValueError):
+        EngineConfig(page_size=0)
+
+
+def test_choices_and_seeds(tiny) -> None:
+    engine = EmbeddedEngine(tiny, EngineConfig(kv_tokens=1024))
+    choices = ("w10", "w10 w11", "w12 w13 w14")
+    reqs = [GenerationRequest(p, choices=choices) for p in _word_prompts(6)]
+    assert all(r.text in choices for r in engine.generate(reqs, progress=False))
+    sampled = [GenerationRequest(p, max_tokens=8, temperature=1.0, seed=7) for p in _word_prompts(3)]
+    a = engine.generate(sampled, progress=True)
+    b = EmbeddedEngine(tiny, EngineConfig(kv_tokens=1024)).generate(sampled, progress=False)
+    assert [r.text for r in a] == [r.text for r in b]
+    s = engine.stats()
+    assert s.requests == 9 and s.prompt_tokens > 0 and s.output_tokens > 0 and s.seconds > 0
+
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Review: The movie was a complete waste of time. Sentiment:",
+    "Translate to German: Good morning, how are you?",
+    "List three primary colors:",
+    "Q: What is 12 times 12?\nA:",
+    "The quick brown fox",
+    "Once upon a time, in a small village,",
+    "Photosynthesis is the process by which",
+    "SELECT name FROM users WHERE",
+    "Instruction: classify the review.\nmovie_info: A heist film.\nreview_content: Loved it.",
+    "Instruction: classify the review.\nmovie_info: A heist film.\nreview_content: Boring.",
+]
+
+
+def test_default_model_matches_transformers_greedy(default_model, hf_default) -> None:
+    """Our greedy tokens equal transformers' on 12 prompts x 16 new tokens (cache on, so
+    the last two prompts also run on a shared cached prefix)."""
+    engine = EmbeddedEngine(default_model, EngineConfig(kv_tokens=4096))
+    tok = default_model.tokenizer
+    ids = [tok.encode(p) for p in PROMPTS]
+    ours = engine.generate([GenerationRequest(i, max_tokens=16) for i in ids], progress=False)
+    assert engine.stats().cached_tokens > 0
+    with torch.inference_mode():
+        for prompt_ids, res in zip(ids, ours):
+            out = hf_default.model.generate(torch.tensor([prompt_ids]), max_new_tokens=16,
+                                            do_sample=False, eos_token_id=sorted(tok.eos_ids))
+            hf_ids = out[0, len(prompt_ids):].tolist()
+            hf_ids = [t for t in hf_ids if t not in tok.eos_ids]
+            assert res.text == tok.decode(hf_ids), (res.text, tok.decode(hf_ids))
