@@ -14,17 +14,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 10
-SCRIPT = """
+SCRIPT = f"""
 import json, sys
 import llmql, llmql.udfs.executor as ex
 from llmql.udfs.result_cache import ResultCache
 cache = ResultCache(sys.argv[1])
 ex.default_cache = lambda enabled=None: cache
 con = llmql.connect(chunk_size=2)
-con.execute("CREATE TABLE m AS SELECT * FROM read_csv_auto('examples/movies_sample.csv') LIMIT {rows}")
+con.execute("CREATE TABLE m AS SELECT * FROM read_csv_auto('examples/movies_sample.csv') LIMIT {ROWS}")
 con.sql("SELECT llm_score('Rate the review from 1 to 5.', 1, 5, review_content) FROM m").fetchall()
 print(json.dumps(con.last_report().total.to_dict()))
-""".format(rows=ROWS)
+"""
 
 
 def _cached(path: Path) -> int:
