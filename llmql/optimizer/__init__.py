@@ -1,6 +1,7 @@
 """Prefix-aware query optimizer: plan LLM calls in SQL, reorder inputs, measure prefix reuse."""
 
 from llmql.optimizer.errors import PlanError, SQLParseError, UnknownColumnError, UnsupportedError
+from llmql.optimizer.explain import explain
 from llmql.optimizer.metrics import PrefixMetrics, measure, prefix_metrics, render_prompt
 from llmql.optimizer.optimizer import RULES, optimize
 from llmql.optimizer.planner import plan
@@ -17,6 +18,7 @@ __all__ = [
     "SQLParseError",
     "UnknownColumnError",
     "UnsupportedError",
+    "explain",
     "measure",
     "optimize",
     "plan",
