@@ -48,9 +48,11 @@ def run(
     *,
     engine_factory: EngineFactory | None = None,
     partitions: int | None = None,
-    **settings: object,
+    settings: dict | None = None,
+    **options: Any,
 ) -> SparkQueryResult:
-    """Plan `query` for Spark and run it (see `run_plan`)."""
+    """Plan `query` for Spark and run it (see `run_plan`); UDFError, UnknownColumnError or
+    SQLParseError are raised before any model call."""
     from llmql.optimizer import UnsupportedError, plan
 
     report = QueryReport()
@@ -58,9 +60,12 @@ def run(
         planned = _timed(report, "plan", lambda: plan(query, "spark", schema=_schema(spark)))
     except UnsupportedError:
         # NOTE: as in the DuckDB connector, queries the planner cannot rewrite run per batch
-        register(spark, engine_factory=engine_factory, settings=settings)
+        register(spark, engine_factory=engine_factory, settings=settings, **options)
         return SparkQueryResult(spark.sql(query), None, report)
-    result = run_plan(spark, planned, engine_factory=engine_factory, partitions=partitions, **settings)
+    result = run_plan(
+        spark, planned, engine_factory=engine_factory, partitions=partitions, settings=settings,
+        **options,
+    )
     result.report.seconds.update(report.seconds)
     return result
 
@@ -71,7 +76,8 @@ def run_plan(
     *,
     engine_factory: EngineFactory | None = None,
     partitions: int | None = None,
-    **settings: object,
+    settings: dict | None = None,
+    **options: Any,
 ) -> SparkQueryResult:
     """Run an `LLMPlan` on `spark`.
 
@@ -81,7 +87,8 @@ def run_plan(
         engine_factory: a picklable zero-argument callable returning an Engine for workers;
             None loads the settings' model once per Python worker.
         partitions: partitions per LLM stage (None = Spark's default parallelism).
-        **settings: overrides of `llmql.settings.Settings` shipped to the workers.
+        settings: overrides of `llmql.settings.Settings` shipped to the workers.
+        **options: default CallOptions of every call (max_tokens, chunk_size, ...).
 
     Returns:
         SparkQueryResult: the final DataFrame (lazy over materialised LLM results) and a
@@ -92,8 +99,8 @@ def run_plan(
         pyspark AnalysisException: unknown tables, columns or functions, before any model call.
     """
     workers = spark.sparkContext.defaultParallelism
-    ctx = WorkerContext.capture(engine_factory, workers=workers, **settings)
-    specs = {call.id: _spec(call) for call in plan.calls}
+    ctx = WorkerContext.capture(engine_factory, workers=workers, **(settings or {}))
+    specs = {call.id: _spec(call, options) for call in plan.calls}
     check_plan(spark, plan, specs)
     result = SparkQueryResult(df=None, plan=plan)
     for call in plan.calls:
@@ -122,8 +129,8 @@ def check_plan(spark: Any, plan: LLMPlan, specs: dict[str, CallSpec]) -> None:
     spark.sql(plan.final_sql)
 
 
-def _spec(call: LLMCall) -> CallSpec:
-    options = {k: v for k, v in call.options.items() if k not in _PLAN_KEYS}
+def _spec(call: LLMCall, defaults: dict) -> CallSpec:
+    options = {**defaults, **{k: v for k, v in call.options.items() if k not in _PLAN_KEYS}}
     return make_spec(call.function, call.instruction, call.fields, options, rows=False)
 
 

@@ -13,10 +13,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from llmql.engine.types import EngineStats, GenerationRequest, GenerationResult
 
 DATA_DIR = Path(os.environ.get("LLMQL_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local[2,2] session for every Spark test module (two attempts per task, so the
+    retry test can kill a worker); `movies` holds 12 rows, `movies40` 40."""
+    import llmql.spark
+
+    ship_by_value()
+    session = llmql.spark.local_session("local[2,2]")
+    session.createDataFrame(movies(12)).createOrReplaceTempView("movies")
+    session.createDataFrame(movies(40)).createOrReplaceTempView("movies40")
+    yield session
+    llmql.spark.use_engine(None)
+    session.stop()
 
 
 def movies(rows: int = 12) -> pd.DataFrame:

@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("pyspark")
 
-from conftest_spark import FakeEngine, FakeEngineFactory, logged, movies, ship_by_value
+import conftest_spark
+from conftest_spark import FakeEngine, FakeEngineFactory, logged
 
 import llmql.spark
 from llmql.optimizer.types import LLMCall, LLMPlan
@@ -20,19 +21,10 @@ from llmql.udfs.executor import run_call
 from llmql.udfs.types import CallOptions, CallSpec, UDFError
 
 pytestmark = pytest.mark.spark
+spark = conftest_spark.spark  # the shared session fixture
 FIELDS = ("movie_info", "review_content")
 # NOTE: the first 12 movies rows: 3 NULL reviews, 9 distinct non-NULL (info, review) pairs.
 DISTINCT = 9
-
-
-@pytest.fixture(scope="module")
-def spark():
-    ship_by_value()
-    session = llmql.spark.local_session("local[2]")
-    session.createDataFrame(movies()).createOrReplaceTempView("movies")
-    yield session
-    llmql.spark.use_engine(None)
-    session.stop()
 
 
 @pytest.fixture
