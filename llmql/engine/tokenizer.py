@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
 
 _META_FILE = "tokenizer_config.json"
@@ -113,6 +114,7 @@ class Tokenizer:
         backend = Backend.from_file(str(directory / "tokenizer.json"))
         meta_path = directory / _META_FILE
         meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        _mark_special(backend, [meta.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")])
         bos_id = _token_id(backend, meta.get("bos_token"))
         eos = {*eos_ids, *meta.get("llmql_eos_token_ids", ())}
         if (eos_id := _token_id(backend, meta.get("eos_token"))) is not None:
@@ -149,6 +151,15 @@ def _token_id(backend: Backend, token: Any) -> int | None:
     if isinstance(token, dict):  # AddedToken serialisation
         token = token.get("content")
     return backend.token_to_id(token) if isinstance(token, str) else None
+
+
+def _mark_special(backend: Backend, tokens: list[Any]) -> None:
+    """Make the config's named special tokens special (skipped by decode), as transformers does."""
+    special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    names = [t.get("content") if isinstance(t, dict) else t for t in tokens]
+    new = [n for n in names if isinstance(n, str) and n not in special and backend.token_to_id(n) is not None]
+    if new:
+        backend.add_special_tokens([AddedToken(n, normalized=False, special=True) for n in new])
 
 
 def _post_processor_adds(backend: Backend, bos_id: int | None) -> bool:

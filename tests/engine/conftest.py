@@ -140,6 +140,26 @@ def hf_default(default_model: LoadedModel) -> HFModel:
     return HFModel(model.eval(), AutoTokenizer.from_pretrained(saved))
 
 
+@pytest.fixture(scope="session")
+def hf_default_tokenizer() -> Any:
+    """transformers' tokenizer for the default GGUF (reuses `hf_default`'s saved copy if any;
+    else converts only the tokenizer once and saves it under `<cache_dir>/hf/<name>-tokenizer`)."""
+    from transformers import AutoTokenizer
+
+    from llmql.engine.loader import default_gguf
+
+    gguf = default_gguf(get_settings().cache_dir)
+    full = get_settings().cache_dir / "hf" / gguf.stem
+    if (full / "complete").exists():
+        return AutoTokenizer.from_pretrained(full)
+    saved = full.with_name(f"{gguf.stem}-tokenizer")
+    if not (saved / "complete").exists():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer.save_pretrained(saved)
+        (saved / "complete").write_text("ok")
+    return AutoTokenizer.from_pretrained(saved)
+
+
 def _save_dequantised(model: Any, directory: Path) -> None:
     """save_pretrained refuses GGUF-loaded models; their weights are plain float32 tensors."""
     from safetensors.torch import save_model

@@ -55,7 +55,7 @@ class GGUFFile:
         for t in self.reader.tensors:
             if t.name in _IGNORED:
                 continue
-            weights = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            weights = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # writable copy
             weights = weights.reshape([int(d) for d in reversed(t.shape)])
             name = hf_name(t.name, config)
             yield name, torch.from_numpy(_undo_llama_cpp(weights, t.name, config))
