@@ -1,0 +1,179 @@
+"""Engine benchmark: transformers batched greedy `generate` vs our engine (prefix cache off
+and on) on movie-review prompts grouped by movie, side by side in one run.
+
+Prints one JSON line per measurement, then a table. Usage:
+    .venv/bin/python benchmarks/engine_bench.py [--rows 200] [--quick] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+INSTRUCTION = (
+    "You are given information about a movie and one review of it. Decide whether the "
+    "review is positive or negative. Answer with a single word: positive or negative."
+)
+
+
+def data_dir() -> Path:
+    env = os.environ.get("LLMQL_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def load_prompts(rows: int) -> list[str]:
+    """The first `rows` rows of movies.csv, grouped by movie (first-appearance order)."""
+    with open(data_dir() / "movies.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    first: dict[str, int] = {}
+    for i, r in enumerate(table):
+        first.setdefault(r["movie_title"], i)
+    table.sort(key=lambda r: first[r["movie_title"]])  # NOTE: stable: reviews keep file order
+    return [
+        f"{INSTRUCTION}\nmovie_info: {r['movie_info']}\nreview_content: {r['review_content']}\nAnswer:"
+        for r in table[:rows]
+    ]
+
+
+def reuse_bound(prompts: list[list[int]]) -> int:
+    """Prompt tokens an unbounded cache could reuse: per prompt, its longest common prefix
+    with any earlier prompt (at most len - 1: the last token is always computed)."""
+    root: dict = {}
+    total = 0
+    for ids in prompts:
+        node, depth = root, 0
+        for t in ids:
+            if t not in node:
+                break
+            node, depth = node[t], depth + 1
+        total += min(depth, len(ids) - 1)
+        node = root
+        for t in ids:
+            node = node.setdefault(t, {})
+    return total
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def emit(record: dict) -> dict:
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def run_hf(model, ids: list[list[int]], batch: int, max_tokens: int, pad: int) -> tuple[float, list]:
+    """transformers greedy generate with left padding; returns (seconds, new-token lists)."""
+    outs = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(ids), batch):
+            chunk = ids[i : i + batch]
+            width = max(map(len, chunk))
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk])
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                 do_sample=False, pad_token_id=pad)
+            outs += gen[:, width:].tolist()
+    return time.perf_counter() - t0, outs
+
+
+def run_ours(lm, ids: list[list[int]], max_tokens: int, **config) -> tuple[float, list, object]:
+    from llmql.engine.engine import EmbeddedEngine, EngineConfig
+    from llmql.engine.types import GenerationRequest
+
+    engine = EmbeddedEngine(lm, EngineConfig(**config))
+    reqs = [GenerationRequest(x, max_tokens=max_tokens) for x in ids]
+    t0 = time.perf_counter()
+    res = engine.generate(reqs, progress=False)
+    return time.perf_counter() - t0, res, engine.stats()
+
+
+def load_hf(lm):
+    from transformers import AutoModelForCausalLM
+
+    from llmql.engine.loader import default_gguf
+    from llmql.settings import get_settings
+
+    gguf = default_gguf(get_settings().cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--quick", action="store_true", help="40 rows, HF probe at batch 8/32 only")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--max-tokens", type=int, default=4)
+    args = ap.parse_args()
+    rows = 40 if args.quick and args.rows == 200 else args.rows
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from llmql.engine.models import load_model
+
+    lm = load_model()
+    tok = lm.tokenizer
+    ids = [tok.encode(p) for p in load_prompts(rows)]
+    n_prompt, bound = sum(map(len, ids)), reuse_bound(ids)
+    common = dict(rows=rows, threads=torch.get_num_threads(), max_tokens=args.max_tokens)
+    emit(dict(common, what="workload", prompt_tokens=n_prompt, reuse_bound_tokens=bound,
+              peak_rss_mib_model_loaded=round(peak_rss_mib())))
+
+    results = {}
+    for name, cache in (("ours_cache_off", False), ("ours_cache_on", True)):
+        secs, res, stats = run_ours(lm, ids, args.max_tokens, prefix_cache=cache, kv_tokens=32768)
+        results[name] = emit(dict(
+            common, what=name, seconds=round(secs, 3), rows_per_s=round(rows / secs, 3),
+            cached_tokens=stats.cached_tokens, computed_tokens=stats.computed_tokens,
+            cached_of_bound=round(stats.cached_tokens / max(bound, 1), 4),
+            peak_rss_mib=round(peak_rss_mib()), texts=None))
+        results[name]["texts"] = [r.text for r in res]
+
+    hf = load_hf(lm)
+    pad = tok.bos_id if tok.bos_id is not None else 0
+    probe_rows = ids[: min(32, rows)]
+    probes = {}
+    for bs in ((8, 32) if args.quick else (1, 8, 32)):
+        secs, _ = run_hf(hf, probe_rows, bs, args.max_tokens, pad)
+        probes[bs] = emit(dict(common, what="hf_probe", batch=bs, rows_probe=len(probe_rows),
+                               rows_per_s=round(len(probe_rows) / secs, 3)))
+    best = max(probes, key=lambda b: probes[b]["rows_per_s"])
+    secs, outs = run_hf(hf, ids, best, args.max_tokens, pad)
+    hf_texts = [tok.decode([t for t in o if t not in tok.eos_ids and t != pad]) for o in outs]
+    padded = sum(len(ids[i : i + best]) * max(map(len, ids[i : i + best])) for i in range(0, rows, best))
+    results["hf"] = emit(dict(common, what="hf_generate", batch=best, seconds=round(secs, 3),
+                              rows_per_s=round(rows / secs, 3), computed_tokens=padded,
+                              peak_rss_mib=round(peak_rss_mib())))
+    summarize(results, hf_texts, n_prompt, bound, common)
+
+
+def summarize(results: dict, hf_texts: list[str], n_prompt: int, bound: int, common: dict) -> None:
+    base = results["hf"]["rows_per_s"]
+    for name in ("ours_cache_off", "ours_cache_on"):
+        texts = results[name].pop("texts")
+        same = sum(a == b for a, b in zip(texts, hf_texts)) / len(hf_texts)
+        results[name]["speedup_vs_hf"] = round(results[name]["rows_per_s"] / base, 2)
+        results[name]["same_text_as_hf"] = round(same, 4)
+        emit(dict(common, what=f"{name}_vs_hf", speedup=results[name]["speedup_vs_hf"],
+                  same_text_as_hf=results[name]["same_text_as_hf"]))
+    print(f"\nprompt tokens {n_prompt}, reusable by an unbounded cache {bound}")
+    print(f"{'config':<18}{'rows/s':>9}{'x HF':>7}{'computed tok':>14}{'cached tok':>12}"
+          f"{'of bound':>10}{'same as HF':>12}")
+    for name in ("hf", "ours_cache_off", "ours_cache_on"):
+        r = results[name]
+        print(f"{name:<18}{r['rows_per_s']:>9.2f}{r['rows_per_s'] / base:>7.2f}"
+              f"{r['computed_tokens']:>14}{r.get('cached_tokens', 0):>12}"
+              f"{r.get('cached_of_bound', 0):>10.3f}{r.get('same_text_as_hf', 1):>12.3f}")
+
+
+if __name__ == "__main__":
+    main()
