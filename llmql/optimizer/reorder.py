@@ -3,10 +3,12 @@
 GGR repeatedly picks the (field, value) whose rows share the most prompt text (the paper's
 score: squared rendered length × (repeats - 1)), sends that group together with the value
 first, and recurses into the group with the other fields and into the remaining rows with
-all fields. Additions: fields in one-to-one correspondence (functional dependencies, found
-from the data) travel together; every value of the winning field that the greedy would pick
-next is taken in one step; small sub-tables are solved exactly; and rows with no repeated
-value left are sorted as text, fields ordered by how much their sorted neighbours share.
+all fields. Here every open group of one recursion level advances together, vectorised over
+a group-id array, so the cost does not grow with the number of small groups. Additions:
+fields in one-to-one correspondence (functional dependencies, found from the data) travel
+together; every value of the winning field that the greedy would pick next is taken in one
+step; small groups may be solved exactly; and groups with no repeated value left (and single
+rows) are sorted as text, fields ordered by how much their sorted neighbours share.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from llmql.optimizer.exact import solve_exact
 from llmql.optimizer.fds import discover_fds
 from llmql.optimizer.types import Ordering
 
-EXACT_ROWS = 5  # sub-tables this small are solved exactly
+EXACT_ROWS = 0  # groups this small are solved exactly (one Python call each)
 
 
 def reorder(
@@ -38,7 +40,7 @@ def reorder(
         fields: the prompt fields (default: all columns).
         functional_dependencies: groups of fields that determine each other; discovered from
             the data when None, none when [].
-        exact_rows: sub-tables with at most this many rows are solved exactly.
+        exact_rows: groups with at most this many rows are solved exactly.
 
     Returns:
         An `Ordering`: a permutation of the rows and, per row, a permutation of `fields`.
@@ -47,7 +49,7 @@ def reorder(
     >>> df = pd.DataFrame({"review": ["ok", "bad", "fine"], "movie": ["Up", "Heat", "Up"]})
     >>> o = reorder(df)
     >>> o.row_order, o.field_orders[0]
-    ([0, 2, 1], ['movie', 'review'])
+    ([2, 0, 1], ['movie', 'review'])
     """
     arrow = to_arrow(table)
     fields = list(fields or arrow.column_names)
@@ -56,15 +58,10 @@ def reorder(
     encoded = encode(arrow, fields)
     fds = discover_fds(encoded) if functional_dependencies is None else functional_dependencies
     groups = _field_groups(fields, fds)
-    tables = _GroupedTable.build(encoded, groups)
-    segments = _Greedy(tables, exact_rows).run()
-    row_order: list[int] = []
-    field_orders: list[list[str]] = []
-    for rows, order in segments:
-        names = [f for g in order for f in groups[g]]
-        row_order.extend(int(r) for r in rows)
-        field_orders.extend([list(names) for _ in range(len(rows))])
-    return Ordering(row_order=row_order, field_orders=field_orders)
+    perm, orders = _Levels(_GroupedTable.build(encoded, groups), exact_rows).run()
+    distinct, which = np.unique(orders, axis=0, return_inverse=True)
+    names = [[f for g in row for f in groups[g]] for row in distinct.tolist()]
+    return Ordering(row_order=perm.tolist(), field_orders=[names[i].copy() for i in which.ravel().tolist()])
 
 
 def _field_groups(fields: list[str], fds: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -78,90 +75,157 @@ def _field_groups(fields: list[str], fds: Sequence[Sequence[str]]) -> list[list[
 
 @dataclass(frozen=True)
 class _GroupedTable:
-    """Per field group: cell codes (of its first field), summed lengths, squared-length score."""
+    """Per field group: cell codes (of its first field), rendered lengths, text ranks."""
 
     codes: np.ndarray  # (rows, groups) int64
     length: np.ndarray  # (rows, groups) rendered characters of the group's fields
+    ranks: np.ndarray  # (rows, groups) text order of the cell among its field's values
     weight: list[np.ndarray]  # per group, per code: sum of squared field lengths
-    rank: list[np.ndarray]  # per group, per code: text order of the first field
     head: list[np.ndarray]  # per group, per code: first characters of the first field
 
     @classmethod
     def build(cls, enc, groups: list[list[str]]) -> _GroupedTable:
         index = {f: i for i, f in enumerate(enc.fields)}
-        codes, length, weight, rank, head = [], [], [], [], []
+        codes, length, ranks, weight, head = [], [], [], [], []
         for group in groups:
             first = index[group[0]]
             c = enc.codes[first]
-            row_len = sum(enc.length[index[f]][enc.codes[index[f]]] for f in group)
-            row_sq = sum(enc.length[index[f]][enc.codes[index[f]]] ** 2 for f in group)
             w = np.zeros(len(enc.length[first]), dtype=np.int64)
-            w[c] = row_sq  # NOTE: one-to-one groups give every row of a code the same lengths
+            # NOTE: one-to-one groups give every row of a code the same lengths
+            w[c] = sum(enc.length[index[f]][enc.codes[index[f]]] ** 2 for f in group)
             codes.append(c)
-            length.append(row_len)
+            length.append(sum(enc.length[index[f]][enc.codes[index[f]]] for f in group))
+            ranks.append(enc.rank[first][c])
             weight.append(w)
-            rank.append(enc.rank[first])
             head.append(enc.head[first])
-        return cls(np.stack(codes, 1), np.stack(length, 1), weight, rank, head)
+        return cls(np.stack(codes, 1), np.stack(length, 1), np.stack(ranks, 1), weight, head)
 
 
-class _Greedy:
-    """GGR over a `_GroupedTable`, emitting (rows, group order) segments in send order."""
+@dataclass
+class _Round:
+    """The open groups of one recursion level: active rows, their group ids, free fields."""
+
+    rows: np.ndarray  # active row ids, any order
+    task: np.ndarray  # group id of each active row; ids follow send order
+    free: np.ndarray  # (groups, fields) bool: fields not yet placed
+
+
+class _Levels:
+    """GGR over a `_GroupedTable`, all groups of a level at once; returns rows and field orders."""
 
     def __init__(self, table: _GroupedTable, exact_rows: int):
         self.t, self.exact_rows = table, exact_rows
-        self.out: list[tuple[np.ndarray, tuple[int, ...]]] = []
+        n, m = table.codes.shape
+        self.order = np.zeros((n, m), dtype=np.int64)  # per row: field groups in send order
+        self.depth = np.zeros(n, dtype=np.int64)  # per row: fields placed so far
+        self.keys: list[np.ndarray] = []  # per level: each row's place among its siblings
+        self.rest = int(table.ranks.max()) + 1  # sibling key of the rows left after a pick
+        self.priority = _priority(table)
 
-    def run(self) -> list[tuple[np.ndarray, tuple[int, ...]]]:
-        self.solve(np.arange(len(self.t.codes)), tuple(range(self.t.codes.shape[1])), ())
-        return self.out
+    def run(self) -> tuple[np.ndarray, np.ndarray]:
+        n, m = self.t.codes.shape
+        level = _Round(np.arange(n), np.zeros(n, dtype=np.int64), np.ones((1, m), dtype=bool))
+        while len(level.rows):
+            self.keys.append(np.zeros(n, dtype=np.int64))
+            level = self._step(level)
+        perm = np.lexsort(self.keys[::-1])
+        return perm, self.order[perm]
 
-    def solve(self, rows: np.ndarray, cols: tuple[int, ...], prefix: tuple[int, ...]) -> None:
-        while len(rows):
-            if len(rows) == 1 or not cols:
-                self.out.append((rows, prefix + cols))
-                return
-            stats = [self._scores(rows, c) for c in cols]
-            tops = [s[1].max() if len(s[1]) else 0 for s in stats]
-            best = int(np.argmax(tops))
-            if tops[best] <= 0:
-                self._fallback(rows, cols, prefix)
-                return
-            if len(rows) <= self.exact_rows:
-                self._exact(rows, cols, prefix)
-                return
-            values, scores = stats[best]
-            bar = max((t for i, t in enumerate(tops) if i != best), default=0)
-            # NOTE: scores of other fields only fall as rows leave, so every value of the
-            # winning field scoring at least their current best is the greedy's next pick.
-            picked = values[np.argsort(-scores, kind="stable")]
-            picked = picked[: max(1, int((scores >= max(bar, 1)).sum()))]
-            c = cols[best]
-            picked = picked[np.argsort(self.t.rank[c][picked], kind="stable")]  # neighbours share text
-            column = self.t.codes[rows, c]
-            rest = tuple(x for x in cols if x != c)
-            for v in picked:
-                self.solve(rows[column == v], rest, (*prefix, c))
-            rows = rows[~np.isin(column, picked)]
+    def _step(self, level: _Round) -> _Round:
+        """One greedy pick in every open group; closes the groups that need no more picks."""
+        rows, task, free = level.rows, level.task, level.free
+        size = np.bincount(task, minlength=len(free))
+        top, inv, score = self._scores(rows, task, free, size > 1)
+        best = top.argmax(1)
+        best_score = top[np.arange(len(top)), best]
+        top[np.arange(len(top)), best] = -1
+        bar = np.maximum(top.max(1), 1)
+        done = (size <= 1) | (best_score <= 0) | ~free.any(1)
+        if self.exact_rows > 1:
+            done |= self._exact(rows, task, free, done | (size > self.exact_rows))
+        closing = done[task]
+        if closing.any():
+            self._tail(rows[closing], task[closing], free)
+        c = best[task]
+        row_score = np.full(len(rows), -1, dtype=np.int64)
+        for col in np.unique(c[~closing]):
+            sel = ~closing & (c == col)
+            row_score[sel] = score[col][inv[col][sel]]
+        picked = row_score >= bar[task]
+        rows, task, c, picked = rows[~closing], task[~closing], c[~closing], picked[~closing]
+        sibling = np.where(picked, self.t.ranks[rows, c], self.rest)
+        self.keys[-1][rows] = sibling
+        self.order[rows[picked], self.depth[rows[picked]]] = c[picked]
+        self.depth[rows[picked]] += 1
+        _, first, new_task = np.unique(task * (self.rest + 1) + sibling, return_index=True, return_inverse=True)
+        new_free = free[task[first]]
+        child = picked[first]
+        new_free[np.flatnonzero(child), c[first][child]] = False
+        return _Round(rows, new_task.ravel(), new_free)
 
-    def _scores(self, rows: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
-        values, counts = np.unique(self.t.codes[rows, c], return_counts=True)
-        return values, (counts - 1) * self.t.weight[c][values]
+    def _scores(self, rows, task, free, open_):
+        """Per group and field, the best value's GGR score; per field, row → pair ids, pair scores."""
+        n_tasks, m = free.shape
+        top = np.full((n_tasks, m), -1, dtype=np.int64)
+        inv: dict[int, np.ndarray] = {}
+        score: dict[int, np.ndarray] = {}
+        usable = free & open_[:, None]
+        for col in np.flatnonzero(usable.any(0)):
+            k = len(self.t.weight[col])
+            pairs, inv[col], counts = np.unique(task * k + self.t.codes[rows, col], return_inverse=True, return_counts=True)
+            inv[col] = inv[col].ravel()
+            pair_task = pairs // k
+            score[col] = (counts - 1) * self.t.weight[col][pairs % k]
+            starts = np.flatnonzero(np.r_[True, pair_task[1:] != pair_task[:-1]])
+            top[pair_task[starts], col] = np.maximum.reduceat(score[col], starts)
+        top[~usable] = -1
+        return top, inv, score
 
-    def _exact(self, rows: np.ndarray, cols: tuple[int, ...], prefix: tuple[int, ...]) -> None:
-        idx = list(cols)
-        _, segments = solve_exact(self.t.codes[rows][:, idx], self.t.length[rows][:, idx], list(range(len(rows))), tuple(range(len(idx))))
-        for local, order in segments:
-            self.out.append((rows[local], prefix + tuple(idx[o] for o in order)))
+    def _tail(self, rows: np.ndarray, task: np.ndarray, free: np.ndarray) -> None:
+        """Closed groups: fields whose sorted neighbours share most first, rows sorted as text."""
+        ids, local = np.unique(task, return_inverse=True)
+        local = local.ravel()
+        fr = free[ids]
+        affinity = np.zeros(fr.shape, dtype=np.float64)
+        for col in np.flatnonzero(fr.any(0)):
+            o = np.lexsort((self.t.ranks[rows, col], local))
+            heads = self.t.head[col][self.t.codes[rows[o], col]]
+            same = (local[o][1:] == local[o][:-1])[:, None] & (heads[1:] == heads[:-1])
+            shared = np.cumprod(same, axis=1).sum(1)
+            affinity[:, col] = np.bincount(local[o][1:], weights=shared, minlength=len(ids))
+        affinity = np.where(fr, affinity + self.priority, -np.inf)
+        cols = np.argsort(-affinity, axis=1, kind="stable")  # (groups, fields): free ones first
+        n_free = fr.sum(1)
+        keys = [self.t.ranks[rows, cols[local, j]] for j in range(fr.shape[1])]
+        o = np.lexsort([*keys[::-1], local])
+        starts = np.searchsorted(local[o], np.arange(len(ids)))
+        self.keys[-1][rows[o]] = np.arange(len(o)) - starts[local[o]]
+        for j in range(fr.shape[1]):
+            sel = j < n_free[local]
+            self.order[rows[sel], self.depth[rows[sel]] + j] = cols[local[sel], j]
 
-    def _fallback(self, rows: np.ndarray, cols: tuple[int, ...], prefix: tuple[int, ...]) -> None:
-        """No value repeats: sort rows as text, fields whose sorted neighbours share most first."""
-        affinity = []
-        for c in cols:
-            codes = self.t.codes[rows, c]
-            heads = self.t.head[c][codes[np.argsort(self.t.rank[c][codes], kind="stable")]]
-            same = np.cumprod(heads[1:] == heads[:-1], axis=1)
-            affinity.append(int(same.sum()))
-        order = tuple(c for _, c in sorted(zip(affinity, cols), key=lambda p: -p[0]))
-        keys = [self.t.rank[c][self.t.codes[rows, c]] for c in reversed(order)]
-        self.out.append((rows[np.lexsort(keys)], prefix + order))
+    def _exact(self, rows, task, free, skip) -> np.ndarray:
+        """Solve the small open groups exactly; returns which groups it closed."""
+        closed = np.zeros(len(free), dtype=bool)
+        o = np.argsort(task, kind="stable")
+        bounds = np.searchsorted(task[o], np.arange(len(free) + 1))
+        for g in np.flatnonzero(~skip):
+            members = rows[o[bounds[g] : bounds[g + 1]]]
+            idx = np.flatnonzero(free[g])
+            _, segments = solve_exact(self.t.codes[members][:, idx], self.t.length[members][:, idx],
+                                      list(range(len(members))), tuple(range(len(idx))))
+            at = 0
+            for local_rows, seg_order in segments:
+                r = members[local_rows]
+                self.keys[-1][r] = np.arange(at, at + len(r))
+                at += len(r)
+                self.order[r[:, None], self.depth[r][:, None] + np.arange(len(idx))] = idx[list(seg_order)]
+            closed[g] = True
+        return closed
+
+
+def _priority(t: _GroupedTable) -> np.ndarray:
+    """Per field, in [0, 1): how much its repeated values share over the whole table (tie-break)."""
+    total = np.array([float(((np.bincount(t.codes[:, j]) - 1).clip(0) * t.weight[j][: t.codes[:, j].max() + 1]).sum())
+                      for j in range(t.codes.shape[1])])
+    return 0.5 * total / (total.max() + 1)
