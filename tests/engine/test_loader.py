@@ -57,9 +57,10 @@ def write_gguf(hf_model, path: Path, arch: str, quantize: bool = False) -> Path:
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(1e6 if gemma else cfg.rope_parameters["rope_theta"])
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     if gemma:
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
         w.add_sliding_window(cfg.sliding_window)
     tokens = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"\u2581w{i}" for i in range(4, VOCAB)]
     w.add_tokenizer_model("llama")
@@ -76,7 +77,7 @@ def write_gguf(hf_model, path: Path, arch: str, quantize: bool = False) -> Path:
         data = tensor.float().numpy().copy()
         if gemma and name.endswith("norm.weight"):
             data = data + 1
-        if not gemma and ("q_proj" in name or "k_proj" in name):
+        if arch == "llama" and ("q_proj.weight" in name or "k_proj.weight" in name):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             data = _permute(data, heads)
         if quantize and data.ndim == 2:
@@ -91,10 +92,10 @@ def write_gguf(hf_model, path: Path, arch: str, quantize: bool = False) -> Path:
     return path
 
 
-def last_logits(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
+def last_logits(lm: LoadedModel, ids: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Logits of every position of one sequence, through the paged pool."""
     c = lm.config
-    pool = KVPool(len(ids), c.num_layers, c.num_kv_heads, c.head_dim)
+    pool = KVPool(len(ids), c.num_layers, c.num_kv_heads, c.head_dim, dtype=dtype)
     slots = pool.alloc(len(ids))
     n = len(ids)
     batch = ForwardBatch(
@@ -110,10 +111,12 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0].float()
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_gguf(tiny_model_dir, tiny_hf_model, tmp_path_factory):
-    hf = tiny_hf_model(tiny_model_dir("llama"))
-    return hf, write_gguf(hf, tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", "llama")
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def tiny_family_gguf(request, tiny_model_dir, tiny_hf_model, tmp_path_factory):
+    """(transformers model, GGUF of it) for a family without Gemma's conventions."""
+    hf = tiny_hf_model(tiny_model_dir(request.param))
+    out = tmp_path_factory.mktemp("gguf") / f"tiny-{request.param}.gguf"
+    return hf, write_gguf(hf, out, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -136,13 +139,26 @@ def tiny_gemma_gguf(tmp_path_factory):
     return write_gguf(model, out / "tiny-gemma3.gguf", "gemma3", quantize=True)
 
 
-def test_llama_gguf_undoes_qk_permutation(tiny_llama_gguf, tmp_path) -> None:
-    hf, path = tiny_llama_gguf
+def test_family_gguf_matches_source_model(tiny_family_gguf, tmp_path) -> None:
+    """Llama's Q/K permutation undone; Qwen2 q/k/v biases and Qwen3 q/k norms mapped."""
+    hf, path = tiny_family_gguf
     lm = load_model(str(path), cache_dir=tmp_path)
-    assert lm.config.architecture == "LlamaForCausalLM" and not lm.config.tie_word_embeddings
+    assert lm.config.architecture == hf.config.architectures[0]
+    assert lm.config.tie_word_embeddings == hf.config.tie_word_embeddings
     ids = [1, 5, 17, 33, 60, 8, 91, 44]
     torch.testing.assert_close(last_logits(lm, ids), hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
     assert lm.tokenizer.encode("w5 w17", add_bos=True)[0] == 1
+
+
+def test_bfloat16_load_runs(tiny_family_gguf, tmp_path) -> None:
+    hf, path = tiny_family_gguf
+    lm = load_model(str(path), cache_dir=tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in lm.model.parameters())
+    ids = [1, 5, 17, 33, 60, 8]
+    logits = last_logits(lm, ids, dtype=torch.bfloat16)
+    assert logits.dtype == torch.float32
+    expected = hf_logits(hf, ids)
+    assert (logits - expected).abs().max() < 0.1 * expected.abs().max()
 
 
 def test_gemma_gguf_matches_transformers_reading(tiny_gemma_gguf, tmp_path) -> None:
@@ -190,5 +206,5 @@ def test_default_model_matches_transformers(default_model: LoadedModel, hf_defau
     ids = default_model.tokenizer.encode("SQL is a language for querying tables. The capital of France")
     ours = last_logits(default_model, ids)
     expected = hf_logits(hf_default.model, ids)
-    torch.testing.assert_close(ours, expected, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
     assert torch.equal(ours.argmax(-1), expected.argmax(-1))
