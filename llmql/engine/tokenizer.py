@@ -171,8 +171,7 @@ def _post_processor_adds(backend: Backend, bos_id: int | None) -> bool:
 
 
 def _token_bytes(backend: Backend, size: int) -> list[bytes]:
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
-    byte_level = "ByteLevel" in json.dumps(decoder)
+    byte_level = "ByteLevel" in repr(backend.decoder)
     unicode_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
     special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
     out = []

@@ -79,3 +79,37 @@ def test_chat_template_from_tokenizer_config(tiny_model_dir, tmp_path) -> None:
     text = tok.apply_chat_template([{"role": "user", "content": "w5 w6"}])
     assert text == "<bos><user>w5 w6\n<assistant>"
     assert tok.encode("w5 w6") == [1, 5, 6] and tok.decode([1, 5, 6]) == "w5 w6"
+
+
+def test_byte_level_gguf_tokenizer_matches_transformers(tmp_path) -> None:
+    """A Qwen2-style byte-level BPE GGUF tokenizer (merges in the file)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from llmql.engine.tokenizer import _bytes_to_unicode
+    from llmql.engine.weights.gguf import GGUFFile
+
+    alphabet = list(_bytes_to_unicode().values())
+    merges = ["Ġ t", "h e", "Ġt he", "a t", "Ġ c", "Ġc at", "1 2", "Ġ Ġ", "Ċ Ċ"]
+    tokens = [*alphabet, *("".join(m.split()) for m in merges), "<|endoftext|>"]
+    path = tmp_path / "bytes.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 1) + [3])
+    w.add_token_merges(merges)
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_add_bos_token(False)
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    ours = Tokenizer.from_gguf(GGUFFile(path).metadata)
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ["the cat sat on the mat 123", "ünïcode 😀\n\n  two  spaces<|endoftext|>", ""]:
+        ids = ours.encode(text)
+        assert ids == theirs(text, add_special_tokens=False).input_ids
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+        assert b"".join(ours.token_bytes()[i] for i in ids if i != len(tokens) - 1) == text.replace(
+            "<|endoftext|>", ""
+        ).encode()
+    assert ours.bos_id is None and ours.eos_ids == frozenset({len(tokens) - 1})
