@@ -21,6 +21,7 @@ class PendingPrompt:
 
     key: str
     prompt: str
+    group: str = ""  # prompts of one group share a long prefix (e.g. the first field)
 
 
 class BatchRunner:
@@ -63,10 +64,11 @@ class BatchRunner:
         out: dict[str, str | None] = {}
         bar = _progress_bar(len(misses), self.spec.function, self.progress and len(misses) > size)
         try:
-            for i in range(0, len(misses), size):
-                chunk = misses[i : i + size]
-                out.update(self._run_chunk(engine, chunk))
-                bar.update(len(chunk))
+            for wave in _waves(misses):
+                for i in range(0, len(wave), size):
+                    chunk = wave[i : i + size]
+                    out.update(self._run_chunk(engine, chunk))
+                    bar.update(len(chunk))
         finally:
             bar.close()
         return out
@@ -119,6 +121,20 @@ class BatchRunner:
                 r.context_overflows += 1
             else:
                 r.errors += 1
+
+
+def _waves(misses: Sequence[PendingPrompt]) -> list[list[PendingPrompt]]:
+    """The first prompt of each group, then the rest (both in send order).
+
+    NOTE: prompts prefilled in the same engine step cannot reuse each other's KV cache, so
+    one prompt per shared prefix goes first and the rest of its group then hits the cache.
+    """
+    seen: set[str] = set()
+    leaders, followers = [], []
+    for p in misses:
+        (followers if p.group and p.group in seen else leaders).append(p)
+        seen.add(p.group)
+    return [w for w in (leaders, followers) if w]
 
 
 def _rejects_schema(result: GenerationResult) -> bool:

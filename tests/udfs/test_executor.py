@@ -128,3 +128,13 @@ def _unconstrained(engine):
         return [engine._one(replace(r, choices=None)) for r in requests]
 
     return generate
+
+
+def test_one_prompt_per_shared_prefix_goes_first(cache):
+    engine = FakeEngine()
+    table = pa.table({"movie": ["m1", "m2", "m1", "m2", "m1"], "review": list("abcde")})
+    run_call(CallSpec("llm", "Say", ("movie", "review")), table, engine=engine, cache=cache)
+    assert engine.batches == [2, 3]
+    assert [p.split("\n")[1] for p in engine.prompts[:2]] in (
+        ["movie: m1", "movie: m2"], ["movie: m2", "movie: m1"]
+    )
