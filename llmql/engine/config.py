@@ -24,13 +24,21 @@ _ARCH_BY_MODEL_TYPE = {
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling: "linear" (divide by factor) or "llama3" (Llama 3.1 smooth)."""
+    """RoPE frequency scaling: "linear" (divide by factor), "llama3" (Llama 3.1 smooth), or
+    "factors" (explicit per-frequency divisors, as llama.cpp stores Llama 3.1's in GGUF)."""
 
     kind: str = "linear"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    factors: tuple[float, ...] = ()  # kind "factors": per-frequency divisors (GGUF rope_freqs)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "llama3", "factors"):
+            raise ValueError(f"unknown RoPE scaling kind {self.kind!r}")
+        if self.kind == "factors" and not self.factors:
+            raise ValueError("RoPE scaling 'factors' needs the factors")
 
     @classmethod
     def from_gguf(cls, meta: Mapping[str, Any], tensor_names: set[str]) -> ModelConfig:
@@ -128,7 +136,9 @@ class ModelConfig:
         """Inverse of `to_dict` (the cache's `llmql_config.json`)."""
         data = dict(data)
         if data.get("rope_scaling"):
-            data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+            rope = dict(data["rope_scaling"])
+            rope["factors"] = tuple(rope.get("factors", ()))
+            data["rope_scaling"] = RopeScaling(**rope)
         data["layer_types"] = tuple(data["layer_types"])
         data["eos_token_ids"] = tuple(data["eos_token_ids"])
         return cls(**data)
@@ -142,7 +152,6 @@ class ModelConfig:
     def from_hf(cls, cfg: Mapping[str, Any]) -> ModelConfig:
         """From a HF `config.json` dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x
         `rope_parameters`). Raises ValueError for an unsupported architecture."""
-        cfg = dict(cfg.get("text_config") or cfg) if cfg.get("model_type") == "gemma3" else cfg
         model_type = cfg.get("model_type", "")
         arch = (cfg.get("architectures") or [None])[0] or _ARCH_BY_MODEL_TYPE.get(model_type)
         if model_type not in _ARCH_BY_MODEL_TYPE:

@@ -44,6 +44,25 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf: Llama 3.1 RoPE scaling as per-frequency divisors."""
+    import math
+
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    old, low, high = rope["original_max_position_embeddings"], rope["low_freq_factor"], rope["high_freq_factor"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(rope["factor"])
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def write_gguf(hf_model, path: Path, arch: str, quantize: bool = False) -> Path:
     """Write `hf_model` as llama.cpp would (Gemma norms + 1, Llama Q/K permuted)."""
     cfg, gemma = hf_model.config, arch == "gemma3"
@@ -71,6 +90,9 @@ def write_gguf(hf_model, path: Path, arch: str, quantize: bool = False) -> Path:
     w.add_eos_token_id(2)
     w.add_unk_token_id(3)
     w.add_pad_token_id(0)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", _llama3_rope_factors(rope, head_dim))
     for name, tensor in hf_model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -111,12 +133,12 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0].float()
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "llama3", "qwen2", "qwen3"])
 def tiny_family_gguf(request, tiny_model_dir, tiny_hf_model, tmp_path_factory):
     """(transformers model, GGUF of it) for a family without Gemma's conventions."""
     hf = tiny_hf_model(tiny_model_dir(request.param))
     out = tmp_path_factory.mktemp("gguf") / f"tiny-{request.param}.gguf"
-    return hf, write_gguf(hf, out, request.param)
+    return hf, write_gguf(hf, out, request.param.replace("llama3", "llama"))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +167,7 @@ def test_family_gguf_matches_source_model(tiny_family_gguf, tmp_path) -> None:
     lm = load_model(str(path), cache_dir=tmp_path)
     assert lm.config.architecture == hf.config.architectures[0]
     assert lm.config.tie_word_embeddings == hf.config.tie_word_embeddings
-    ids = [1, 5, 17, 33, 60, 8, 91, 44]
+    ids = [1, 5, 17, 33, 60, 8, 91, 44, 70, 12, 55, 23, 81, 9, 30, 66, 41, 19, 87, 50]
     torch.testing.assert_close(last_logits(lm, ids), hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
     assert lm.tokenizer.encode("w5 w17", add_bos=True)[0] == 1
 

@@ -18,6 +18,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
         return inv_freq
     if scaling.kind == "linear":
         return inv_freq / scaling.factor
+    if scaling.kind == "factors":
+        return inv_freq / torch.tensor(scaling.factors, dtype=torch.float32)
     return _llama3_inv_freq(inv_freq, scaling)
 
 

@@ -3,6 +3,7 @@ conversions undone (transformers' GGUF loader does the same; the tests compare w
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmql.engine.config import ModelConfig
+from llmql.engine.config import ModelConfig, RopeScaling
 
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER = {
@@ -29,8 +30,8 @@ _LAYER = {
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-# NOTE: tensors llama.cpp may add that have no HF counterpart (rope_freqs: Llama 3.1 factors).
-_IGNORED = ("rope_freqs.weight",)
+# NOTE: rope_freqs (Llama 3.1 RoPE factors) has no HF parameter; it goes into the config.
+_ROPE_FREQS = "rope_freqs.weight"
 
 
 class GGUFFile:
@@ -46,14 +47,20 @@ class GGUFFile:
 
     def config(self) -> ModelConfig:
         """The model configuration this file's metadata describes."""
-        return ModelConfig.from_gguf(self.metadata, self.tensor_names)
+        config = ModelConfig.from_gguf(self.metadata, self.tensor_names)
+        freqs = next((t for t in self.reader.tensors if t.name == _ROPE_FREQS), None)
+        if freqs is None:
+            return config
+        # NOTE: llama.cpp stores Llama 3.1's RoPE scaling as per-frequency divisors.
+        factors = tuple(float(f) for f in np.asarray(freqs.data, dtype=np.float32).reshape(-1))
+        return dataclasses.replace(config, rope_scaling=RopeScaling("factors", factors=factors))
 
     def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (HF name, float32 tensor) for every tensor, dequantised and un-permuted."""
         from gguf.quants import dequantize
 
         for t in self.reader.tensors:
-            if t.name in _IGNORED:
+            if t.name == _ROPE_FREQS:
                 continue
             weights = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # writable copy
             weights = weights.reshape([int(d) for d in reversed(t.shape)])
