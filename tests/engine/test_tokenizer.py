@@ -113,3 +113,45 @@ def test_byte_level_gguf_tokenizer_matches_transformers(tmp_path) -> None:
             "<|endoftext|>", ""
         ).encode()
     assert ours.bos_id is None and ours.eos_ids == frozenset({len(tokens) - 1})
+
+
+def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path) -> None:
+    """A Llama-2-style SentencePiece BPE GGUF tokenizer: merges from scores, byte fallback."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from llmql.engine.weights.gguf import GGUFFile
+
+    pieces = ["\u2581", "t", "h", "e", "c", "a", "s", "o", "n", "m", "1", "2", "\u2581t", "he",
+              "\u2581the", "at", "\u2581c", "\u2581cat", "\u2581s", "\u2581sat", "\u2581o",
+              "\u2581on", "\u2581m", "\u2581mat", "\u2581\u2581", "12"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
+    path = tmp_path / "sp.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(pieces))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    ours = Tokenizer.from_gguf(GGUFFile(path).metadata)
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ["the cat sat on the mat", "  the  cat\n", "hello wörld 123 😀", "</s>x", ""]:
+        ids = ours.encode(text)
+        assert ids == theirs(text).input_ids
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    assert ours.bos_id == 1 and ours.encode("the", add_bos=False) == [tokens.index("\u2581the")]
+
+
+def test_hf_directory_tokenizer_matches_transformers(hf_default_tokenizer, tmp_path) -> None:
+    """`Tokenizer.from_dir` on a tokenizer.json + tokenizer_config.json written by transformers."""
+    hf_default_tokenizer.save_pretrained(tmp_path)
+    ours = Tokenizer.from_dir(tmp_path)
+    assert ours.bos_id == 2 and 1 in ours.eos_ids and ours.add_bos
+    for text in TEXTS[:8]:
+        ids = ours.encode(text)
+        assert ids == hf_default_tokenizer(text).input_ids
+        assert ours.decode(ids) == hf_default_tokenizer.decode(ids, skip_special_tokens=True)
