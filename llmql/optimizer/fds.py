@@ -42,3 +42,20 @@ def _root(parent: list[int], i: int) -> int:
         parent[i] = parent[parent[i]]
         i = parent[i]
     return i
+
+
+def determines(codes: np.ndarray) -> np.ndarray:
+    """(fields, fields) bool: [c, d] when each value of field c comes with one value of field d.
+
+    >>> determines(np.array([[0, 5], [0, 5], [1, 5], [2, 6]]))
+    array([[ True,  True],
+           [False,  True]])
+    """
+    n, m = codes.shape
+    out = np.ones((m, m), dtype=bool)
+    seen = np.empty(int(codes.max()) + 1 if n else 0, dtype=codes.dtype)
+    for c in range(m):
+        for d in range(m):
+            seen[codes[:, c]] = codes[:, d]  # NOTE: the last row of each value of c wins
+            out[c, d] = bool((seen[codes[:, c]] == codes[:, d]).all())
+    return out

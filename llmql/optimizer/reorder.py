@@ -20,7 +20,7 @@ import numpy as np
 
 from llmql.optimizer.encoding import encode, to_arrow
 from llmql.optimizer.exact import solve_exact
-from llmql.optimizer.fds import discover_fds
+from llmql.optimizer.fds import determines, discover_fds
 from llmql.optimizer.types import Ordering
 
 EXACT_ROWS = 0  # groups this small are solved exactly (one Python call each)
@@ -58,8 +58,9 @@ def reorder(
     encoded = encode(arrow, fields)
     fds = discover_fds(encoded) if functional_dependencies is None else functional_dependencies
     groups = _field_groups(fields, fds)
-    perm, orders = _Levels(_GroupedTable.build(encoded, groups), exact_rows).run()
-    distinct, which = np.unique(orders, axis=0, return_inverse=True)
+    grouped = _GroupedTable.build(encoded, groups)
+    perm, orders = _with_uniform_order(grouped, *_Levels(grouped, exact_rows).run())
+    distinct, which, _ = _distinct_rows(orders)
     names = [[f for g in row for f in groups[g]] for row in distinct.tolist()]
     return Ordering(row_order=perm.tolist(), field_orders=[names[i].copy() for i in which.ravel().tolist()])
 
@@ -82,6 +83,7 @@ class _GroupedTable:
     ranks: np.ndarray  # (rows, groups) text order of the cell among its field's values
     weight: list[np.ndarray]  # per group, per code: sum of squared field lengths
     head: list[np.ndarray]  # per group, per code: first characters of the first field
+    name: np.ndarray  # per group: characters of the first field's name and ": "
 
     @classmethod
     def build(cls, enc, groups: list[list[str]]) -> _GroupedTable:
@@ -98,7 +100,8 @@ class _GroupedTable:
             ranks.append(enc.rank[first][c])
             weight.append(w)
             head.append(enc.head[first])
-        return cls(np.stack(codes, 1), np.stack(length, 1), np.stack(ranks, 1), weight, head)
+        name = np.array([len(g[0]) + 2 for g in groups])
+        return cls(np.stack(codes, 1), np.stack(length, 1), np.stack(ranks, 1), weight, head, name)
 
 
 @dataclass
@@ -113,7 +116,7 @@ class _Round:
 class _Levels:
     """GGR over a `_GroupedTable`, all groups of a level at once; returns rows and field orders."""
 
-    def __init__(self, table: _GroupedTable, exact_rows: int):
+    def __init__(self, table: _GroupedTable, exact_rows: int, coarsen: bool = True):
         self.t, self.exact_rows = table, exact_rows
         n, m = table.codes.shape
         self.order = np.zeros((n, m), dtype=np.int64)  # per row: field groups in send order
@@ -121,6 +124,9 @@ class _Levels:
         self.keys: list[np.ndarray] = []  # per level: each row's place among its siblings
         self.rest = int(table.ranks.max()) + 1  # sibling key of the rows left after a pick
         self.priority = _priority(table)
+        distinct = np.array([len(np.unique(table.codes[:, j])) for j in range(m)])
+        self.coarser = determines(table.codes) & (distinct[None, :] < distinct[:, None])
+        self.coarsen = coarsen
 
     def run(self) -> tuple[np.ndarray, np.ndarray]:
         n, m = self.t.codes.shape
@@ -146,12 +152,7 @@ class _Levels:
         closing = done[task]
         if closing.any():
             self._tail(rows[closing], task[closing], free)
-        c = best[task]
-        row_score = np.full(len(rows), -1, dtype=np.int64)
-        for col in np.unique(c[~closing]):
-            sel = ~closing & (c == col)
-            row_score[sel] = score[col][inv[col][sel]]
-        picked = row_score >= bar[task]
+        c, picked = self._pick(task, ~closing, best, bar, top, inv, score)
         rows, task, c, picked = rows[~closing], task[~closing], c[~closing], picked[~closing]
         sibling = np.where(picked, self.t.ranks[rows, c], self.rest)
         self.keys[-1][rows] = sibling
@@ -163,6 +164,30 @@ class _Levels:
         new_free[np.flatnonzero(child), c[first][child]] = False
         return _Round(rows, new_task.ravel(), new_free)
 
+    def _pick(self, task, live, best, bar, top, inv, score):
+        """Per live row: the field its group splits on, and whether the row joins a split group.
+
+        The greedy's values of `best` are those scoring at least `bar`. When `best` determines
+        a coarser field with repeats, the group splits on that field instead (its values
+        that hold a picked row): the finer groups nest inside, and also share the coarser value.
+        """
+        c = best[task]
+        row_score = np.full(len(task), -1, dtype=np.int64)
+        for col in np.unique(c[live]):
+            sel = live & (c == col)
+            row_score[sel] = score[col][inv[col][sel]]
+        picked = row_score >= bar[task]
+        if not self.coarsen:
+            return c, picked
+        coarse = np.where(self.coarser[best] & (top > 0), top, -1)
+        sub = np.where(coarse.max(1) > 0, coarse.argmax(1), -1)
+        for col in np.unique(sub[sub >= 0]):
+            sel = live & (sub[task] == col)
+            hold = np.bincount(inv[col][sel], weights=picked[sel], minlength=len(score[col])) > 0
+            picked[sel] = hold[inv[col][sel]]
+            c[sel] = col
+        return c, picked
+
     def _scores(self, rows, task, free, open_):
         """Per group and field, the best value's GGR score; per field, row → pair ids, pair scores."""
         n_tasks, m = free.shape
@@ -170,10 +195,13 @@ class _Levels:
         inv: dict[int, np.ndarray] = {}
         score: dict[int, np.ndarray] = {}
         usable = free & open_[:, None]
+        live = open_[task]
+        rows, task = rows[live], task[live]
         for col in np.flatnonzero(usable.any(0)):
             k = len(self.t.weight[col])
-            pairs, inv[col], counts = np.unique(task * k + self.t.codes[rows, col], return_inverse=True, return_counts=True)
-            inv[col] = inv[col].ravel()
+            pairs, back, counts = np.unique(task * k + self.t.codes[rows, col], return_inverse=True, return_counts=True)
+            inv[col] = np.zeros(len(live), dtype=np.int64)
+            inv[col][live] = back.ravel()
             pair_task = pairs // k
             score[col] = (counts - 1) * self.t.weight[col][pairs % k]
             starts = np.flatnonzero(np.r_[True, pair_task[1:] != pair_task[:-1]])
@@ -222,6 +250,43 @@ class _Levels:
                 self.order[r[:, None], self.depth[r][:, None] + np.arange(len(idx))] = idx[list(seg_order)]
             closed[g] = True
         return closed
+
+
+def _with_uniform_order(t: _GroupedTable, perm: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The greedy's result, or its most common field order for every row with rows sorted as
+    text, whichever shares more between neighbours (a uniform order also shares field names).
+    """
+    distinct, _, counts = _distinct_rows(orders)
+    common = distinct[counts.argmax()]
+    uniform = np.lexsort(t.ranks[:, common[::-1]].T)
+    uniform_orders = np.broadcast_to(common, orders.shape)
+    if _estimate(t, uniform, uniform_orders) > _estimate(t, perm, orders):
+        return uniform, uniform_orders
+    return perm, orders
+
+
+def _estimate(t: _GroupedTable, perm: np.ndarray, orders: np.ndarray) -> int:
+    """Characters each row shares with the previous one (whole fields, then ≤ 16 more)."""
+    codes = np.take_along_axis(t.codes[perm], orders, 1)
+    length = np.take_along_axis(t.length[perm], orders, 1)
+    same_field = orders[1:] == orders[:-1]
+    whole = np.cumprod(same_field & (codes[1:] == codes[:-1]), axis=1)
+    k = whole.sum(1)  # fields shared whole
+    hits = int((whole * length[1:]).sum())
+    at = np.flatnonzero(k < orders.shape[1])
+    at = at[same_field[at, k[at]]]
+    for g in np.unique(orders[1:][at, k[at]]):
+        sel = at[orders[1:][at, k[at]] == g]
+        a, b = t.head[g][codes[sel, k[sel]]], t.head[g][codes[sel + 1, k[sel]]]
+        hits += int(np.cumprod(a == b, axis=1).sum()) + len(sel) * int(t.name[g])
+    return hits
+
+
+def _distinct_rows(orders: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct field orders, each row's index among them, and their counts."""
+    packed = np.ascontiguousarray(orders.astype(np.uint16)).view(f"V{2 * orders.shape[1]}").ravel()
+    _, first, which, counts = np.unique(packed, return_index=True, return_inverse=True, return_counts=True)
+    return orders[first], which.ravel(), counts
 
 
 def _priority(t: _GroupedTable) -> np.ndarray:
