@@ -147,11 +147,12 @@ class _Levels:
         top[np.arange(len(top)), best] = -1
         bar = np.maximum(top.max(1), 1)
         done = (size <= 1) | (best_score <= 0) | ~free.any(1)
+        tail = done[task]
+        if tail.any():
+            self._tail(rows[tail], task[tail], free)
         if self.exact_rows > 1:
             done |= self._exact(rows, task, free, done | (size > self.exact_rows))
         closing = done[task]
-        if closing.any():
-            self._tail(rows[closing], task[closing], free)
         c, picked = self._pick(task, ~closing, best, bar, top, inv, score)
         rows, task, c, picked = rows[~closing], task[~closing], c[~closing], picked[~closing]
         sibling = np.where(picked, self.t.ranks[rows, c], self.rest)

@@ -64,3 +64,50 @@ def test_metrics_and_token_level():
     assert prompts[0] == "Do\na: x\nb: 1\n"
     chars, tokens = prefix_metrics(prompts), prefix_metrics(prompts, Chars())
     assert chars.hits == tokens.hits == len("Do\na: x\nb: ")
+
+
+def _whole_field_hits(codes, length, perm, orders):
+    total = 0
+    for prev, row, po, o in zip(perm, perm[1:], orders, orders[1:]):
+        for a, b in zip(po, o):
+            if a != b or codes[prev, a] != codes[row, b]:
+                break
+            total += int(length[row, b])
+    return total
+
+
+@settings(max_examples=40, deadline=None)
+@given(tables())
+def test_small_groups_solved_exactly_match_the_exact_solver(table):
+    import importlib
+
+    import numpy as np
+
+    from llmql.optimizer.encoding import encode
+
+    if not 2 <= table.num_rows <= 6:
+        return
+    mod = importlib.import_module("llmql.optimizer.reorder")
+    grouped = mod._GroupedTable.build(encode(table, table.column_names), [[f] for f in table.column_names])
+    perm, orders = mod._Levels(grouped, exact_rows=8).run()
+    best, _ = solve_exact(grouped.codes, grouped.length, list(range(table.num_rows)), tuple(range(table.num_columns)))
+    assert sorted(perm.tolist()) == list(range(table.num_rows))
+    assert _whole_field_hits(grouped.codes, grouped.length, perm.tolist(), orders.tolist()) == best
+    assert np.all(np.sort(orders, axis=1) == np.arange(table.num_columns))
+
+
+def test_coarser_determined_field_goes_first():
+    # context determines title; splitting on title first also shares it across contexts
+    ctx = ["c1 " * 20, "c2 " * 20, "c3 " * 20]
+    df = pd.DataFrame({"question": [f"q{i}" for i in range(9)], "context": [ctx[i // 3] for i in range(9)],
+                       "title": ["T" if i < 6 else "U" for i in range(9)]})
+    o = reorder(df, functional_dependencies=[])
+    assert all(f[:2] == ["title", "context"] for f in o.field_orders)
+    assert [df.context[r] for r in o.row_order] == sorted(df.context)
+
+
+def test_rows_with_nothing_repeated_are_sorted_as_text():
+    df = pd.DataFrame({"a": ["zeta", "alpha", "beta x", "beta y"], "b": ["1", "2", "3", "4"]})
+    o = reorder(df, functional_dependencies=[])
+    assert o.field_orders[0] == ["a", "b"]  # sorted neighbours of `a` share "beta "
+    assert [df.a[r] for r in o.row_order] == ["alpha", "beta x", "beta y", "zeta"]
