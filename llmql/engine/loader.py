@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 CONFIG_FILE = "llmql_config.json"
 _DONE = "complete"
+_DEFAULT_DTYPE_LOCK = threading.Lock()
 
 
 def load(
@@ -79,13 +81,15 @@ def read_config(directory: Path) -> ModelConfig:
 def build_model(config: ModelConfig, *, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """An uninitialised model of `config.architecture` (parameters are empty tensors)."""
     cls = get_model_class(config.architecture)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return cls(config)
-    finally:
-        torch.set_default_dtype(previous)
+    # NOTE: the default dtype is process-global; the lock keeps concurrent loads apart.
+    with _DEFAULT_DTYPE_LOCK:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                return cls(config)
+        finally:
+            torch.set_default_dtype(previous)
 
 
 def gguf_cache(path: Path, cache: Path) -> Path:
