@@ -60,6 +60,8 @@ def load_dir(directory: Path, *, name: str, dtype: torch.dtype, device: str) -> 
     """Load a HF model directory (or one of our cache directories)."""
     start = time.perf_counter()
     config = read_config(directory)
+    if not (directory / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{directory} has no tokenizer.json (needed to run the model)")
     tokenizer = Tokenizer.from_dir(directory, config.eos_token_ids)
     model = build_model(config, dtype=dtype, device=device)
     model.load_weights(iter_safetensors(directory))

@@ -139,3 +139,20 @@ def test_unknown_architecture_lists_supported(tmp_path) -> None:
 def test_missing_source_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"not a \.gguf file"):
         load_model(str(tmp_path / "nope.gguf"))
+
+
+def test_sharded_checkpoint_loads(tiny_model_dir, tiny_hf_model, tmp_path) -> None:
+    import shutil
+
+    hf = tiny_hf_model(tiny_model_dir("qwen3"))
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json"):
+        load_model(str(tmp_path))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir("qwen3") / name, tmp_path / name)
+    lm = load_model(str(tmp_path))
+    ids = sequence(6, seed=9)
+    logits, _ = forward(lm, new_pool(lm), [(ids, torch.empty(0, dtype=torch.int64))])
+    torch.testing.assert_close(logits, hf_logits(hf, ids), atol=ATOL, rtol=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +12,14 @@ from safetensors.torch import save_file
 
 
 def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from every `*.safetensors` file in `directory` (memory-mapped)."""
-    files = sorted(directory.glob("*.safetensors"))
+    """Yield (name, tensor) from the checkpoint's `*.safetensors` files (memory-mapped): those
+    the `model.safetensors.index.json` names, else all but Mistral's `consolidated*` copies."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [directory / name for name in names]
+    else:
+        files = [p for p in sorted(directory.glob("*.safetensors")) if not p.name.startswith("consolidated")]
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {directory}")
     for path in files:
