@@ -54,6 +54,12 @@ class Tokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids if text else []
         return [self.bos_id, *ids] if add_bos and self.add_bos else ids  # type: ignore[list-item]
 
+    def encode_batch(self, texts: Sequence[str], *, add_bos: bool = True) -> list[list[int]]:
+        """`encode` of many texts at once (tokenized in parallel by the Rust backend)."""
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        prefix = [self.bos_id] if add_bos and self.add_bos else []
+        return [prefix + e.ids for e in encodings]  # type: ignore[operator]
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text of `ids` (special tokens dropped unless `skip_special_tokens=False`)."""
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -44,6 +44,11 @@ def test_decode_matches_transformers(tok: Tokenizer, hf_default_tokenizer, text:
     assert tok.decode(ids) == hf_default_tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def test_encode_batch_matches_encode(tok: Tokenizer) -> None:
+    assert tok.encode_batch(TEXTS) == [tok.encode(t) for t in TEXTS]
+    assert tok.encode_batch(["", "a"], add_bos=False) == [[], tok.encode("a", add_bos=False)]
+
+
 def test_bos_and_eos_from_metadata(tok: Tokenizer) -> None:
     assert tok.bos_id == 2 and tok.eos_ids == frozenset({1})
     assert tok.encode("") == [2] and tok.encode("", add_bos=False) == []
