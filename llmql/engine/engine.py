@@ -99,10 +99,13 @@ class EmbeddedEngine:
                 self.scheduler.add(req)
         bar = tqdm(total=len(reqs), disable=not progress, desc="llmql", unit="req")
         bar.update(sum(r.finished for r in reqs))
+        computed0, shown = self._stats.computed_tokens, 0.0
         with torch.inference_mode():
             while self.scheduler.has_work:
                 bar.update(len(self.step()))
-                self._postfix(bar, time.perf_counter() - t0)
+                if progress and time.perf_counter() - shown > 0.5:
+                    shown = time.perf_counter()
+                    _postfix(bar, reqs, self._stats.computed_tokens - computed0, shown - t0)
         bar.close()
         self._account(reqs, time.perf_counter() - t0)
         return [r.result() for r in reqs]
@@ -156,10 +159,14 @@ class EmbeddedEngine:
         s.output_tokens += sum(len(r.output_ids) for r in reqs)
         s.seconds += seconds
 
-    def _postfix(self, bar, elapsed: float) -> None:
-        s = self._stats
-        bar.set_postfix(tok_s=f"{s.computed_tokens / max(elapsed, 1e-9):.0f}",
-                        cached=self.kv.cache.cached_size, refresh=False)
+
+
+def _postfix(bar, reqs: list[Req], computed: int, elapsed: float) -> None:
+    """Progress-bar postfix: computed tokens/s and the prefix-cache hit rate so far."""
+    started = [r for r in reqs if r.cached_tokens >= 0]
+    prompt = sum(r.prompt_len for r in started)
+    hit = sum(r.cached_tokens for r in started) / prompt if prompt else 0.0
+    bar.set_postfix(tok_s=f"{computed / max(elapsed, 1e-9):.0f}", hit=f"{hit:.0%}", refresh=False)
 
 
 def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int) -> str | None:

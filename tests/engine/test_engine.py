@@ -113,17 +113,37 @@ PROMPTS = [
 
 
 def test_default_model_matches_transformers_greedy(default_model, hf_default) -> None:
-    """Our greedy tokens equal transformers' on 12 prompts x 16 new tokens (cache on, so
-    the last two prompts also run on a shared cached prefix)."""
+    """Our greedy tokens equal transformers' greedy choice on 12 prompts x 16 new tokens.
+
+    Checked by teacher forcing (one transformers forward over prompt + our output per
+    prompt): every token we generated must be transformers' argmax after the same prefix,
+    which is exactly greedy parity. A mismatch is tolerated only at an fp32 near-tie
+    (top-2 logit gap < 1e-3), after which the two generations may legitimately diverge.
+    Cache on, so the last two prompts also run on a shared cached prefix.
+    """
     engine = EmbeddedEngine(default_model, EngineConfig(kv_tokens=4096))
-    tok = default_model.tokenizer
-    ids = [tok.encode(p) for p in PROMPTS]
-    ours = engine.generate([GenerationRequest(i, max_tokens=16) for i in ids], progress=False)
+    tokens: dict[int, list[int]] = {}
+    process = engine.output
+
+    def record(req, tok) -> None:
+        tokens.setdefault(req.rid, []).append(tok)
+        process(req, tok)
+
+    engine.output = record  # type: ignore[assignment]
+    ids = [default_model.tokenizer.encode(p) for p in PROMPTS]
+    engine.generate([GenerationRequest(i, max_tokens=16) for i in ids], progress=False)
     assert engine.stats().cached_tokens > 0
+    exact = 0
     with torch.inference_mode():
-        for prompt_ids, res in zip(ids, ours):
-            out = hf_default.model.generate(torch.tensor([prompt_ids]), max_new_tokens=16,
-                                            do_sample=False, eos_token_id=sorted(tok.eos_ids))
-            hf_ids = out[0, len(prompt_ids):].tolist()
-            hf_ids = [t for t in hf_ids if t not in tok.eos_ids]
-            assert res.text == tok.decode(hf_ids), (res.text, tok.decode(hf_ids))
+        for rid, prompt in enumerate(ids):
+            out = tokens[rid]
+            seq = torch.tensor([prompt + out[:-1]])
+            logits = hf_default.model(seq, logits_to_keep=len(out)).logits[0]
+            for step, tok in enumerate(out):
+                if int(logits[step].argmax()) != tok:
+                    top2 = logits[step].topk(2).values
+                    assert float(top2[0] - top2[1]) < 1e-3, (rid, step, tok)
+                    break
+            else:
+                exact += 1
+    assert exact >= len(PROMPTS) - 1, f"only {exact} of {len(PROMPTS)} prompts identical"
