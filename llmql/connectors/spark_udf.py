@@ -16,13 +16,14 @@ fields, otherwise they are `input`, `input1`, `input2`, ... `llmql.spark.sql` an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from llmql.connectors.spark_worker import EngineFactory, WorkerContext, run_batch, run_sql_udf
 from llmql.udfs.functions import validate
-from llmql.udfs.types import FUNCTIONS, CallOptions, CallSpec, UDFError
+from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport, CallSpec, UDFError
 
 ROW_FUNCTIONS = ("llm", "llm_filter", "llm_classify", "llm_score", "llm_extract")
 _SQL_TYPES = {
@@ -33,6 +34,20 @@ _SQL_TYPES = {
     "llm_extract": "string",
     "llm_agg": "string",
 }
+
+
+@dataclass
+class SparkRegistration:
+    """What `register()` installed; `last_report()` sums the UDF calls since the last one."""
+
+    names: list[str]
+    accumulator: Any
+
+    def last_report(self) -> CallReport:
+        """The workers' combined report of the UDF calls since the previous `last_report()`
+        (successful tasks only, as Spark applies accumulator updates)."""
+        report, self.accumulator.value = self.accumulator.value, CallReport()
+        return report
 
 
 def register(
@@ -54,32 +69,39 @@ def register(
         **options: CallOptions applied to every call (max_tokens, temperature, ...).
 
     Returns:
-        The registered SQL function names. `llm_extract` returns JSON text in SQL (use
+        SparkRegistration: the registered SQL function names and their report. `llm_extract` returns JSON text in SQL (use
         `llmql.spark.functions.llm_extract` for a STRUCT column); `llm_agg` is a grouped
         aggregate that summarises each group separately.
     """
+    from llmql.connectors.spark_stage import report_accumulator
+
     CallOptions.from_dict(options)
     ctx = WorkerContext.capture(engine_factory, workers=_parallelism(spark), **(settings or {}))
+    accumulator = report_accumulator(spark)
     for function in FUNCTIONS:
-        spark.udf.register(prefix + function, sql_udf(function, ctx, options))
-    return [prefix + f for f in FUNCTIONS]
+        spark.udf.register(prefix + function, sql_udf(function, ctx, options, accumulator))
+    return SparkRegistration([prefix + f for f in FUNCTIONS], accumulator)
 
 
-def sql_udf(function: str, ctx: WorkerContext, options: dict | None = None) -> Any:
-    """The Arrow UDF of `function` for SQL (a grouped aggregate for `llm_agg`)."""
+def sql_udf(
+    function: str, ctx: WorkerContext, options: dict | None = None, accumulator: Any = None
+) -> Any:
+    """The Arrow UDF of `function` for SQL (a grouped aggregate for `llm_agg`); reports go
+    to `accumulator` (a `report_accumulator`) when given."""
     from pyspark.sql.functions import ArrowUDFType, arrow_udf
 
     options = dict(options or {})
+    collector = None if accumulator is None else _Collector(accumulator)
     if function == "llm_agg":
 
         def aggregate(instruction: pa.Array, values: pa.Array) -> str | None:
             args = (instruction[:1], pa.array([values.to_pylist()]))
-            return run_sql_udf(ctx, function, options, args)[0].as_py()
+            return run_sql_udf(ctx, function, options, args, collector)[0].as_py()
 
         return arrow_udf(aggregate, _SQL_TYPES[function], ArrowUDFType.GROUPED_AGG)
 
     def evaluate(*args: pa.Array) -> pa.Array:
-        return run_sql_udf(ctx, function, options, args)
+        return run_sql_udf(ctx, function, options, args, collector)
 
     return arrow_udf(evaluate, _SQL_TYPES[function])
 
@@ -110,6 +132,16 @@ def make_spec(
     spec = CallSpec(function, instruction, tuple(fields), CallOptions.from_dict(options))
     validate(spec)
     return spec
+
+
+class _Collector:
+    """The `collector` interface of `udfs.vectorized.make_udf` over a Spark accumulator."""
+
+    def __init__(self, accumulator: Any) -> None:
+        self.accumulator = accumulator
+
+    def add(self, report: CallReport) -> None:
+        self.accumulator.add(report)
 
 
 def _parallelism(spark: Any) -> int:

@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -103,12 +104,16 @@ def run_batch(ctx: WorkerContext, spec: CallSpec, table: pa.Table) -> CallOutput
         return run_call(spec, table, engine=_LazyEngine(ctx), progress=False)
 
 
-def run_sql_udf(ctx: WorkerContext, function: str, options: dict, args: tuple) -> pa.Array:
-    """Evaluate a SQL UDF batch with the DuckDB connector's argument conventions."""
+def run_sql_udf(
+    ctx: WorkerContext, function: str, options: dict, args: tuple, collector: Any = None
+) -> pa.Array:
+    """Evaluate a SQL UDF batch with the DuckDB connector's argument conventions; the
+    batch's CallReport goes to `collector.add` when given."""
     from llmql.udfs.vectorized import make_udf
 
     with override(**_settings_dict(ctx.settings)):
-        return make_udf(function, options, engine=_LazyEngine(ctx))(*args)
+        udf = make_udf(function, options, engine=_LazyEngine(ctx), collector=collector)
+        return udf(*args)
 
 
 class _LazyEngine:

@@ -41,8 +41,13 @@ def movies(rows: int = 12) -> pd.DataFrame:
 
 
 def fake_answer(request: GenerationRequest) -> str:
-    """Deterministic answer: a choice picked by the prompt's hash, else an echo."""
-    digest = int(hashlib.sha256(str(request.prompt).encode()).hexdigest(), 16)
+    """Deterministic answer: a choice picked by the hash of the prompt's lines, else an echo.
+
+    NOTE: the lines are sorted, so the answer does not depend on the field order the
+    reorderer chose for the row (which depends on the rest of the batch).
+    """
+    lines = sorted(str(request.prompt).split("\n"))
+    digest = int(hashlib.sha256("\n".join(lines).encode()).hexdigest(), 16)
     if request.choices:
         return request.choices[digest % len(request.choices)]
     return f"answer {digest % 1000}"

@@ -45,7 +45,7 @@ def expected(function: str, fields: tuple[str, ...], table: pa.Table, tmp: Path,
 
 
 def test_sql_udf_matches_executor_and_nulls(spark, fake, tmp_path):
-    llmql.spark.register(spark)
+    registration = llmql.spark.register(spark)
     rows = spark.sql(
         "SELECT id, llm_filter('Is this movie suitable for kids?', movie_info, review_content) AS k"
         " FROM movies ORDER BY id"
@@ -56,6 +56,9 @@ def test_sql_udf_matches_executor_and_nulls(spark, fake, tmp_path):
     assert None in want.to_pylist()  # the NULL review gives NULL
     prompts = logged(fake, "prompts")
     assert len(prompts) == len(set(prompts)) == DISTINCT  # NULL inputs: no model call
+    report = registration.last_report()
+    # NOTE: ORDER BY samples its input first, so Spark may evaluate the UDF twice (cache hits)
+    assert report.llm_calls == DISTINCT and report.rows in (12, 24)
 
 
 def test_sql_udf_struct_fields_labels_and_agg(spark, fake):
