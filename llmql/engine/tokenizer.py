@@ -116,13 +116,14 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, directory: Path, eos_ids: Sequence[int] = ()) -> Tokenizer:
-        """From a HF model directory; `eos_ids` (from the model config) add to the tokenizer's."""
+        """From a HF model directory; `eos_ids` (from the model config) and those of
+        `generation_config.json` add to the tokenizer's."""
         backend = Backend.from_file(str(directory / "tokenizer.json"))
         meta_path = directory / _META_FILE
         meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         _mark_special(backend, [meta.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")])
         bos_id = _token_id(backend, meta.get("bos_token"))
-        eos = {*eos_ids, *meta.get("llmql_eos_token_ids", ())}
+        eos = {*eos_ids, *meta.get("llmql_eos_token_ids", ()), *_generation_eos(directory)}
         if (eos_id := _token_id(backend, meta.get("eos_token"))) is not None:
             eos.add(eos_id)
         add_bos = meta.get("add_bos_token")
@@ -157,6 +158,13 @@ def _token_id(backend: Backend, token: Any) -> int | None:
     if isinstance(token, dict):  # AddedToken serialisation
         token = token.get("content")
     return backend.token_to_id(token) if isinstance(token, str) else None
+
+
+def _generation_eos(directory: Path) -> list[int]:
+    """EOS ids from `generation_config.json` (instruct models list end-of-turn tokens there)."""
+    path = directory / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
+    return [] if eos is None else eos if isinstance(eos, list) else [eos]
 
 
 def _mark_special(backend: Backend, tokens: list[Any]) -> None:

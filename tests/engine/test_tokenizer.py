@@ -160,3 +160,13 @@ def test_hf_directory_tokenizer_matches_transformers(hf_default_tokenizer, tmp_p
         ids = ours.encode(text)
         assert ids == hf_default_tokenizer(text).input_ids
         assert ours.decode(ids) == hf_default_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_eos_ids_from_config_and_generation_config(tiny_model_dir, tmp_path) -> None:
+    import shutil
+
+    directory = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("llama"), directory)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    tok = Tokenizer.from_dir(directory, eos_ids=[9])
+    assert tok.eos_ids == frozenset({2, 7, 9})
