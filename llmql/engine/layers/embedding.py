@@ -20,9 +20,10 @@ class VocabEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = F.embedding(input_ids, self.weight)
-        if self.scale is not None:
-            h = h * torch.tensor(self.scale, dtype=self.weight.dtype, device=h.device)
-        return h
+        if self.scale is None:
+            return h
+        # NOTE: the scale is rounded to the weight dtype first, as transformers does.
+        return h * float(torch.tensor(self.scale, dtype=self.weight.dtype))
 
 
 class LMHead(nn.Module):
