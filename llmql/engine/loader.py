@@ -52,7 +52,10 @@ def default_gguf(cache: Path) -> Path:
 
     target = cache / "models" / package.MODEL_NAME
     if not target.exists():
-        package.assemble(target)
+        # NOTE: assemble under a private name, then rename: readers never see a partial file.
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        package.assemble(tmp, overwrite=True)
+        tmp.replace(target)
     return target
 
 
