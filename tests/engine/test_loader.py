@@ -230,3 +230,17 @@ def test_default_model_matches_transformers(default_model: LoadedModel, hf_defau
     expected = hf_logits(hf_default.model, ids)
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
     assert torch.equal(ours.argmax(-1), expected.argmax(-1))
+
+
+def test_reader_agrees_with_gguf_package(tiny_gemma_gguf) -> None:
+    """Our fast header parser against `gguf.GGUFReader` (metadata and dequantised tensors)."""
+    from llmql.engine.weights.gguf_reader import read_gguf
+
+    meta, tensors = read_gguf(tiny_gemma_gguf)
+    ref = gguf.GGUFReader(str(tiny_gemma_gguf))
+    expected = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert meta == expected
+    assert [t.name for t in tensors] == [t.name for t in ref.tensors]
+    for ours, theirs in zip(tensors, ref.tensors):
+        got = gguf.quants.dequantize(ours.data, ours.ggml_type).reshape(ours.shape)
+        assert np.array_equal(got, gguf.quants.dequantize(theirs.data, theirs.tensor_type))

@@ -7,12 +7,12 @@ import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from llmql.engine.config import ModelConfig, RopeScaling
+from llmql.engine.weights.gguf_reader import TensorInfo, read_gguf
 
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER = {
@@ -35,37 +35,37 @@ _ROPE_FREQS = "rope_freqs.weight"
 
 
 class GGUFFile:
-    """An opened GGUF file: parsed metadata and tensor names (opening takes seconds)."""
+    """An opened GGUF file: parsed metadata and tensor names (tensor data stays on disk)."""
 
     def __init__(self, path: Path) -> None:
-        from gguf import GGUFReader
-
         self.path = path
-        self.reader = GGUFReader(str(path))
-        self.metadata: dict[str, Any] = {k: f.contents() for k, f in self.reader.fields.items()}
-        self.tensor_names = {t.name for t in self.reader.tensors}
+        self.metadata, self._tensors = read_gguf(path)
+        self.tensor_names = {t.name for t in self._tensors}
 
     def config(self) -> ModelConfig:
         """The model configuration this file's metadata describes."""
         config = ModelConfig.from_gguf(self.metadata, self.tensor_names)
-        freqs = next((t for t in self.reader.tensors if t.name == _ROPE_FREQS), None)
+        freqs = next((t for t in self._tensors if t.name == _ROPE_FREQS), None)
         if freqs is None:
             return config
         # NOTE: llama.cpp stores Llama 3.1's RoPE scaling as per-frequency divisors.
-        factors = tuple(float(f) for f in np.asarray(freqs.data, dtype=np.float32).reshape(-1))
+        factors = tuple(float(f) for f in _dequantise(freqs).reshape(-1))
         return dataclasses.replace(config, rope_scaling=RopeScaling("factors", factors=factors))
 
     def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (HF name, float32 tensor) for every tensor, dequantised and un-permuted."""
-        from gguf.quants import dequantize
-
-        for t in self.reader.tensors:
+        for t in self._tensors:
             if t.name == _ROPE_FREQS:
                 continue
-            weights = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # writable copy
-            weights = weights.reshape([int(d) for d in reversed(t.shape)])
-            name = hf_name(t.name, config)
-            yield name, torch.from_numpy(_undo_llama_cpp(weights, t.name, config))
+            weights = _undo_llama_cpp(_dequantise(t), t.name, config)
+            yield hf_name(t.name, config), torch.from_numpy(weights)
+
+
+def _dequantise(t: TensorInfo) -> np.ndarray:
+    """float32 values of a tensor in numpy/torch shape (a writable copy)."""
+    from gguf.quants import dequantize
+
+    return np.array(dequantize(t.data, t.ggml_type), dtype=np.float32).reshape(t.shape)
 
 
 def hf_name(gguf_name: str, config: ModelConfig) -> str:
