@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmql.engine.constrained import ChoiceTrie
+from llmql.engine.constrained import ConstraintBuilder
 from llmql.engine.kvcache.base import create_prefix_cache
 from llmql.engine.kvcache.pool import KVPool
 from llmql.engine.models import LoadedModel, load_model
@@ -78,7 +78,7 @@ class EmbeddedEngine:
         self.sampler = Sampler()
         self.output = OutputProcessor(lm.tokenizer)
         self._ids = itertools.count()
-        self._tries: dict[tuple[str, ...], ChoiceTrie] = {}
+        self.constraints = ConstraintBuilder(lm.tokenizer)
         self._stats = EngineStats()
 
     def generate(
@@ -87,13 +87,17 @@ class EmbeddedEngine:
         """Complete every request; results in request order.
 
         Bad requests do not stop the batch: an empty prompt, a prompt that does not fit the
-        model context or the KV pool, or an unsupported option (json_schema, adapter) gives
-        that request `finish_reason="error"` with a message in `error`.
+        model context or the KV pool, or an unsupported option (a LoRA adapter, a json_schema
+        outside the supported subset) gives that request `finish_reason="error"` with a
+        message in `error`. `choices` ignore `max_tokens` (the answer is always whole).
         """
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
-        reqs = [self._make_req(r) for r in requests]
+        texts = [r.prompt for r in requests if isinstance(r.prompt, str)]
+        encoded = iter(self.lm.tokenizer.encode_batch(texts) if texts else [])
+        reqs = [self._make_req(r, next(encoded) if isinstance(r.prompt, str) else list(r.prompt))
+                for r in requests]
         for req in reqs:
             if not req.finished:
                 self.scheduler.add(req)
@@ -129,9 +133,8 @@ class EmbeddedEngine:
                  "kv_slots": self.pool.num_slots, "cached_size": self.kv.cache.cached_size}
         return dataclasses.replace(self._stats, extra=extra)
 
-    def _make_req(self, request: GenerationRequest) -> Req:
-        tok, max_ctx = self.lm.tokenizer, self.lm.config.max_context
-        ids = tok.encode(request.prompt) if isinstance(request.prompt, str) else list(request.prompt)
+    def _make_req(self, request: GenerationRequest, ids: list[int]) -> Req:
+        max_ctx = self.lm.config.max_context
         room = max_ctx - len(ids)
         req = Req(next(self._ids), ids, request, min(request.max_tokens, room))
         error = _check(request, ids, max_ctx, self.pool.num_slots)
@@ -139,17 +142,15 @@ class EmbeddedEngine:
             req.finish("error", error)
         elif request.choices is not None:
             req.max_new_tokens = room  # NOTE: choices ignore max_tokens: the answer is whole
-            req.choice = self._trie(tuple(request.choices)).start()
+            req.constraint = self.constraints.choices(request.choices)
         elif req.max_new_tokens <= 0:
             req.finish("length")
+        elif request.json_schema is not None:
+            try:
+                req.constraint = self.constraints.json_schema(request.json_schema, req.max_new_tokens)
+            except ValueError as exc:
+                req.finish("error", str(exc))
         return req
-
-    def _trie(self, choices: tuple[str, ...]) -> ChoiceTrie:
-        if choices not in self._tries:
-            tok = self.lm.tokenizer
-            self._tries[choices] = ChoiceTrie(choices, lambda s: tok.encode(s, add_bos=False),
-                                              tok.eos_ids)
-        return self._tries[choices]
 
     def _account(self, reqs: list[Req], seconds: float) -> None:
         s = self._stats
@@ -179,8 +180,6 @@ def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int)
         return f"prompt has {len(ids)} tokens; the KV pool holds only {slots}"
     if request.choices is not None and not request.choices:
         return "choices is empty"
-    if request.json_schema is not None:
-        return "json_schema constrained decoding is not supported by the embedded engine yet"
     if request.adapter is not None:
         return "LoRA adapters are not supported by the embedded engine yet"
     return None

@@ -17,11 +17,11 @@ class Sampler:
         """logits [B, vocab] (row i belongs to reqs[i]) -> B token ids."""
         assert logits.shape[0] == len(reqs), (logits.shape, len(reqs))
         logits = logits.float()
-        constrained = [i for i, r in enumerate(reqs) if r.choice is not None]
+        constrained = [i for i, r in enumerate(reqs) if r.constraint is not None]
         if constrained:
             logits = logits.clone()
             for i in constrained:
-                logits[i] = _mask(logits[i], reqs[i].choice.allowed())  # type: ignore[union-attr]
+                logits[i] = _mask(logits[i], reqs[i].constraint.allowed())  # type: ignore[union-attr]
         tokens = logits.argmax(dim=-1).tolist()
         for i, req in enumerate(reqs):
             if req.params.temperature > 0:
@@ -29,9 +29,9 @@ class Sampler:
         return tokens
 
 
-def _mask(row: torch.Tensor, allowed: list[int]) -> torch.Tensor:
+def _mask(row: torch.Tensor, allowed: list[int] | torch.Tensor) -> torch.Tensor:
     out = torch.full_like(row, float("-inf"))
-    idx = torch.tensor(allowed, dtype=torch.int64, device=row.device)
+    idx = torch.as_tensor(allowed, dtype=torch.int64, device=row.device)
     out[idx] = row[idx]
     return out
 
@@ -62,7 +62,7 @@ class OutputProcessor:
     """Appends each sampled token to its request and decides whether it finished.
 
     Text excludes EOS and the stop string (and everything after it); a `choices` request
-    ends with exactly the choice reached.
+    ends with exactly the choice reached, a `json_schema` one with the generated JSON.
     """
 
     def __init__(self, tokenizer: Detokenizer) -> None:
@@ -70,8 +70,8 @@ class OutputProcessor:
 
     def __call__(self, req: Req, token: int) -> None:
         req.token_ids.append(token)
-        if req.choice is not None:
-            self._advance_choice(req, token)
+        if req.constraint is not None:
+            self._advance_constraint(req, token)
         elif token in self.tokenizer.eos_ids:
             req.text = self.tokenizer.decode(req.output_ids[:-1])
             req.finish("stop")
@@ -88,13 +88,16 @@ class OutputProcessor:
             req.text = text[: min(hits)]
         return bool(hits)
 
-    def _advance_choice(self, req: Req, token: int) -> None:
-        state = req.choice
+    def _advance_constraint(self, req: Req, token: int) -> None:
+        state = req.constraint
         assert state is not None
         state.advance(token)
         if state.done:
-            req.text = state.text or ""
+            req.text = state.text if state.text is not None else self._decode(req)
             req.finish("stop")
         elif len(req.output_ids) >= req.max_new_tokens:
-            req.text = state.finish_now()
+            req.text = state.finish_now() or self._decode(req)
             req.finish("length")
+
+    def _decode(self, req: Req) -> str:
+        return self.tokenizer.decode([t for t in req.output_ids if t not in self.tokenizer.eos_ids])

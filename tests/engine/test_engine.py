@@ -14,6 +14,16 @@ from llmql.engine.models import load_model
 from llmql.engine.types import Engine, GenerationRequest
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """NOTE: these batches are tiny; on a shared CPU box extra OpenMP threads only
+    oversubscribe the cores (10x slower), so run one thread and restore afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=["gemma3", "llama"])
 def tiny(request, tiny_model_dir):
     return load_model(str(tiny_model_dir(request.param)))
@@ -147,3 +157,23 @@ def test_default_model_matches_transformers_greedy(default_model, hf_default) ->
             else:
                 exact += 1
     assert exact >= len(PROMPTS) - 1, f"only {exact} of {len(PROMPTS)} prompts identical"
+
+
+def test_default_model_choices_and_json_schema(default_model) -> None:
+    import json
+
+    engine = EmbeddedEngine(default_model, EngineConfig(kv_tokens=2048))
+    schema = {"type": "object", "properties": {
+        "sentiment": {"enum": ["positive", "negative"]}, "stars": {"type": "integer"},
+        "summary": {"type": "string"}}}
+    review = "Review: I loved it, a true masterpiece with great acting."
+    res = engine.generate([
+        GenerationRequest(f"{review}\nSentiment (positive or negative):",
+                          choices=("positive", "negative", "neutral")),
+        GenerationRequest(f"{review}\nAs JSON:", json_schema=schema, max_tokens=40),
+        GenerationRequest("x", json_schema={"type": "array"}),
+    ], progress=False)
+    assert res[0].text == "positive" and res[0].finish_reason == "stop"
+    value = json.loads(res[1].text)
+    assert value["sentiment"] in ("positive", "negative") and isinstance(value["stars"], int)
+    assert res[2].finish_reason == "error" and "unsupported" in res[2].error

@@ -68,7 +68,7 @@ def test_seeded_sampling_is_reproducible() -> None:
 
 def _choice_req(choices: tuple[str, ...]) -> Req:
     req = _req(max_tokens=64, choices=choices)
-    req.choice = ChoiceTrie(choices, _Tok().encode, _Tok.eos_ids).start()
+    req.constraint = ChoiceTrie(choices, _Tok().encode, _Tok.eos_ids).start()
     return req
 
 
@@ -98,3 +98,54 @@ def test_choices_finish_when_out_of_room() -> None:
 def test_empty_choices_rejected() -> None:
     with pytest.raises(ValueError):
         ChoiceTrie((), _Tok().encode)
+
+
+class _CharTok(_Tok):
+    """The toy tokenizer with the constraint-builder interface (128 one-char tokens)."""
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+    def token_strings(self) -> list[str]:
+        return [chr(i) for i in range(128)]
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "label": {"enum": ["pos", "positive", "neg"]},
+        "score": {"type": "integer"},
+        "ratio": {"type": "number"},
+        "ok": {"type": "boolean"},
+        "why": {"type": "string"},
+        "meta": {"type": "object", "properties": {"n": {"type": "null"}, "c": {"const": 3}}},
+    },
+}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_json_schema_output_always_parses(seed: int) -> None:
+    import json
+
+    from llmql.engine.constrained import ConstraintBuilder
+
+    tok = _CharTok()
+    req = _req(max_tokens=140, json_schema=SCHEMA)
+    req.constraint = ConstraintBuilder(tok).json_schema(SCHEMA, req.max_new_tokens)
+    sampler, out = Sampler(), OutputProcessor(tok)
+    gen = torch.Generator().manual_seed(seed)
+    while not req.finished:
+        out(req, sampler.sample([req], torch.randn(1, 128, generator=gen) * 3)[0])
+    value = json.loads(req.text)
+    assert req.finish_reason == "stop" and list(value) == list(SCHEMA["properties"])
+    assert value["label"] in ("pos", "positive", "neg") and isinstance(value["score"], int)
+    assert isinstance(value["ratio"], (int, float)) and isinstance(value["ok"], bool)
+    assert isinstance(value["why"], str) and value["meta"] == {"n": None, "c": 3}
+
+
+def test_json_schema_unsupported() -> None:
+    from llmql.engine.constrained import compile_schema
+
+    with pytest.raises(ValueError, match="unsupported"):
+        compile_schema({"type": "array", "items": {"type": "string"}})
+    assert compile_schema({"type": "integer"}) == [("integer",)]

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from llmql.engine.constrained import ChoiceState
+from llmql.engine.constrained import Constraint
 from llmql.engine.types import GenerationRequest, GenerationResult
 
 _NO_SLOTS = torch.empty(0, dtype=torch.int64)
@@ -35,7 +35,7 @@ class Req:
     finish_reason: str | None = None
     error: str | None = None
     text: str = ""
-    choice: ChoiceState | None = None
+    constraint: Constraint | None = None
     generator: torch.Generator | None = None
     preemptions: int = 0
     extra: dict = field(default_factory=dict)

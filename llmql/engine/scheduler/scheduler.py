@@ -57,11 +57,9 @@ class Scheduler:
             n = min(req.remaining, self.chunk_size, budget)
             if n <= 0:
                 break
-            start = req.num_computed
             if self._reserve(req, n, {r for r, _ in items}):
                 items.append((req, n))
                 budget -= n
-                assert req.num_computed == start
             elif items or len(self.running) > 1:
                 self._preempt(req)
             else:
