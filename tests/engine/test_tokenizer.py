@@ -140,6 +140,7 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path) -> None:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
+    w.add_chat_template("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}")
     for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
         step()
     ours = Tokenizer.from_gguf(GGUFFile(path).metadata)
@@ -149,6 +150,7 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path) -> None:
         assert ids == theirs(text).input_ids
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
     assert ours.bos_id == 1 and ours.encode("the", add_bos=False) == [tokens.index("\u2581the")]
+    assert ours.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi"
 
 
 def test_hf_directory_tokenizer_matches_transformers(hf_default_tokenizer, tmp_path) -> None:
