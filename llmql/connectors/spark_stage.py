@@ -1,6 +1,6 @@
 """One LLM call as a distributed Spark stage: distinct inputs → co-partition → mapInArrow.
 
-Rows that share their leading prompt field land in the same partition (hash-partitioned on
+Rows that share their leading prompt field land in the same partition (range-partitioned on
 the field the reorderer puts first most often on a sample), so each partition's batch keeps
 the long shared prefixes the executor's per-partition reordering then exploits.
 """
@@ -46,7 +46,9 @@ def compute_results(
     if spec.function == "llm_agg":
         parted = inputs.repartition(n)  # NOTE: one row per group; nothing to co-locate
     else:
-        parted = inputs.repartition(n, *leading_fields(inputs, spec.fields))
+        # NOTE: range partitioning keeps equal leading values together, like hashing, but
+        # balances rows across partitions (the slowest partition sets the stage's time)
+        parted = inputs.repartitionByRange(n, *leading_fields(inputs, spec.fields))
     out = parted.mapInArrow(_partition_fn(ctx, spec, report), result_schema(inputs.schema, spec))
     return out.localCheckpoint(eager=True)
 

@@ -84,20 +84,12 @@ def get_engine(ctx: WorkerContext) -> Engine:
         return _ENGINES[key]
 
 
-def loaded_engines() -> int:
-    """How many engines this process holds (tests check that workers reuse theirs)."""
-    return len(_ENGINES)
-
-
 def run_batch(ctx: WorkerContext, spec: CallSpec, table: pa.Table) -> CallOutput:
     """Run one call over an Arrow table with the driver's settings in force."""
-    if spec.options.model and spec.options.model != ctx.settings.model:
-        ctx = dataclasses.replace(
-            ctx, settings=dataclasses.replace(ctx.settings, model=spec.options.model)
-        )
+    ctx = _with_model(ctx, spec.options.model)
     with override(**_settings_dict(ctx.settings)):
         if table.num_rows == 0:
-            return CallOutput(_empty(spec, table), CallReport())
+            return CallOutput(_empty(spec), CallReport())
         if spec.function == "llm_agg":
             groups = [g or [] for g in table.column(spec.fields[0]).to_pylist()]
             return run_agg(spec, groups, engine=_LazyEngine(ctx), progress=False)
@@ -111,6 +103,7 @@ def run_sql_udf(
     batch's CallReport goes to `collector.add` when given."""
     from llmql.udfs.vectorized import make_udf
 
+    ctx = _with_model(ctx, options.get("model"))
     with override(**_settings_dict(ctx.settings)):
         udf = make_udf(function, options, engine=_LazyEngine(ctx), collector=collector)
         return udf(*args)
@@ -145,7 +138,14 @@ def _load(ctx: WorkerContext) -> Engine:
         return load(None if model == "default" else model)
 
 
-def _empty(spec: CallSpec, table: pa.Table) -> pa.Array:
+def _with_model(ctx: WorkerContext, model: str | None) -> WorkerContext:
+    """`ctx` loading `model` instead (a call's `model` option), else unchanged."""
+    if not model or model == ctx.settings.model:
+        return ctx
+    return dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, model=model))
+
+
+def _empty(spec: CallSpec) -> pa.Array:
     from llmql.udfs.functions import validate
 
     return pa.array([], type=validate(spec).arrow_type(spec.options))
