@@ -43,6 +43,7 @@ class EngineConfig:
     max_running: int = 64
     policy: str = "fcfs"
     threads: int = 0
+    packed_linears: bool = True  # CPU float32: oneDNN GEMMs on pre-packed weights
 
     def __post_init__(self) -> None:
         if self.kv_tokens < 0 or self.kv_gib <= 0 or self.threads < 0:
@@ -74,7 +75,8 @@ class EmbeddedEngine:
             self.kv, create_policy(config.policy), chunk_size=config.chunk_size,
             max_batch_tokens=config.max_batch_tokens, max_running=config.max_running,
         )
-        self.runner = ModelRunner(lm.model, self.pool, config.device)
+        self.runner = ModelRunner(lm.model, self.pool, config.device,
+                                  packed_linears=config.packed_linears)
         self.sampler = Sampler()
         self.output = OutputProcessor(lm.tokenizer)
         self._ids = itertools.count()

@@ -1,0 +1,79 @@
+"""Dense linear y = x W^T + b on CPU through oneDNN with a pre-packed weight.
+
+Shapes: x [..., in], weight [out, in], bias [out] or None -> [..., out].
+
+`ref_linear` is the torch reference (`F.linear`, MKL sgemm). On CPU float32 the oneDNN
+GEMM on a weight reordered once into its blocked layout runs ~2x faster (3x for the
+small row counts of decode steps) on AVX-512 machines; the results agree with the
+reference to float32 rounding (the summation order differs). There is no Triton body:
+on CUDA, `F.linear` (cuBLAS) is already the fast path.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def ref_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch reference: `F.linear`."""
+    return F.linear(x, weight, bias)
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this torch build has the oneDNN packed-linear ops and they run here."""
+    try:
+        w = pack_linear_weight(torch.ones(4, 8))
+        y = cpu_packed_linear(torch.ones(2, 8), w)
+        return bool(torch.allclose(y, torch.full((2, 4), 8.0)))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pack_linear_weight(weight: torch.Tensor, batch_hint: int = 512) -> torch.Tensor:
+    """weight [out, in] float32 (CPU) -> an opaque oneDNN-packed tensor for `cpu_packed_linear`."""
+    assert weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type == "cpu"
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_hint)
+
+
+def cpu_packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., in] float32 -> [..., out] with a weight from `pack_linear_weight`."""
+    assert x.dtype == torch.float32 and x.device.type == "cpu", (x.dtype, x.device)
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def use_packed_linears(model: nn.Module, is_linear: Callable[[nn.Module], bool]) -> int:
+    """Route the forward of every module with `is_linear(m)` (holding `weight` [out, in] and
+    `bias`) through `cpu_packed_linear`, packing each weight once. CPU float32 only; a no-op
+    elsewhere or without oneDNN.
+
+    NOTE: this switches the modules in place (idempotent): every later user of the same
+    model object gets the packed path too. Returns the number of modules on the packed path.
+    """
+    if not onednn_available():
+        return 0
+    count = 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if not is_linear(module) or w is None or w.dtype != torch.float32 or w.is_cuda:
+            continue
+        count += 1
+        if hasattr(module, "_packed_weight"):
+            continue
+        module._packed_weight = pack_linear_weight(w)  # type: ignore[attr-defined]
+        module.forward = types.MethodType(_packed_forward, module)  # type: ignore[method-assign]
+    return count
+
+
+def _packed_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return cpu_packed_linear(x, self._packed_weight, self.bias)  # type: ignore[arg-type]
