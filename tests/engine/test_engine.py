@@ -79,8 +79,9 @@ def test_bad_input_is_per_request(tiny) -> None:
         GenerationRequest(" ".join(["w7"] * (max_ctx + 5)), max_tokens=3),  # beyond the context
         GenerationRequest(list(range(4, 4 + 220)), max_tokens=3),  # beyond the KV pool
         GenerationRequest("", max_tokens=3),
-        GenerationRequest("w5", json_schema={"type": "object"}),
+        GenerationRequest("w5", json_schema={"type": "array"}),  # outside the supported subset
         GenerationRequest("w8 w9", max_tokens=0),
+        GenerationRequest("w8 w9", adapter="sql-lora"),
     ]
     res = engine.generate(reqs, progress=False)
     assert res[0].finish_reason in ("stop", "length") and res[0].output_tokens > 0
@@ -88,6 +89,7 @@ def test_bad_input_is_per_request(tiny) -> None:
     assert res[2].finish_reason == "error" and "KV pool" in res[2].error
     assert res[3].finish_reason == "error" and "empty prompt" in res[3].error
     assert res[4].finish_reason == "error" and "json_schema" in res[4].error
+    assert res[6].finish_reason == "error" and "LoRA" in res[6].error
     assert (res[5].finish_reason, res[5].text) == ("length", "")
     with pytest.raises(ValueError):
         EngineConfig(page_size=0)
