@@ -76,7 +76,10 @@ class _ScopeRewriter:
         self.applied = [c for c in parts if not an.scope_calls(c, self.select)]
         for cond in [c for c in parts if an.scope_calls(c, self.select)]:
             for call in an.scope_calls(cond, self.select):
-                self._row_call(call, is_filter=True)
+                looked_up = self._row_call(call, is_filter=True)
+                # NOTE: a conjunct that is the call itself is detached by the replacement;
+                # later input relations must apply the lookup, never the LLM call again.
+                cond = looked_up if call is cond else cond
             self.applied.append(cond)
         remaining = an.scope_calls(self.select)
         for call in [c for c in remaining if an.llm_function(c) != "llm_agg"]:
@@ -92,7 +95,7 @@ class _ScopeRewriter:
                 name = item.sql(dialect=self.dialect, normalize_functions=False)
                 item.replace(exp.alias_(item.copy(), name, quoted=True))
 
-    def _row_call(self, call: exp.Anonymous, *, is_filter: bool) -> None:
+    def _row_call(self, call: exp.Anonymous, *, is_filter: bool) -> exp.Expression:
         key = call.sql(dialect=self.dialect)
         if key not in self.lookups:
             spec = an.parse_call(call)
@@ -108,6 +111,7 @@ class _ScopeRewriter:
         if self.aggregated and clause not in ("where", "group") and not an.inside_aggregate(call, self.select):
             self._group_by(replacement, key)
         call.replace(replacement)
+        return replacement
 
     def _agg_call(self, call: exp.Anonymous) -> None:
         key = call.sql(dialect=self.dialect)

@@ -61,3 +61,14 @@ def test_plan_fields_options_and_order():
     assert p3.fields == ("a", "a_2", "arg3") and p3.depends_on == ("llm_0", "llm_1")
     assert p3.options == {"model": "m", "max_tokens": 8, "temperature": 0.5}
     assert "x > 1" in f.input_sql and f.input_sql.startswith("SELECT DISTINCT")
+
+
+def test_later_inputs_never_call_an_earlier_filter_again():
+    p = plan(
+        "SELECT llm('Sum', b) AS s FROM t WHERE x > 1 AND llm_filter('F', a) "
+        "AND NOT llm_filter('G', b)"
+    )
+    assert [c.function for c in p.calls] == ["llm_filter", "llm_filter", "llm"]
+    for call in p.calls:
+        assert "llm_" not in call.input_sql.lower().replace("llmql_llm_", ""), call.input_sql
+    assert "_llmql_llm_0.__llmql_result" in p.calls[2].input_sql
