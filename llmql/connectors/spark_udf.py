@@ -15,6 +15,7 @@ fields, otherwise they are `input`, `input1`, `input2`, ... `llmql.spark.sql` an
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,9 +70,10 @@ def register(
         **options: CallOptions applied to every call (max_tokens, temperature, ...).
 
     Returns:
-        SparkRegistration: the registered SQL function names and their report. `llm_extract` returns JSON text in SQL (use
-        `llmql.spark.functions.llm_extract` for a STRUCT column); `llm_agg` is a grouped
-        aggregate that summarises each group separately.
+        SparkRegistration: the registered SQL function names and their report.
+        `llm_extract` returns JSON text in SQL (use `llmql.spark.functions.llm_extract` for a
+        STRUCT column); `llm_agg` is a grouped aggregate that summarises each group
+        separately.
     """
     from llmql.connectors.spark_stage import report_accumulator
 
@@ -98,7 +100,9 @@ def sql_udf(
             args = (instruction[:1], pa.array([values.to_pylist()]))
             return run_sql_udf(ctx, function, options, args, collector)[0].as_py()
 
-        return arrow_udf(aggregate, _SQL_TYPES[function], ArrowUDFType.GROUPED_AGG)
+        with warnings.catch_warnings():  # NOTE: pyspark prefers type hints; ours are strings
+            warnings.simplefilter("ignore", UserWarning)
+            return arrow_udf(aggregate, _SQL_TYPES[function], ArrowUDFType.GROUPED_AGG)
 
     def evaluate(*args: pa.Array) -> pa.Array:
         return run_sql_udf(ctx, function, options, args, collector)
