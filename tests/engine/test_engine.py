@@ -60,10 +60,13 @@ def test_greedy_same_with_cache_on_off_and_under_pressure(tiny) -> None:
     assert paged == base
     # a pool far too small for all requests at once: eviction AND preemption must happen
     tight, engine = _greedy(tiny, prompts, max_tokens=30, kv_tokens=110, chunk_size=16)
-    wide, _ = _greedy(tiny, prompts, max_tokens=30)
     extra = engine.stats().extra
     assert extra["preemptions"] > 0 and extra["evicted_tokens"] > 0, extra
-    assert tight == wide
+    tight_off, engine_off = _greedy(tiny, prompts, max_tokens=30, kv_tokens=110,
+                                    prefix_cache=False)
+    assert engine_off.stats().extra["preemptions"] > 0
+    wide_off, _ = _greedy(tiny, prompts, max_tokens=30, prefix_cache=False)
+    assert tight == tight_off == wide_off
 
 
 def test_lpm_policy_same_outputs(tiny) -> None:
