@@ -7,6 +7,7 @@ engine only exercises plumbing; equivalence tests use the real default model.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -50,7 +51,13 @@ def fake_answer(request: GenerationRequest) -> str:
     digest = int(hashlib.sha256("\n".join(lines).encode()).hexdigest(), 16)
     if request.choices:
         return request.choices[digest % len(request.choices)]
+    if request.json_schema:
+        props = request.json_schema["properties"]
+        return json.dumps({k: _FAKE_JSON.get(v.get("type"), "x") for k, v in props.items()})
     return f"answer {digest % 1000}"
+
+
+_FAKE_JSON = {"integer": 1, "number": 1.5, "boolean": True}
 
 
 class FakeEngine:
