@@ -30,3 +30,5 @@ def test_retried_task_reuses_finished_results(spark, tmp_path):
     answered = [r for r in rows if r.s is not None]
     assert len(answered) == len(set(prompts)) > 8
     assert len(logged(tmp_path, "loads")) == 2  # the crashed worker's engine, then a new one
+    report = result.report.total  # NOTE: Spark keeps the successful attempt's counters only
+    assert report.cache_hits == 8 and report.llm_calls == len(answered) - 8
