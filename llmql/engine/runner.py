@@ -22,11 +22,10 @@ class ModelRunner:
         self.device = torch.device(device)
         self.packed_linears = 0
         if packed_linears and self.device.type == "cpu":
-            from llmql.engine.layers.linear import Linear
-            from llmql.kernels.linear import use_packed_linears
+            from llmql.engine.layers.linear import pack_linears
 
             # NOTE: float32 CPU GEMMs through oneDNN with pre-packed weights (~2x MKL here)
-            self.packed_linears = use_packed_linears(model, lambda m: isinstance(m, Linear))
+            self.packed_linears = pack_linears(model)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -12,12 +12,9 @@ on CUDA, `F.linear` (cuBLAS) is already the fast path.
 from __future__ import annotations
 
 import functools
-import types
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def ref_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,30 +47,3 @@ def cpu_packed_linear(
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
     return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def use_packed_linears(model: nn.Module, is_linear: Callable[[nn.Module], bool]) -> int:
-    """Route the forward of every module with `is_linear(m)` (holding `weight` [out, in] and
-    `bias`) through `cpu_packed_linear`, packing each weight once. CPU float32 only; a no-op
-    elsewhere or without oneDNN.
-
-    NOTE: this switches the modules in place (idempotent): every later user of the same
-    model object gets the packed path too. Returns the number of modules on the packed path.
-    """
-    if not onednn_available():
-        return 0
-    count = 0
-    for module in model.modules():
-        w = getattr(module, "weight", None)
-        if not is_linear(module) or w is None or w.dtype != torch.float32 or w.is_cuda:
-            continue
-        count += 1
-        if hasattr(module, "_packed_weight"):
-            continue
-        module._packed_weight = pack_linear_weight(w)  # type: ignore[attr-defined]
-        module.forward = types.MethodType(_packed_forward, module)  # type: ignore[method-assign]
-    return count
-
-
-def _packed_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return cpu_packed_linear(x, self._packed_weight, self.bias)  # type: ignore[arg-type]

@@ -11,7 +11,6 @@ from llmql.kernels.linear import (
     onednn_available,
     pack_linear_weight,
     ref_linear,
-    use_packed_linears,
 )
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN ops")
@@ -27,12 +26,19 @@ def test_packed_matches_reference(rows: int, bias: bool) -> None:
                                rtol=1e-5, atol=1e-4)
 
 
-def test_use_packed_linears_switches_modules() -> None:
+def test_pack_linears_switches_our_linear_layers() -> None:
+    from llmql.engine.layers.linear import Linear, pack_linears
+
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8, bias=False))
+    model = nn.Sequential(Linear(16, 32, bias=True), nn.GELU(), Linear(32, 8))
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.weight.data.normal_()
+            if m.bias is not None:
+                m.bias.data.normal_()
     x = torch.randn(2, 5, 16)
     want = model(x)
-    assert use_packed_linears(model, lambda m: isinstance(m, nn.Linear)) == 2
-    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
-    assert use_packed_linears(model, lambda m: isinstance(m, nn.Linear)) == 2  # idempotent
-    assert use_packed_linears(nn.Linear(4, 4).double(), lambda m: isinstance(m, nn.Linear)) == 0
+    assert pack_linears(model) == 2 and all(m.packed is not None for m in model if isinstance(m, Linear))
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-4)
+    assert pack_linears(model) == 2  # idempotent
+    assert pack_linears(nn.Sequential(Linear(4, 4).double())) == 0

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmql.kernels.linear import cpu_packed_linear, onednn_available, pack_linear_weight
+
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
     """Copy a whole tensor into `param` (shapes must match; dtype/device converted)."""
@@ -36,8 +38,29 @@ class Linear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         default_weight_loader(param, loaded)
 
+    packed: torch.Tensor | None = None  # oneDNN-packed weight (CPU float32), set by `pack()`
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return cpu_packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def pack(self) -> bool:
+        """Use the oneDNN GEMM on a pre-packed weight (CPU float32 only); True if it does.
+
+        NOTE: the packed copy is taken from the loaded weight; call after loading.
+        """
+        w = self.weight
+        if w.dtype != torch.float32 or w.is_cuda or not onednn_available():
+            return False
+        if self.packed is None:
+            self.packed = pack_linear_weight(w)
+        return True
+
+
+def pack_linears(model: nn.Module) -> int:
+    """`pack()` every `Linear` of `model`; returns how many run on the packed path."""
+    return sum(m.pack() for m in model.modules() if isinstance(m, Linear))
 
 
 class MergedLinear(Linear):
