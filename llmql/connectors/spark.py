@@ -57,7 +57,7 @@ def run(
 
     report = QueryReport()
     try:
-        planned = _timed(report, "plan", lambda: plan(query, "spark", schema=_schema(spark)))
+        planned = _timed(report, "plan", lambda: plan(query, "spark", schema=_schema(spark, query)))
     except UnsupportedError:
         # NOTE: as in the DuckDB connector, queries the planner cannot rewrite run per batch
         register(spark, engine_factory=engine_factory, settings=settings, **options)
@@ -134,12 +134,21 @@ def _spec(call: LLMCall, defaults: dict) -> CallSpec:
     return make_spec(call.function, call.instruction, call.fields, options, rows=False)
 
 
-def _schema(spark: Any) -> dict[str, dict[str, str]]:
-    """`{table: {column: type}}` of the current database's tables and temp views."""
+def _schema(spark: Any, query: str) -> dict[str, dict[str, str]]:
+    """`{table: {column: type}}` of the tables and views `query` reads (looked up by name,
+    so large catalogs are not listed)."""
+    import sqlglot
+    from sqlglot import exp
+
+    try:
+        names = {t.name for t in sqlglot.parse_one(query, read="spark").find_all(exp.Table)}
+    except sqlglot.errors.ParseError:
+        return {}  # NOTE: the planner reports the parse error with line and column
     schema: dict[str, dict[str, str]] = {}
-    for table in spark.catalog.listTables():
-        fields = spark.table(table.name).schema.fields
-        schema[table.name] = {f.name: f.dataType.simpleString() for f in fields}
+    for name in sorted(names):
+        if name and spark.catalog.tableExists(name):
+            fields = spark.table(name).schema.fields
+            schema[name] = {f.name: f.dataType.simpleString() for f in fields}
     return schema
 
 

@@ -110,6 +110,7 @@ def test_sql_runs_the_plan_and_reports(spark, fake):
         spark, "SELECT movie_title, llm_agg('Summarise.', review_content) AS s FROM movies GROUP BY 1"
     ).collect()
     assert len(agg) == 11
+    assert llmql.spark.sql(spark, "SELECT count(*) AS n FROM movies").first().n == 12
 
 
 def test_errors_before_any_model_call(spark, fake):
