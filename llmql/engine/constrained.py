@@ -48,9 +48,13 @@ class ChoiceTrie:
             raise ValueError("choices must hold at least one string")
         self.root = _TrieNode()
         self.eos_ids = eos_ids
+        self.first_tokens: dict[str, int] = {}  # choice -> its first token id
         for choice in choices:
             node = self.root
-            for tok in encode(choice):
+            tokens = encode(choice)
+            if tokens:
+                self.first_tokens.setdefault(choice, tokens[0])
+            for tok in tokens:
                 node = node.children.setdefault(tok, _TrieNode())
             if node.choice is None:
                 node.choice = choice
@@ -90,6 +94,10 @@ class ChoiceState:
     def text(self) -> str | None:
         """The choice reached (None until one is)."""
         return self.node.choice
+
+    def first_token_logprobs(self, logprobs: torch.Tensor) -> dict[str, float]:
+        """Per choice, the entry of `logprobs` [vocab] at its first token."""
+        return {c: float(logprobs[t]) for c, t in self.trie.first_tokens.items()}
 
     def finish_now(self) -> str:
         """Complete to a choice without the model (greedy on the first branch)."""

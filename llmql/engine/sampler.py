@@ -7,6 +7,7 @@ from typing import Protocol
 
 import torch
 
+from llmql.engine.constrained import ChoiceState
 from llmql.engine.scheduler.request import Req
 
 
@@ -19,6 +20,7 @@ class Sampler:
         logits = logits.float()
         constrained = [i for i, r in enumerate(reqs) if r.constraint is not None]
         if constrained:
+            _record_choice_logprobs(reqs, logits, constrained)
             logits = logits.clone()
             for i in constrained:
                 logits[i] = _mask(logits[i], reqs[i].constraint.allowed())  # type: ignore[union-attr]
@@ -27,6 +29,18 @@ class Sampler:
             if req.params.temperature > 0:
                 tokens[i] = _sample_row(logits[i], req)
         return tokens
+
+
+def _record_choice_logprobs(reqs: list[Req], logits: torch.Tensor, rows: list[int]) -> None:
+    """First step of a `choices` request: keep each choice's first-token log-probability.
+
+    NOTE: taken from the unmasked logits, so the values are comparable across prompts
+    (contextual calibration subtracts those of a content-free prompt).
+    """
+    for i in rows:
+        state = reqs[i].constraint
+        if isinstance(state, ChoiceState) and reqs[i].choice_logprobs is None and not reqs[i].output_ids:
+            reqs[i].choice_logprobs = state.first_token_logprobs(torch.log_softmax(logits[i], dim=-1))
 
 
 def _mask(row: torch.Tensor, allowed: list[int] | torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,13 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
-    """The completion of one request, with per-request token accounting."""
+    """The completion of one request, with per-request token accounting.
+
+    `choice_logprobs` (requests with `choices` only): per choice, the log-probability of its
+    first token at the first decoding step, a log-softmax over the full vocabulary of the
+    unmasked logits (before the choices mask and temperature). Choices whose first token is
+    the same share the value. None for other requests and for requests that failed.
+    """
 
     text: str
     prompt_tokens: int
@@ -44,6 +50,7 @@ class GenerationResult:
     output_tokens: int
     finish_reason: str  # "stop" | "length" | "error"
     error: str | None = None
+    choice_logprobs: dict[str, float] | None = None
 
 
 @dataclass

@@ -111,6 +111,30 @@ def test_choices_and_seeds(tiny) -> None:
     assert s.requests == 9 and s.prompt_tokens > 0 and s.output_tokens > 0 and s.seconds > 0
 
 
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_choice_logprobs_are_unmasked_first_step(family, tiny_model_dir, tiny_hf_model) -> None:
+    """`choice_logprobs` = log_softmax of transformers' next-token logits after the prompt,
+    read at each choice's first token (choices sharing a first token share the value), also
+    for a prompt whose prefill is split into chunks and for a sampled request."""
+    directory = tiny_model_dir(family)
+    lm, hf = load_model(str(directory)), tiny_hf_model(directory)
+    engine = EmbeddedEngine(lm, EngineConfig(kv_tokens=2048, chunk_size=16))
+    choices = ("w10", "w10 w11", "w12 w13 w14")
+    ids = [lm.tokenizer.encode(p) for p in _word_prompts(4)]
+    reqs = [GenerationRequest(i, choices=choices, temperature=0.5 * (k == 3), seed=1)
+            for k, i in enumerate(ids)]
+    results = engine.generate([*reqs, GenerationRequest(ids[0], max_tokens=2)], progress=False)
+    assert results[-1].choice_logprobs is None
+    first = {c: lm.tokenizer.encode(c, add_bos=False)[0] for c in choices}
+    with torch.inference_mode():
+        for prompt, res in zip(ids, results):
+            expected = torch.log_softmax(hf(torch.tensor([prompt])).logits[0, -1].float(), -1)
+            assert set(res.choice_logprobs) == set(choices)
+            for choice, value in res.choice_logprobs.items():
+                assert value == pytest.approx(float(expected[first[choice]]), abs=1e-4)
+            assert res.choice_logprobs["w10"] == res.choice_logprobs["w10 w11"]
+
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",

@@ -38,6 +38,7 @@ class Req:
     constraint: Constraint | None = None
     generator: torch.Generator | None = None
     preemptions: int = 0
+    choice_logprobs: dict[str, float] | None = None  # set at the first sampled step
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,6 +74,7 @@ class Req:
             output_tokens=len(self.output_ids),
             finish_reason=self.finish_reason or "error",
             error=self.error,
+            choice_logprobs=self.choice_logprobs,
         )
 
 
