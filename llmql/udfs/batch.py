@@ -27,7 +27,10 @@ class PendingPrompt:
 class BatchRunner:
     """Answers prompts for one call: cache lookup, then chunked generation, caching each chunk.
 
-    The engine is resolved lazily, so a fully cached call never loads a model.
+    The engine is resolved lazily, so a fully cached call never loads a model. With a
+    `null_prompt` (a calibrated call, see `CallOptions.calibrate`), answers with
+    `choice_logprobs` are re-selected against that content-free prompt's log-probabilities,
+    generated once, on the first such answer (engines without logprobs never send it).
     """
 
     def __init__(
@@ -37,6 +40,8 @@ class BatchRunner:
         cache: ResultCache | None,
         report: CallReport,
         progress: bool | None = None,
+        *,
+        null_prompt: str | None = None,
     ) -> None:
         self.spec = spec
         self._engine_factory = engine_factory
@@ -44,6 +49,8 @@ class BatchRunner:
         self.report = report
         self.progress = get_settings().progress if progress is None else progress
         self._send_schema = spec.function == "llm_extract"
+        self.null_prompt = null_prompt
+        self._null_logprobs: dict[str, float] | None = None
 
     def answer(self, pending: Sequence[PendingPrompt]) -> dict[str, str | None]:
         """Texts by key (None where the engine failed on that prompt)."""
@@ -89,13 +96,24 @@ class BatchRunner:
             if result.finish_reason == "error" or result.error:
                 texts[pending.key] = None
                 continue
-            texts[pending.key] = result.text
-            good.append((pending.key, result.text))
+            text = self._select(engine, result)
+            texts[pending.key] = text
+            good.append((pending.key, text))
         if self.cache is not None:
             t1 = time.perf_counter()
             self.cache.put_many(good)
             self.report.add_time("cache", time.perf_counter() - t1)
         return texts
+
+    def _select(self, engine: Engine, result: GenerationResult) -> str:
+        """The answer: calibrated when this call calibrates and the engine gave logprobs."""
+        if self.null_prompt is None or result.choice_logprobs is None:
+            return result.text
+        if self._null_logprobs is None:
+            null = _generate_isolated(engine, [self._request(self.null_prompt)])[0]
+            self._account(null)
+            self._null_logprobs = null.choice_logprobs or {}
+        return calibrated_choice(result.text, result.choice_logprobs, self._null_logprobs)
 
     def _request(self, prompt: str) -> GenerationRequest:
         o = self.spec.options
@@ -121,6 +139,20 @@ class BatchRunner:
                 r.context_overflows += 1
             else:
                 r.errors += 1
+
+
+def calibrated_choice(text: str, row: dict[str, float], null: dict[str, float]) -> str:
+    """Argmax over choices of `row[c] - null[c]` (contextual calibration).
+
+    Choices sharing a first token tie; among the best ones the engine's constrained answer
+    `text` wins if it is there, else the first. Without null log-probs, `text` itself.
+    """
+    if not null or set(row) - set(null):
+        return text
+    scores = {c: lp - null[c] for c, lp in row.items()}
+    best = max(scores.values())
+    tied = [c for c, score in scores.items() if score == best]
+    return text if text in tied else tied[0]
 
 
 def _waves(misses: Sequence[PendingPrompt]) -> list[list[PendingPrompt]]:

@@ -21,8 +21,8 @@ from llmql.engine.types import Engine
 from llmql.settings import get_settings
 from llmql.udfs.batch import BatchRunner, PendingPrompt
 from llmql.udfs.engines import get_engine
-from llmql.udfs.functions import FunctionSpec, validate
-from llmql.udfs.prompts import cache_key, output_signature, render_prompt
+from llmql.udfs.functions import FunctionSpec, calibrates, validate
+from llmql.udfs.prompts import cache_key, null_prompt, output_signature, render_prompt
 from llmql.udfs.result_cache import ResultCache, default_cache
 from llmql.udfs.types import (
     CallOptions,
@@ -51,7 +51,8 @@ def run_call(
     Rows with a NULL argument give NULL without a model call. Identical rows are answered once.
     Distinct rows are ordered by `llmql.optimizer.reorder` (rows and per-row field order) for
     prefix reuse, looked up in the result cache, and the misses sent to the engine in chunks
-    of `spec.options.chunk_size`, each chunk cached as soon as it finishes.
+    of `spec.options.chunk_size`, each chunk cached as soon as it finishes. Calls with choices
+    at temperature 0 are calibrated (`CallOptions.calibrate`): one extra content-free prompt.
 
     Args:
         spec: the function, its constant instruction, the prompt fields (columns of
@@ -77,7 +78,8 @@ def run_call(
     table = _as_table(inputs, spec.fields)
     report = CallReport(rows=table.num_rows)
     keys, rows = _distinct_rows(spec, table, report)
-    runner = BatchRunner(spec, _engine_factory(spec, engine), _cache(spec, cache), report, progress)
+    runner = BatchRunner(spec, _engine_factory(spec, engine), _cache(spec, cache), report, progress,
+                         null_prompt=null_prompt(spec) if calibrates(spec) else None)
     pending = _ordered_prompts(spec, rows, report)
     texts = runner.answer(pending)
     t0 = time.perf_counter()

@@ -51,6 +51,12 @@ def max_tokens(spec: CallSpec) -> int:
     return get_spec(spec.function).default_max_tokens
 
 
+def calibrates(spec: CallSpec) -> bool:
+    """Whether a call picks its answer by calibrated choice scores (see CallOptions)."""
+    o = spec.options
+    return bool(o.calibrate and o.temperature == 0 and get_spec(spec.function).choices(o))
+
+
 def _no_check(options: CallOptions) -> None:
     return None
 

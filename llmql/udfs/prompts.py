@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from llmql.udfs.functions import get_spec, max_tokens
+from llmql.udfs.functions import calibrates, get_spec, max_tokens
 from llmql.udfs.types import CallSpec
 
 
@@ -38,7 +38,7 @@ def render_prompt(spec: CallSpec, row: Mapping[str, Any], field_order: Sequence[
 def output_signature(spec: CallSpec) -> dict[str, Any]:
     """Everything besides the inputs that determines an answer (part of the cache key)."""
     o = spec.options
-    return {
+    signature = {
         "function": spec.function,
         "instruction": spec.instruction,
         "labels": list(o.labels) if o.labels else None,
@@ -49,6 +49,14 @@ def output_signature(spec: CallSpec) -> dict[str, Any]:
         "adapter": o.adapter,
         "prompt_format": 1,
     }
+    if get_spec(spec.function).choices(o):
+        signature["calibrated"] = calibrates(spec)  # NOTE: old (uncalibrated) answers miss
+    return signature
+
+
+def null_prompt(spec: CallSpec) -> str:
+    """The content-free prompt of a call: the same render with every field value "N/A"."""
+    return render_prompt(spec, dict.fromkeys(spec.fields, "N/A"), spec.fields)
 
 
 def cache_key(model: str, signature: Mapping[str, Any], row: Mapping[str, Any]) -> str:

@@ -39,6 +39,10 @@ class CallOptions:
         chunk_size: requests per engine call; results are cached after each chunk, so a crash
             loses at most one chunk.
         context_tokens: llm_agg's token budget per reduce prompt.
+        calibrate: with choices (llm_filter, llm_classify, llm_score) at temperature 0, pick
+            the answer by contextual calibration (Zhao et al., 2021): each choice's
+            first-token log-probability minus the one the same prompt gets with every field
+            "N/A". Needs an engine that reports `choice_logprobs`; else the constrained answer.
     """
 
     model: str | None = None
@@ -53,6 +57,7 @@ class CallOptions:
     result_cache: bool | None = None
     chunk_size: int = 32
     context_tokens: int = 1536
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         if self.on_error not in _ON_ERROR:
@@ -63,6 +68,8 @@ class CallOptions:
             raise UDFError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise UDFError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.calibrate, bool):
+            raise UDFError(f"calibrate must be a boolean, got {self.calibrate!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise UDFError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
 

@@ -61,9 +61,9 @@ def test_rerun_makes_no_model_calls(tmp_path):
 
     with override(cache_dir=tmp_path), llmql.connect(engine=engine) as con:
         con.execute("CREATE TABLE t AS SELECT 'x' || i AS v FROM range(5) r(i)")
-        first = con.sql("SELECT llm('Say', v) FROM t").fetchall()
+        first = con.sql("SELECT v, llm('Say', v) FROM t ORDER BY v").fetchall()
         calls = len(engine.prompts)
-        assert con.sql("SELECT llm('Say', v) FROM t").fetchall() == first
+        assert con.sql("SELECT v, llm('Say', v) FROM t ORDER BY v").fetchall() == first
         assert len(engine.prompts) == calls == 5
         assert con.last_report().total.cache_hits == 5
 

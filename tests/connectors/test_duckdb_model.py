@@ -45,7 +45,7 @@ def test_filter_projection_and_rerun(con, engine):
     frame = con.sql(sql).df()
     report = con.last_report()
     by_function = {c.function: c.report for c in report.calls}
-    assert by_function["llm_filter"].llm_calls == 2  # 6 rows, 2 distinct movies
+    assert by_function["llm_filter"].llm_calls == 3  # 2 distinct movies + the "N/A" prompt
     assert set(frame["s"].dropna()) <= {1, 2, 3, 4, 5}
     if len(frame):
         assert frame["genre"].map(lambda g: isinstance(g, str)).all()
@@ -78,3 +78,29 @@ def test_classify_extract_nulls_and_overflow(con, engine):
     total = con.last_report().total
     assert total.null_inputs == 1 and total.context_overflows == 1
     assert engine.stats().requests - before <= 1
+
+
+POSITIVE = ["An absolute masterpiece, I loved every minute.", "Brilliant acting and a wonderful story.",
+            "One of the best films I have ever seen.", "Delightful, funny and moving. Highly recommended."]
+NEGATIVE = ["A boring, terrible waste of time.", "Awful script and wooden acting. I hated it.",
+            "The worst movie of the year, avoid it.", "Dull, painfully slow and badly made."]
+
+
+def test_calibrated_filter_follows_the_reviews(engine, capsys):
+    """Contextual calibration (the default) turns the base model's constant "yes" into answers
+    that follow the sentiment; `calibrate=False` shows the degenerate constrained answer."""
+    values = ", ".join(f"({i}, '{r}', {i < 4})" for i, r in enumerate(POSITIVE + NEGATIVE))
+    sql = ("SELECT positive, llm_filter('Is this review positive?', review) "
+           f"FROM (VALUES {values}) t(id, review, positive) ORDER BY id")
+    answers, calls = {}, {}
+    for calibrate in (True, False):
+        con = llmql.connect(engine=engine, result_cache=False, calibrate=calibrate)
+        answers[calibrate] = con.sql(sql).fetchall()
+        calls[calibrate] = con.last_report().total.llm_calls
+        con.close()
+    agree = {c: sum(truth == answer for truth, answer in rows) for c, rows in answers.items()}
+    with capsys.disabled():
+        for c, rows in answers.items():
+            print(f"\ncalibrate={c}: agrees {agree[c]}/8, answers {[a for _, a in rows]}", end="")
+    assert agree[True] >= 6
+    assert calls == {True: 9, False: 8}  # calibrated: + the content-free "N/A" prompt

@@ -138,3 +138,35 @@ def test_one_prompt_per_shared_prefix_goes_first(cache):
     assert [p.split("\n")[1] for p in engine.prompts[:2]] in (
         ["movie: m1", "movie: m2"], ["movie: m2", "movie: m1"]
     )
+
+
+def test_calibration_picks_by_logprobs_relative_to_the_null_prompt(cache):
+    """A fake engine that always answers "yes" but reports logprobs: the calibrated answer is
+    argmax(row - null); the null prompt is sent once; calibrate is part of the cache key."""
+    import dataclasses
+
+    from llmql.udfs.batch import calibrated_choice
+    from llmql.udfs.prompts import output_signature
+
+    lp = {"N/A": (-1.0, -3.0), "x": (-1.0, -2.0), "y": (-1.0, -4.0), "w": (-0.5, -2.6)}
+
+    class LogprobEngine(FakeEngine):
+        def _one(self, request):
+            result = super()._one(request)
+            yes, no = lp[request.prompt.splitlines()[1].split(": ", 1)[1]]
+            return dataclasses.replace(result, text="yes", choice_logprobs={"yes": yes, "no": no})
+
+    table = pa.table({"review": ["x", "y", "w", "x"]})
+    spec = CallSpec("llm_filter", "Good?", ("review",))
+    engine = LogprobEngine()
+    out = run_call(spec, table, engine=engine, cache=cache)
+    assert out.values.to_pylist() == [False, True, True, False]
+    assert sorted(engine.prompts).count("Good?\nreview: N/A\nAnswer (yes or no):") == 1
+    assert out.report.llm_calls == 4  # 3 distinct rows + the null prompt
+    plain = dataclasses.replace(spec, options=CallOptions(calibrate=False))
+    assert output_signature(plain) != output_signature(spec)
+    assert run_call(plain, table, engine=engine, cache=cache).values.to_pylist() == [True] * 4
+    assert calibrated_choice("1", {"1": -1.0, "10": -1.0, "2": -3.0}, {"1": -2.0, "10": -2.0,
+                                                                       "2": -1.0}) == "1"
+    assert calibrated_choice("10", {"1": -1.0, "10": -1.0}, {"1": -2.0, "10": -2.0}) == "10"
+    assert calibrated_choice("no", {"yes": -1.0, "no": -2.0}, {}) == "no"
