@@ -76,7 +76,8 @@ def with_llm(
     def transform(df: Any) -> Any:
         ctx = _context(df.sparkSession)
         results = compute_results(df.select(*spec.fields).distinct(), spec, ctx)
-        return df.join(results.withColumnRenamed(RESULT, name), on=list(spec.fields), how="left")
+        joined = df.join(results.withColumnRenamed(RESULT, name), on=list(spec.fields), how="left")
+        return joined.select(*df.columns, name)  # NOTE: NULL inputs find no match: NULL
 
     return transform
 

@@ -90,6 +90,7 @@ def test_transform_helpers_dedup_across_partitions(spark, fake):
     df = spark.table("movies").repartition(3)
     kept = df.transform(L.where_llm("Is this movie suitable for kids?", *FIELDS))
     marked = df.transform(L.with_llm("kids", "llm_filter", "Is this movie suitable for kids?", *FIELDS))
+    assert marked.columns == [*df.columns, "kids"] and kept.columns == df.columns
     want = sorted(r.id for r in marked.collect() if r.kids)
     assert sorted(r.id for r in kept.collect()) == want
     prompts = logged(fake, "prompts")
