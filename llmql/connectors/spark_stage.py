@@ -1,12 +1,14 @@
 """One LLM call as a distributed Spark stage: distinct inputs → co-partition → mapInArrow.
 
-Rows that share their leading prompt field land in the same partition (range-partitioned on
-the field the reorderer puts first most often on a sample), so each partition's batch keeps
-the long shared prefixes the executor's per-partition reordering then exploits.
+Rows that share their leading prompt field land in the same partition: range-partitioned on
+the field the reorderer puts first most often on a sample, or, for small inputs that the
+sample holds whole, sorted on it and sliced on the driver. Each partition's batch so keeps
+the long shared prefixes that the executor's per-partition reordering then exploits.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -43,12 +45,15 @@ def compute_results(
         A checkpointed DataFrame with the columns of `inputs` plus `result`.
     """
     n = partitions or inputs.sparkSession.sparkContext.defaultParallelism
-    if spec.function == "llm_agg":
+    sample = inputs.limit(_SAMPLE_ROWS + 1).toArrow()
+    if sample.num_rows <= _SAMPLE_ROWS:
+        parted = _from_driver(inputs, sample, spec, n)
+    elif spec.function == "llm_agg":
         parted = inputs.repartition(n)  # NOTE: one row per group; nothing to co-locate
     else:
         # NOTE: range partitioning keeps equal leading values together, like hashing, but
         # balances rows across partitions (the slowest partition sets the stage's time)
-        parted = inputs.repartitionByRange(n, *leading_fields(inputs, spec.fields))
+        parted = inputs.repartitionByRange(n, *leading_fields(sample, spec.fields))
     out = parted.mapInArrow(_partition_fn(ctx, spec, report), result_schema(inputs.schema, spec))
     return out.localCheckpoint(eager=True)
 
@@ -62,20 +67,30 @@ def result_schema(input_schema: Any, spec: CallSpec) -> Any:
     return StructType([*input_schema.fields, StructField(RESULT, result_type, True)])
 
 
-def leading_fields(inputs: Any, fields: tuple[str, ...]) -> list[str]:
+def leading_fields(sample: pa.Table, fields: tuple[str, ...]) -> list[str]:
     """The field the reorderer most often sends first, judged on a sample of the inputs."""
     try:
         from llmql.optimizer import reorder
     except ImportError:  # NOTE: the optimizer is optional at this layer, as in the executor
         reorder = None
-    if len(fields) == 1 or not callable(reorder):
+    if len(fields) == 1 or not callable(reorder) or sample.num_rows < 2:
         return [fields[0]]
-    sample = inputs.limit(_SAMPLE_ROWS).toArrow()
-    if sample.num_rows < 2:
-        return [fields[0]]
-    ordering = reorder(sample, list(fields))
+    ordering = reorder(sample.select(list(fields)), list(fields))
     firsts = Counter(order[0] for order in ordering.field_orders if order)
     return [firsts.most_common(1)[0][0]] if firsts else [fields[0]]
+
+
+def _from_driver(inputs: Any, table: pa.Table, spec: CallSpec, n: int) -> Any:
+    """Small inputs, already collected: sorted on the leading field and sliced into
+    contiguous partitions, which saves Spark the shuffle and the input's recomputation."""
+    from pyspark.sql.types import StructField, StructType
+
+    if spec.function != "llm_agg" and table.num_rows > 1:
+        with contextlib.suppress(pa.ArrowNotImplementedError):  # NOTE: nested types: unsorted
+            table = table.sort_by([(leading_fields(table, spec.fields)[0], "ascending")])
+    schema = StructType([StructField(f.name, f.dataType, True) for f in inputs.schema.fields])
+    df = inputs.sparkSession.createDataFrame(table, schema=schema)
+    return df.coalesce(n) if n < df.rdd.getNumPartitions() else df
 
 
 def report_accumulator(spark: Any) -> Any:
