@@ -163,7 +163,6 @@ class EmbeddedEngine:
         s.seconds += seconds
 
 
-
 def _postfix(bar, reqs: list[Req], computed: int, elapsed: float) -> None:
     """Progress-bar postfix: computed tokens/s and the prefix-cache hit rate so far."""
     started = [r for r in reqs if r.cached_tokens >= 0]
