@@ -63,8 +63,9 @@ class EngineConfig:
 class EmbeddedEngine:
     """In-process engine over one model: radix prefix cache and continuous batching."""
 
-    def __init__(self, lm: LoadedModel, config: EngineConfig) -> None:
+    def __init__(self, lm: LoadedModel, config: EngineConfig, model_name: str | None = None) -> None:
         self.lm, self.config = lm, config
+        self.model_name = model_name or lm.name  # identity in result-cache keys
         c = lm.config
         self.pool = KVPool(config.pool_tokens(lm), c.num_layers, c.num_kv_heads, c.head_dim,
                            dtype=config.dtype, device=config.device)
@@ -207,5 +208,8 @@ def load(model: str | None = None, **settings: object) -> EmbeddedEngine:
                           **settings)  # type: ignore[arg-type]
     if config.threads:
         torch.set_num_threads(config.threads)
-    lm = load_model(model or base.model, dtype=config.dtype, device=device, cache_dir=base.cache_dir)
-    return EmbeddedEngine(lm, config)
+    source = model or base.model
+    lm = load_model(source, dtype=config.dtype, device=device, cache_dir=base.cache_dir)
+    # NOTE: the same identity the udfs use for `model := ...` and LLMQL_MODEL, so results
+    # cached through either path are found through the other.
+    return EmbeddedEngine(lm, config, model_name=source)

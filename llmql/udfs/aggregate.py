@@ -56,7 +56,9 @@ def run_agg(
     done: list[str | None] = [None] * len(items)
     level, active = 0, [i for i, g in enumerate(items) if g]
     while active:
-        summaries = _reduce_level(spec, runner, [items[i] for i in active], level)
+        summaries = _reduce_level(
+            spec, runner, [items[i] for i in active], level, key_model(spec, engine)
+        )
         next_active = []
         for i, parts in zip(active, summaries):
             if parts is None or len(parts) == 1:
@@ -69,12 +71,11 @@ def run_agg(
 
 
 def _reduce_level(
-    spec: CallSpec, runner: BatchRunner, groups: list[list[str]], level: int
+    spec: CallSpec, runner: BatchRunner, groups: list[list[str]], level: int, model: str
 ) -> list[list[str] | None]:
     """One batch over all groups' chunks; per group its list of summaries (None on failure)."""
     budget = spec.options.context_tokens * _CHARS_PER_TOKEN
     signature = {**output_signature(spec), "level": level}
-    model = key_model(spec)
     chunked = [_pack(g, budget) for g in groups]
     pending = []
     for chunks in chunked:

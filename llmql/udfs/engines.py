@@ -25,15 +25,6 @@ def get_engine(model: str | None = None) -> Engine:
         return _ENGINES[name]
 
 
-def model_name(engine: Engine | None, model: str | None = None) -> str:
-    """The model identity used in result-cache keys."""
-    for attr in ("model_name", "model"):
-        value = getattr(engine, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    return model or get_settings().model
-
-
 def _load(model: str | None) -> Engine:
     try:
         from llmql.engine import load

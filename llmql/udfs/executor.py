@@ -77,7 +77,7 @@ def run_call(
     fn = validate(spec)
     table = _as_table(inputs, spec.fields)
     report = CallReport(rows=table.num_rows)
-    keys, rows = _distinct_rows(spec, table, report)
+    keys, rows = _distinct_rows(spec, table, report, key_model(spec, engine))
     runner = BatchRunner(spec, _engine_factory(spec, engine), _cache(spec, cache), report, progress,
                          null_prompt=null_prompt(spec) if calibrates(spec) else None)
     pending = _ordered_prompts(spec, rows, report)
@@ -101,8 +101,16 @@ def engine_factory(spec: CallSpec, engine: Engine | None) -> Callable[[], Engine
     return _engine_factory(spec, engine)
 
 
-def key_model(spec: CallSpec) -> str:
-    """The model identity in result-cache keys."""
+def key_model(spec: CallSpec, engine: Engine | None = None) -> str:
+    """The model identity in result-cache keys: the given engine's `model_name`, else the
+    call's `model` option, else the settings' model.
+
+    NOTE: an engine passed explicitly (e.g. `connect(engine=load(path))`) must key its own
+    results, or answers of one model would be served for another.
+    """
+    name = getattr(engine, "model_name", None)
+    if isinstance(name, str) and name:
+        return name
     return spec.options.model or get_settings().model
 
 
@@ -115,12 +123,11 @@ def _as_table(inputs: Any, fields: Sequence[str]) -> pa.Table:
 
 
 def _distinct_rows(
-    spec: CallSpec, table: pa.Table, report: CallReport
+    spec: CallSpec, table: pa.Table, report: CallReport, model: str
 ) -> tuple[list[str | None], dict[str, dict]]:
     """Per input row its cache key (None for NULL inputs); distinct rows by key, first seen."""
     t0 = time.perf_counter()
     signature = output_signature(spec)
-    model = key_model(spec)
     keys: list[str | None] = []
     rows: dict[str, dict] = {}
     for row in table.to_pylist():

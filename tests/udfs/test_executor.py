@@ -47,6 +47,17 @@ def test_rerun_hits_cache_whatever_the_field_order(cache):
     assert len(other.prompts) == 3  # a different instruction is a different key
 
 
+def test_an_explicit_engine_keys_results_by_its_own_model(cache):
+    first = FakeEngine()
+    first.model_name = "/models/a.gguf"
+    run_call(CallSpec("llm", "Say", ("title", "review")), TABLE, engine=first, cache=cache)
+    second = FakeEngine(lambda p: "other")
+    second.model_name = "/models/b.gguf"
+    out = run_call(CallSpec("llm", "Say", ("title", "review")), TABLE, engine=second, cache=cache)
+    assert out.report.cache_hits == 0 and len(second.prompts) == 3
+    assert out.values.to_pylist() == ["other", "other", "other", None, "other"]
+
+
 def test_chunks_are_cached_as_they_finish(cache):
     table = pa.table({"t": [str(i) for i in range(10)]})
     engine = FakeEngine()
