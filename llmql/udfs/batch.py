@@ -21,7 +21,6 @@ class PendingPrompt:
 
     key: str
     prompt: str
-    group: str = ""  # prompts of one group share a long prefix (e.g. the first field)
 
 
 class BatchRunner:
@@ -71,11 +70,12 @@ class BatchRunner:
         out: dict[str, str | None] = {}
         bar = _progress_bar(len(misses), self.spec.function, self.progress and len(misses) > size)
         try:
-            for wave in _waves(misses):
-                for i in range(0, len(wave), size):
-                    chunk = wave[i : i + size]
-                    out.update(self._run_chunk(engine, chunk))
-                    bar.update(len(chunk))
+            # NOTE: one chunk is one engine batch in send order; the engine's scheduler lets
+            # prompts admitted together share a prefix, so no leaders-first split is needed.
+            for i in range(0, len(misses), size):
+                chunk = misses[i : i + size]
+                out.update(self._run_chunk(engine, chunk))
+                bar.update(len(chunk))
         finally:
             bar.close()
         return out
@@ -153,20 +153,6 @@ def calibrated_choice(text: str, row: dict[str, float], null: dict[str, float]) 
     best = max(scores.values())
     tied = [c for c, score in scores.items() if score == best]
     return text if text in tied else tied[0]
-
-
-def _waves(misses: Sequence[PendingPrompt]) -> list[list[PendingPrompt]]:
-    """The first prompt of each group, then the rest (both in send order).
-
-    NOTE: prompts prefilled in the same engine step cannot reuse each other's KV cache, so
-    one prompt per shared prefix goes first and the rest of its group then hits the cache.
-    """
-    seen: set[str] = set()
-    leaders, followers = [], []
-    for p in misses:
-        (followers if p.group and p.group in seen else leaders).append(p)
-        seen.add(p.group)
-    return [w for w in (leaders, followers) if w]
 
 
 def _rejects_schema(result: GenerationResult) -> bool:

@@ -150,18 +150,11 @@ def _ordered_prompts(
     keys = list(rows)
     ordering = _reorder([rows[k] for k in keys], spec.fields)
     pending = [
-        PendingPrompt(
-            keys[i], render_prompt(spec, rows[keys[i]], order), _group(rows[keys[i]], order)
-        )
+        PendingPrompt(keys[i], render_prompt(spec, rows[keys[i]], order))
         for i, order in zip(ordering[0], ordering[1])
     ]
     report.add_time("reorder", time.perf_counter() - t0)
     return pending
-
-
-def _group(row: dict, order: Sequence[str]) -> str:
-    """Prompts whose first field (in render order) is equal share that prefix."""
-    return f"{order[0]}={row[order[0]]}" if len(order) > 1 else ""
 
 
 def _reorder(rows: list[dict], fields: Sequence[str]) -> tuple[list[int], list[list[str]]]:

@@ -55,7 +55,7 @@ class CallOptions:
     json_schema: dict | None = None
     on_error: str = "null"
     result_cache: bool | None = None
-    chunk_size: int = 32
+    chunk_size: int = 64
     context_tokens: int = 1536
     calibrate: bool = True
 
