@@ -1,7 +1,8 @@
 """Vectorised CPU paged attention, same signature and semantics as `ref_paged_attention`.
 
 Decode rows (one new token per sequence) are batched into one padded matmul; prefill
-sequences run one scaled-dot-product attention each with an explicit causal/window mask.
+sequences of similar lengths are padded into one batched scaled-dot-product attention with
+an explicit causal/window mask (one call per sequence when padding would waste too much).
 Shapes as in `llmql.kernels.attention`: q [T, Hq, D], k/v_cache [S, Hkv, D] -> [T, Hq, D].
 """
 
@@ -33,13 +34,43 @@ def cpu_paged_attention(
         rows = torch.tensor([qo[b] for b in decode], dtype=torch.int64, device=q.device)
         out[rows] = _decode(q[rows], k_cache, v_cache, [(kvp[b], kvp[b + 1]) for b in decode],
                             kv_indices, scale, sliding_window, softcap)
-    for b in range(len(qo) - 1):
-        if qo[b + 1] - qo[b] > 1:
-            slots = kv_indices[kvp[b] : kvp[b + 1]]
-            out[qo[b] : qo[b + 1]] = _prefill(
-                q[qo[b] : qo[b + 1]], k_cache[slots], v_cache[slots], scale, sliding_window, softcap
-            )
+    prefill = [(qo[b], qo[b + 1] - qo[b], kvp[b], kvp[b + 1] - kvp[b])
+               for b in range(len(qo) - 1) if qo[b + 1] - qo[b] > 1]
+    if len(prefill) > 1 and _padding_pays(prefill) and not softcap:
+        _prefill_padded(out, q, k_cache, v_cache, prefill, kv_indices, scale, sliding_window)
+        return out
+    for q0, lq, k0, lk in prefill:
+        slots = kv_indices[k0 : k0 + lk]
+        out[q0 : q0 + lq] = _prefill(
+            q[q0 : q0 + lq], k_cache[slots], v_cache[slots], scale, sliding_window, softcap
+        )
     return out
+
+
+def _padding_pays(seqs: list[tuple[int, int, int, int]]) -> bool:
+    """Pad into one batch when the padded score matrix is at most twice the real one."""
+    max_q, max_k = max(s[1] for s in seqs), max(s[3] for s in seqs)
+    return len(seqs) * max_q * max_k <= 2 * sum(s[1] * s[3] for s in seqs)
+
+
+def _prefill_padded(out, q, k_cache, v_cache, seqs, kv_indices, scale, window) -> None:
+    """All prefill sequences (q_start, q_len, kv_start, kv_len) in one padded SDPA call."""
+    dev, hq, hkv = q.device, q.shape[1], k_cache.shape[1]
+    q0, lq, k0, lk = (torch.tensor(c, dtype=torch.int64, device=dev) for c in zip(*seqs))
+    qcol = torch.arange(int(lq.max()), device=dev)[None, :]
+    kcol = torch.arange(int(lk.max()), device=dev)[None, :]
+    q_valid = qcol < lq[:, None]  # [B, Lq]
+    q_rows = (q0[:, None] + qcol).clamp(max=q.shape[0] - 1)
+    slots = kv_indices[(k0[:, None] + kcol).clamp(max=kv_indices.numel() - 1)]  # [B, Lk]
+    pos = (lk - lq)[:, None] + qcol  # [B, Lq] absolute position of each query row
+    visible = (kcol[:, None, :] <= pos[:, :, None]) & (kcol < lk[:, None])[:, None, :]
+    if window:
+        visible &= (pos[:, :, None] - kcol[:, None, :]) < window
+    qh = q[q_rows].float().transpose(1, 2)  # [B, Hq, Lq, D]
+    kh = k_cache[slots].float().transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+    vh = v_cache[slots].float().transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+    res = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=visible[:, None], scale=scale)
+    out[q_rows[q_valid]] = res.transpose(1, 2)[q_valid].to(q.dtype)
 
 
 def _decode(q, k_cache, v_cache, spans, kv_indices, scale, window, softcap) -> torch.Tensor:

@@ -40,6 +40,8 @@ CASES = [
     ([7], [7]),  # fresh prefill
     ([3, 1, 4], [10, 6, 4]),  # prefill on cached prefixes mixed with decode
     ([33, 1], [40, 70]),  # multiple query blocks
+    ([5, 6, 4], [5, 9, 4]),  # several prefills, padded into one batch
+    ([5, 1, 6, 4], [8, 3, 6, 12]),  # padded prefills on cached prefixes, with a decode row
 ]
 
 
