@@ -226,7 +226,7 @@ def fresh_engine(base, prefix_cache: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplier of the number of groups (rows per group stay natural)")
+    parser.add_argument("--scale", type=float, default=5.0, help="multiplier of the number of groups (rows per group stay natural)")
     parser.add_argument("--only", default="", help="comma-separated query names")
     args = parser.parse_args()
     from llmql.engine import load
