@@ -183,6 +183,7 @@ def run_baseline(engine, con, query: Query) -> dict:
                 render_prompt(spec, r, spec.fields),
                 max_tokens=max_tokens(spec),
                 choices=fn.choices(spec.options),
+                stop=fn.stop,
             )
             for r in rows
         ]

@@ -75,7 +75,8 @@ class Detokenizer(Protocol):
 class OutputProcessor:
     """Appends each sampled token to its request and decides whether it finished.
 
-    Text excludes EOS and the stop string (and everything after it); a `choices` request
+    Text excludes EOS and the stop string (and everything after it; stop strings are searched
+    after the output's leading whitespace); a `choices` request
     ends with exactly the choice reached, a `json_schema` one with the generated JSON.
     """
 
@@ -97,7 +98,10 @@ class OutputProcessor:
 
     def _hit_stop(self, req: Req) -> bool:
         text = self.tokenizer.decode(req.output_ids)
-        hits = [i for i in (text.find(s) for s in req.params.stop if s) if i >= 0]
+        # NOTE: leading whitespace never stops a request (a "\n" stop must not end an answer
+        # before it starts: models often open with a newline); the text keeps it.
+        start = len(text) - len(text.lstrip())
+        hits = [i for i in (text.find(s, start) for s in req.params.stop if s) if i >= 0]
         if hits:
             req.text = text[: min(hits)]
         return bool(hits)

@@ -15,7 +15,8 @@ class GenerationRequest:
         prompt: text (tokenized by the engine) or token ids.
         max_tokens: most new tokens to generate.
         temperature: 0 is greedy; > 0 samples (with `top_p` and `seed`).
-        stop: strings that end generation (not included in the text).
+        stop: strings that end generation (not included in the text); leading whitespace
+            of the output never matches, so a "\\n" stop cannot end an answer before it starts.
         choices: if set, the output is constrained to exactly one of these strings.
         json_schema: if set, the output is constrained to JSON matching the schema.
         adapter: LoRA adapter name.

@@ -123,6 +123,7 @@ class BatchRunner:
             max_tokens=max_tokens(self.spec),
             temperature=float(o.temperature),
             choices=fn.choices(o),
+            stop=fn.stop,
             json_schema=o.json_schema if self._send_schema else None,
             adapter=o.adapter,
         )

@@ -24,6 +24,7 @@ class FunctionSpec:
     arrow_type: Callable[[CallOptions], pa.DataType]
     parse: Callable[[str, CallOptions], Any]
     validate: Callable[[CallOptions], None]
+    stop: tuple[str, ...] = ()  # generation ends at these strings (not included)
 
 
 def get_spec(function: str) -> FunctionSpec:
@@ -136,6 +137,8 @@ SPECS: dict[str, FunctionSpec] = {
         lambda o: pa.string(),
         _parse_text,
         _no_check,
+        # NOTE: a SQL value is one line; base models otherwise run on to max_tokens.
+        stop=("\n",),
     ),
     "llm_filter": FunctionSpec(
         "llm_filter",

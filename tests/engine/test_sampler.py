@@ -55,6 +55,12 @@ def test_stop_string_excluded() -> None:
     assert (r.text, r.finish_reason) == ("yes.", "stop")
 
 
+def test_leading_whitespace_does_not_stop() -> None:
+    steps = [{ord(c): 5} for c in "\n ok\nmore"]
+    r = _run(_req(max_tokens=20, stop=("\n",)), steps)
+    assert (r.text, r.finish_reason) == ("\n ok", "stop")
+
+
 def test_seeded_sampling_is_reproducible() -> None:
     logits = torch.randn(1, 128, generator=torch.Generator().manual_seed(0))
     draws = []
