@@ -50,12 +50,16 @@ def _spec(function: str, instruction: str, fields: tuple[str, ...], **options) -
     return CallSpec(function, instruction, fields, CallOptions.from_dict(options))
 
 
+KIDS_FILTER = _spec("llm_filter", KIDS, ("review_content", "movie_info"))
+SUMMARY = _spec("llm", "Summarise the review in a few words.", ("review_content", "movie_info"),
+                max_tokens=4)
+
 QUERIES = (
     Query(
         "filter_movies",
         "movies",
         f"SELECT movie_title FROM movies WHERE llm_filter('{KIDS}', review_content, movie_info)",
-        (_spec("llm_filter", KIDS, ("review_content", "movie_info")),),
+        (KIDS_FILTER,),
     ),
     Query(
         "filter_products",
@@ -75,29 +79,14 @@ QUERIES = (
         "movies",
         "SELECT llm('Summarise the review in a few words.', review_content, movie_info, "
         "max_tokens := 4) FROM movies",
-        (
-            _spec(
-                "llm",
-                "Summarise the review in a few words.",
-                ("review_content", "movie_info"),
-                max_tokens=4,
-            ),
-        ),
+        (SUMMARY,),
     ),
     Query(
         "multi_call",
         "movies",
         "SELECT llm('Summarise the review in a few words.', review_content, movie_info, "
         f"max_tokens := 4) FROM movies WHERE llm_filter('{KIDS}', review_content, movie_info)",
-        (
-            _spec("llm_filter", KIDS, ("review_content", "movie_info")),
-            _spec(
-                "llm",
-                "Summarise the review in a few words.",
-                ("review_content", "movie_info"),
-                max_tokens=4,
-            ),
-        ),
+        (KIDS_FILTER, SUMMARY),
     ),
     Query(
         "aggregation",
