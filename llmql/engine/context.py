@@ -36,14 +36,6 @@ class ForwardBatch:
     is_decode: bool = False  # every sequence has exactly one new token
     logits_indices: torch.Tensor | None = None  # [B'] rows to compute logits for; None = all
 
-    @property
-    def batch_size(self) -> int:
-        return self.qo_indptr.numel() - 1
-
-    @property
-    def num_tokens(self) -> int:
-        return self.positions.numel()
-
 
 _CURRENT: ContextVar[ForwardBatch | None] = ContextVar("llmql_forward_batch", default=None)
 

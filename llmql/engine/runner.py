@@ -20,12 +20,11 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.device = torch.device(device)
-        self.packed_linears = 0
         if packed_linears and self.device.type == "cpu":
             from llmql.engine.layers.linear import pack_linears
 
             # NOTE: float32 CPU GEMMs through oneDNN with pre-packed weights (~2x MKL here)
-            self.packed_linears = pack_linears(model)
+            pack_linears(model)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -40,7 +39,8 @@ class ModelRunner:
         ids: list[int] = []
         positions, out_loc, kv_indices = [], [], []
         qo, kv, rows = [0], [0], []
-        for req, start, n in zip(batch.reqs, batch.starts, batch.extend_lens):
+        # NOTE: sampled rows follow `batch.samples`, the rule engine.step pairs logits with.
+        for req, start, n, sampled in zip(batch.reqs, batch.starts, batch.extend_lens, batch.samples):
             end = start + n
             ids.extend(req.token_ids[start:end])
             positions.append(torch.arange(start, end, dtype=torch.int64))
@@ -48,7 +48,7 @@ class ModelRunner:
             kv_indices.append(req.slots[:end])
             qo.append(qo[-1] + n)
             kv.append(kv[-1] + end)
-            if end == req.seq_len:
+            if sampled:
                 rows.append(qo[-1] - 1)
         dev = self.device
         forward_batch = ForwardBatch(
