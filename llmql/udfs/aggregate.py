@@ -15,14 +15,13 @@ import pyarrow as pa
 
 from llmql.engine.types import Engine
 from llmql.udfs.batch import BatchRunner, PendingPrompt
-from llmql.udfs.executor import engine_factory, key_model, resolve_cache
+from llmql.udfs.executor import _DEFAULT, engine_factory, key_model, resolve_cache
 from llmql.udfs.functions import get_spec
 from llmql.udfs.prompts import cache_key, output_signature, render_value
 from llmql.udfs.result_cache import ResultCache
 from llmql.udfs.types import CallOutput, CallReport, CallSpec, UDFError
 
 _CHARS_PER_TOKEN = 3  # NOTE: conservative estimate; the engine reports overflows exactly.
-_DEFAULT = object()
 
 
 def run_agg(
@@ -46,19 +45,17 @@ def run_agg(
     if spec.function != "llm_agg" or len(spec.fields) != 1:
         raise UDFError("run_agg needs an llm_agg call with exactly one column")
     report = CallReport(rows=sum(len(g) for g in groups))
-    kwargs = {} if cache is _DEFAULT else {"cache": cache}
     runner = BatchRunner(
-        spec, engine_factory(spec, engine), resolve_cache(spec, **kwargs), report, progress
+        spec, engine_factory(spec, engine), resolve_cache(spec, cache), report, progress
     )
+    model = key_model(spec, engine)
     items = [[render_value(v) for v in g if v is not None] for g in groups]
     report.null_inputs = sum(len(g) for g in groups) - sum(len(i) for i in items)
     report.distinct_inputs = len({v for group in items for v in group})
     done: list[str | None] = [None] * len(items)
     level, active = 0, [i for i, g in enumerate(items) if g]
     while active:
-        summaries = _reduce_level(
-            spec, runner, [items[i] for i in active], level, key_model(spec, engine)
-        )
+        summaries = _reduce_level(spec, runner, [items[i] for i in active], level, model)
         next_active = []
         for i, parts in zip(active, summaries):
             if parts is None or len(parts) == 1:

@@ -3,7 +3,8 @@
     out = llm_filter("Is this movie suitable for kids?", {"movie_info": [...], "review": [...]})
     out.values   # [True, False, None, ...]; out.report: CallReport
 
-The DuckDB UDFs, the pandas accessor and the Spark UDFs are thin adapters over these.
+The same `run_call` / `run_agg` executor serves these, the DuckDB and Spark UDFs and the
+pandas accessor; use these from Python when no SQL engine is involved.
 """
 
 from __future__ import annotations
