@@ -19,15 +19,13 @@ import duckdb
 import pyarrow as pa
 
 from llmql.engine.types import Engine
-from llmql.udfs.aggregate import run_agg
-from llmql.udfs.executor import run_call
+from llmql.udfs.aggregate import run_spec
 from llmql.udfs.report import QueryReport
 from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport, CallSpec
 from llmql.udfs.vectorized import SQL_TYPES, ReportCollector, make_udf
 
 __all__ = ["LLMConnection", "Registration", "connect", "register"]
 _AGG_IMPL = "__llmql_llm_agg"
-_PLAN_KEYS = ("aggregate", "group_keys")  # planner metadata in LLMCall.options, not options
 _LLM_CALL = re.compile(r"\bllm(_filter|_classify|_score|_extract|_agg)?\s*\(", re.IGNORECASE)
 
 
@@ -159,25 +157,16 @@ class LLMConnection:
         inputs = self._timed("input_sql", lambda: self.con.sql(call.input_sql).arrow())
         if isinstance(inputs, pa.RecordBatchReader):
             inputs = inputs.read_all()
-        call_options = {k: v for k, v in call.options.items() if k not in _PLAN_KEYS}
-        options = CallOptions.from_dict({**self.options, **call_options})
+        options = CallOptions.from_dict(call.call_options(self.options))
         spec = CallSpec(call.function, call.instruction, tuple(call.fields), options)
         t0 = time.perf_counter()
-        if call.function == "llm_agg":
-            groups = [g or [] for g in inputs.column(call.fields[0]).to_pylist()]
-            out = run_agg(spec, groups, engine=self.engine)
-        else:
-            out = run_call(spec, inputs, engine=self.engine)
+        out = run_spec(spec, inputs, engine=self.engine)
         self._report.add_call(call.id, call.function, out.report, time.perf_counter() - t0)
         table = inputs.append_column("result", out.values)
         self.con.register(call.result_table, table)
 
     def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            self._report.add_time(stage, time.perf_counter() - t0)
+        return self._report.timed(stage, fn)
 
 
 def _plan(query: str, con: duckdb.DuckDBPyConnection) -> Any:

@@ -10,7 +10,6 @@ temp view, and finally runs the rewritten `final_sql`, so SQL semantics stay Spa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +21,6 @@ from llmql.udfs.report import QueryReport
 from llmql.udfs.types import CallSpec, UDFError
 
 __all__ = ["SparkQueryResult", "register", "run", "run_plan", "sql"]
-_PLAN_KEYS = ("aggregate", "group_keys")  # planner metadata in LLMCall.options
 
 
 @dataclass
@@ -57,7 +55,7 @@ def run(
 
     report = QueryReport()
     try:
-        planned = _timed(report, "plan", lambda: plan(query, "spark", schema=_schema(spark, query)))
+        planned = report.timed("plan", lambda: plan(query, "spark", schema=_schema(spark, query)))
     except UnsupportedError:
         # NOTE: as in the DuckDB connector, queries the planner cannot rewrite run per batch
         register(spark, engine_factory=engine_factory, settings=settings, **options)
@@ -113,7 +111,7 @@ def run_plan(
         out.createOrReplaceTempView(call.result_table)
         seconds = time.perf_counter() - t0
         result.report.add_call(call.id, call.function, accumulator.value, seconds)
-    result.df = _timed(result.report, "final_sql", lambda: spark.sql(plan.final_sql))
+    result.df = result.report.timed("final_sql", lambda: spark.sql(plan.final_sql))
     return result
 
 
@@ -130,8 +128,8 @@ def check_plan(spark: Any, plan: LLMPlan, specs: dict[str, CallSpec]) -> None:
 
 
 def _spec(call: LLMCall, defaults: dict) -> CallSpec:
-    options = {**defaults, **{k: v for k, v in call.options.items() if k not in _PLAN_KEYS}}
-    return make_spec(call.function, call.instruction, call.fields, options, rows=False)
+    return make_spec(call.function, call.instruction, call.fields, call.call_options(defaults),
+                     rows=False)
 
 
 def _schema(spark: Any, query: str) -> dict[str, dict[str, str]]:
@@ -151,10 +149,3 @@ def _schema(spark: Any, query: str) -> dict[str, dict[str, str]]:
             schema[name] = {f.name: f.dataType.simpleString() for f in fields}
     return schema
 
-
-def _timed(report: QueryReport, stage: str, fn: Callable[[], Any]) -> Any:
-    t0 = time.perf_counter()
-    try:
-        return fn()
-    finally:
-        report.add_time(stage, time.perf_counter() - t0)

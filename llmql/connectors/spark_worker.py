@@ -18,8 +18,7 @@ import pyarrow as pa
 
 from llmql.engine.types import Engine, EngineStats, GenerationRequest, GenerationResult
 from llmql.settings import Settings, get_settings, override
-from llmql.udfs.aggregate import run_agg
-from llmql.udfs.executor import run_call
+from llmql.udfs.aggregate import run_spec
 from llmql.udfs.types import CallOutput, CallReport, CallSpec
 
 EngineFactory = Callable[[], Engine]
@@ -90,10 +89,7 @@ def run_batch(ctx: WorkerContext, spec: CallSpec, table: pa.Table) -> CallOutput
     with override(**_settings_dict(ctx.settings)):
         if table.num_rows == 0:
             return CallOutput(_empty(spec), CallReport())
-        if spec.function == "llm_agg":
-            groups = [g or [] for g in table.column(spec.fields[0]).to_pylist()]
-            return run_agg(spec, groups, engine=_LazyEngine(ctx), progress=False)
-        return run_call(spec, table, engine=_LazyEngine(ctx), progress=False)
+        return run_spec(spec, table, engine=_LazyEngine(ctx), progress=False)
 
 
 def run_sql_udf(

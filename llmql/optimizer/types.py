@@ -34,6 +34,14 @@ class LLMCall:
     depends_on: tuple[str, ...] = ()  # ids of calls that must finish first
     is_filter: bool = False
 
+    def call_options(self, defaults: dict) -> dict:
+        """`defaults` overlaid with this call's options, less the planner's own metadata."""
+        own = {k: v for k, v in self.options.items() if k not in _PLAN_KEYS}
+        return {**defaults, **own}
+
+
+_PLAN_KEYS = ("aggregate", "group_keys")  # planner metadata in LLMCall.options
+
 
 @dataclass(frozen=True)
 class LLMPlan:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from llmql.udfs.types import CallReport
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -33,6 +37,14 @@ class QueryReport:
     def add_time(self, stage: str, seconds: float) -> None:
         """Accumulate wall time of a stage (plan, input_sql, llm, final_sql)."""
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def timed(self, stage: str, fn: Callable[[], _T]) -> _T:
+        """Run `fn`, adding its wall time to `stage` (also when it raises)."""
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.add_time(stage, time.perf_counter() - t0)
 
     @property
     def total(self) -> CallReport:

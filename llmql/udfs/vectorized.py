@@ -17,8 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from llmql.engine.types import Engine
-from llmql.udfs.aggregate import run_agg
-from llmql.udfs.executor import run_call
+from llmql.udfs.aggregate import run_spec
 from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport, CallSpec, UDFError
 
 # NOTE: constant arguments after the instruction, per function, before the columns.
@@ -69,17 +68,10 @@ def make_udf(
 
     def udf(*args: pa.Array) -> pa.Array:
         spec, inputs = _bind(function, base, args)
-        if function == "llm_agg":
-            groups = [g or [] for g in inputs.column(0).to_pylist()]
-            out = run_agg(spec, groups, engine=engine)
-            values = out.values
-        else:
-            out = run_call(spec, inputs, engine=engine)
-            values = out.values
-            if function == "llm_extract":
-                values = pa.array(
-                    [None if v is None else json.dumps(v) for v in values.to_pylist()]
-                )
+        out = run_spec(spec, inputs, engine=engine)
+        values = out.values
+        if function == "llm_extract":
+            values = pa.array([None if v is None else json.dumps(v) for v in values.to_pylist()])
         if collector is not None:
             collector.add(out.report)
         return values
