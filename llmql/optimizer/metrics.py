@@ -111,4 +111,7 @@ def _lcp(a, b) -> int:
 
 
 def _text(value: Any) -> str:
-    return "null" if value is None else " ".join(str(value).split())
+    # NOTE: the udfs' own value rendering, so metrics describe the text that is really sent.
+    from llmql.udfs.prompts import render_value
+
+    return "null" if value is None else render_value(value)

@@ -116,7 +116,7 @@ class _Round:
 class _Levels:
     """GGR over a `_GroupedTable`, all groups of a level at once; returns rows and field orders."""
 
-    def __init__(self, table: _GroupedTable, exact_rows: int, coarsen: bool = True):
+    def __init__(self, table: _GroupedTable, exact_rows: int):
         self.t, self.exact_rows = table, exact_rows
         n, m = table.codes.shape
         self.order = np.zeros((n, m), dtype=np.int64)  # per row: field groups in send order
@@ -126,7 +126,6 @@ class _Levels:
         self.priority = _priority(table)
         distinct = np.array([len(np.unique(table.codes[:, j])) for j in range(m)])
         self.coarser = determines(table.codes) & (distinct[None, :] < distinct[:, None])
-        self.coarsen = coarsen
 
     def run(self) -> tuple[np.ndarray, np.ndarray]:
         n, m = self.t.codes.shape
@@ -178,8 +177,6 @@ class _Levels:
             sel = live & (c == col)
             row_score[sel] = score[col][inv[col][sel]]
         picked = row_score >= bar[task]
-        if not self.coarsen:
-            return c, picked
         coarse = np.where(self.coarser[best] & (top > 0), top, -1)
         sub = np.where(coarse.max(1) > 0, coarse.argmax(1), -1)
         for col in np.unique(sub[sub >= 0]):
