@@ -26,6 +26,7 @@ import duckdb
 
 from llmql.connectors.duckdb import LLMConnection
 from llmql.engine.types import GenerationRequest
+from llmql.optimizer import plan
 from llmql.udfs.functions import get_spec, max_tokens
 from llmql.udfs.prompts import render_prompt
 from llmql.udfs.types import CallOptions, CallSpec
@@ -38,86 +39,60 @@ KIDS = "Is this movie suitable for kids?"
 
 @dataclass(frozen=True)
 class Query:
-    """A benchmark query: its SQL and, for the baselines, its calls in order."""
+    """A benchmark query; the baselines run the calls `plan(sql)` finds, filters first."""
 
     name: str
     table: str
     sql: str
-    calls: tuple[CallSpec, ...]  # a filter call (if any) must come first
 
 
-def _spec(function: str, instruction: str, fields: tuple[str, ...], **options) -> CallSpec:
-    return CallSpec(function, instruction, fields, CallOptions.from_dict(options))
-
-
-KIDS_FILTER = _spec("llm_filter", KIDS, ("review_content", "movie_info"))
-SUMMARY = _spec("llm", "Summarise the review in a few words.", ("review_content", "movie_info"),
-                max_tokens=4)
-
+SUMMARISE = "Summarise the review in a few words."
 QUERIES = (
     Query(
         "filter_movies",
         "movies",
         f"SELECT movie_title FROM movies WHERE llm_filter('{KIDS}', review_content, movie_info)",
-        (KIDS_FILTER,),
     ),
     Query(
         "filter_products",
         "products",
         "SELECT name FROM products WHERE llm_filter('Does the reviewer recommend the product?', "
         'name, categories, "reviews.text")',
-        (
-            _spec(
-                "llm_filter",
-                "Does the reviewer recommend the product?",
-                ("name", "categories", "reviews.text"),
-            ),
-        ),
     ),
     Query(
         "projection",
         "movies",
-        "SELECT llm('Summarise the review in a few words.', review_content, movie_info, "
-        "max_tokens := 4) FROM movies",
-        (SUMMARY,),
+        f"SELECT llm('{SUMMARISE}', review_content, movie_info, max_tokens := 4) FROM movies",
     ),
     Query(
         "multi_call",
         "movies",
-        "SELECT llm('Summarise the review in a few words.', review_content, movie_info, "
-        f"max_tokens := 4) FROM movies WHERE llm_filter('{KIDS}', review_content, movie_info)",
-        (KIDS_FILTER, SUMMARY),
+        f"SELECT llm('{SUMMARISE}', review_content, movie_info, max_tokens := 4) FROM movies "
+        f"WHERE llm_filter('{KIDS}', review_content, movie_info)",
     ),
     Query(
         "aggregation",
         "movies",
         "SELECT movie_title, AVG(llm_score('Rate the review from 1 to 5.', 1, 5, movie_info, "
         "review_content)) FROM movies GROUP BY movie_title",
-        (
-            _spec(
-                "llm_score",
-                "Rate the review from 1 to 5.",
-                ("review_content", "movie_info"),
-                lo=1,
-                hi=5,
-            ),
-        ),
     ),
     Query(
         "rag_squad",
         "squad",
         "SELECT llm('Answer the question from the context.', context, question, max_tokens := 4) "
         "FROM squad",
-        (
-            _spec(
-                "llm",
-                "Answer the question from the context.",
-                ("context", "question"),
-                max_tokens=4,
-            ),
-        ),
     ),
 )
+
+
+def baseline_calls(query: Query) -> list[CallSpec]:
+    """The query's calls as the optimizer plans them (fields in argument order)."""
+    return [
+        CallSpec(c.function, c.instruction, c.fields, CallOptions.from_dict(c.call_options({})))
+        for c in plan(query.sql).calls
+    ]
+
+
 # (file, group column, groups, rows per group) of each table's slice, then shuffled. Groups keep
 # the data's natural size (movies: ~20 reviews per movie; squad: ~5 questions per context).
 SLICES = {
@@ -165,7 +140,7 @@ def run_baseline(engine, con, query: Query) -> dict:
     rows = con.execute(f"SELECT * FROM {query.table}").to_arrow_table()
     rows = rows.to_pylist()
     stats0, t0, prompts = engine.stats(), time.perf_counter(), 0
-    for spec in query.calls:
+    for spec in baseline_calls(query):
         fn = get_spec(spec.function)
         requests = [
             GenerationRequest(
