@@ -217,7 +217,9 @@ class _Levels:
             o = np.lexsort((self.t.ranks[rows, col], local))
             heads = self.t.head[col][self.t.codes[rows[o], col]]
             same = (local[o][1:] == local[o][:-1])[:, None] & (heads[1:] == heads[:-1])
-            shared = np.cumprod(same, axis=1).sum(1)
+            # NOTE: neighbours in one group share the first field's name too, whatever its values
+            shared = np.cumprod(same, axis=1).sum(1) + self.t.name[col]
+            shared[local[o][1:] != local[o][:-1]] = 0
             affinity[:, col] = np.bincount(local[o][1:], weights=shared, minlength=len(ids))
         affinity = np.where(fr, affinity + self.priority, -np.inf)
         cols = np.argsort(-affinity, axis=1, kind="stable")  # (groups, fields): free ones first
