@@ -149,14 +149,14 @@ class LLMConnection:
         plan = self._timed("plan", lambda: _plan(query, self.con))
         if plan is None or not plan.calls:
             return query
+        for source in plan.sources:
+            self._timed("input_sql", lambda s=source: self.con.register(s.name, _arrow(self.con.sql(s.sql))))
         for call in plan.calls:
             self._run_call(call)
         return plan.final_sql
 
     def _run_call(self, call: Any) -> None:
-        inputs = self._timed("input_sql", lambda: self.con.sql(call.input_sql).arrow())
-        if isinstance(inputs, pa.RecordBatchReader):
-            inputs = inputs.read_all()
+        inputs = self._timed("input_sql", lambda: _arrow(self.con.sql(call.input_sql)))
         options = CallOptions.from_dict(call.call_options(self.options))
         spec = CallSpec(call.function, call.instruction, tuple(call.fields), options)
         t0 = time.perf_counter()
@@ -167,6 +167,12 @@ class LLMConnection:
 
     def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
         return self._report.timed(stage, fn)
+
+
+def _arrow(relation: duckdb.DuckDBPyRelation) -> pa.Table:
+    """A relation's rows as one Arrow table (newer DuckDB returns a reader)."""
+    out = relation.arrow()
+    return out.read_all() if isinstance(out, pa.RecordBatchReader) else out
 
 
 def _plan(query: str, con: duckdb.DuckDBPyConnection) -> Any:

@@ -101,6 +101,9 @@ def run_plan(
     specs = {call.id: _spec(call, options) for call in plan.calls}
     check_plan(spark, plan, specs)
     result = SparkQueryResult(df=None, plan=plan)
+    for source in plan.sources:
+        # NOTE: checkpointed, so every later stage reads the same rows
+        spark.sql(source.sql).localCheckpoint().createOrReplaceTempView(source.name)
     for call in plan.calls:
         accumulator = report_accumulator(spark)
         t0 = time.perf_counter()
@@ -117,6 +120,8 @@ def run_plan(
 
 def check_plan(spark: Any, plan: LLMPlan, specs: dict[str, CallSpec]) -> None:
     """Analyse every stage against empty stand-ins for the result tables (no model call)."""
+    for source in plan.sources:
+        spark.sql(source.sql).createOrReplaceTempView(source.name)
     for call in plan.calls:
         inputs = spark.sql(call.input_sql)
         missing = [f for f in call.fields if f not in inputs.columns]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import sqlglot
+from sqlglot import exp
+
 from llmql.optimizer.metrics import measure
 from llmql.optimizer.planner import plan, schema_from_duckdb
 from llmql.optimizer.reorder import reorder
-from llmql.optimizer.types import LLMCall
+from llmql.optimizer.types import LLMCall, Source
 
 CHARS_PER_TOKEN = 4  # NOTE: prompt-token estimates without a tokenizer
 
@@ -31,13 +34,14 @@ def explain(sql: str, *, con: Any = None, dialect: str = "duckdb") -> str:
     p = plan(sql, dialect, schema=schema)
     filters = [f"{c.id} ({c.function})" for c in p.calls if c.is_filter]
     lines = [f"LLM filters, in order: {', '.join(filters) or 'none'}"]
+    lines += [f"{s.name}: {_short(s.sql)} (materialised first)" for s in p.sources]
     for call in p.calls:
-        lines.extend(_describe(call, con))
+        lines.extend(_describe(call, con, p.sources, dialect))
     lines.append(f"final: {_short(p.final_sql)}")
     return "\n".join(lines)
 
 
-def _describe(call: LLMCall, con: Any) -> list[str]:
+def _describe(call: LLMCall, con: Any, sources: tuple[Source, ...], dialect: str) -> list[str]:
     flags = (" filter" if call.is_filter else "") + (f" after {', '.join(call.depends_on)}" if call.depends_on else "")
     lines = [f"{call.id}: {call.function}({call.instruction!r}) fields=[{', '.join(call.fields)}]{flags}",
              f"  input: {_short(call.input_sql)}"]
@@ -45,8 +49,9 @@ def _describe(call: LLMCall, con: Any) -> list[str]:
         return lines
     if call.depends_on:
         return [*lines, f"  rows: known once {', '.join(call.depends_on)} ran"]
-    table = con.sql(call.input_sql).to_arrow_table()
-    rows = con.execute(f"SELECT COUNT(*) FROM ({_all_rows(call.input_sql)})").fetchall()[0][0]
+    input_sql = _with_sources(call.input_sql, sources, dialect)
+    table = con.sql(input_sql).to_arrow_table()
+    rows = con.execute(f"SELECT COUNT(*) FROM ({_all_rows(input_sql)})").fetchall()[0][0]
     fields = list(call.fields)
     before = measure(table, instruction=call.instruction, fields=fields)
     after = measure(table, reorder(table, fields), instruction=call.instruction, fields=fields)
@@ -56,8 +61,22 @@ def _describe(call: LLMCall, con: Any) -> list[str]:
     return lines
 
 
+def _with_sources(sql: str, sources: tuple[Source, ...], dialect: str) -> str:
+    """`sql` reading the plan's sources as CTEs, so nothing is materialised on `con`."""
+    if not sources:
+        return sql
+    query = sqlglot.parse_one(sql, read=dialect)
+    own = query.args.get("with_")
+    ctes = [exp.CTE(this=sqlglot.parse_one(s.sql, read=dialect), alias=exp.TableAlias(this=exp.to_identifier(s.name)))
+            for s in sources]
+    query.set("with_", exp.With(expressions=ctes + (list(own.expressions) if own else [])))
+    return query.sql(dialect=dialect)
+
+
 def _all_rows(input_sql: str) -> str:
-    return input_sql.replace("SELECT DISTINCT ", "SELECT ", 1)
+    dedup = sqlglot.parse_one(input_sql, read="duckdb")
+    dedup.set("distinct", None)
+    return dedup.sql(dialect="duckdb")
 
 
 def _short(sql: str, limit: int = 60) -> str:

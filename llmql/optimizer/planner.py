@@ -11,7 +11,7 @@ from sqlglot.optimizer.qualify import qualify
 
 from llmql.optimizer.errors import PlanError, SQLParseError, UnknownColumnError, UnsupportedError
 from llmql.optimizer.optimizer import optimize
-from llmql.optimizer.types import LLMCall, LLMPlan
+from llmql.optimizer.types import LLMCall, LLMPlan, Source
 
 DIALECTS = ("duckdb", "spark")
 Schema = dict[str, dict[str, str]]
@@ -41,8 +41,10 @@ def plan(sql: str, dialect: str = "duckdb", *, schema: Schema | None = None) -> 
     if schema:
         check_columns(expression, schema, dialect)
     calls: list[LLMCall] = []
-    final = optimize(expression, dialect=dialect, calls=calls)
-    return LLMPlan(sql=sql, dialect=dialect, calls=tuple(calls), final_sql=final.sql(dialect=dialect))
+    sources: list[Source] = []
+    final = optimize(expression, dialect=dialect, calls=calls, sources=sources)
+    return LLMPlan(sql=sql, dialect=dialect, calls=tuple(calls), final_sql=final.sql(dialect=dialect),
+                   sources=tuple(sources))
 
 
 def parse(sql: str, dialect: str = "duckdb") -> exp.Query:

@@ -44,10 +44,24 @@ _PLAN_KEYS = ("aggregate", "group_keys")  # planner metadata in LLMCall.options
 
 
 @dataclass(frozen=True)
+class Source:
+    """A relation the connector materialises once, before any call, as table `name`.
+
+    Input relations and the final query read it, so they all see the same rows (e.g. the rows
+    a LIMIT without ORDER BY picked).
+    """
+
+    name: str
+    sql: str
+
+
+@dataclass(frozen=True)
 class LLMPlan:
-    """Calls in execution order, then the original query rewritten to look up their results."""
+    """Sources to materialise, calls in execution order, then the original query rewritten to
+    look up their results."""
 
     sql: str  # the original query
     dialect: str
     calls: tuple[LLMCall, ...]
     final_sql: str
+    sources: tuple[Source, ...] = ()

@@ -104,3 +104,16 @@ def test_register_on_a_plain_connection():
     with pytest.raises(UDFError):
         llmql.register(raw, max_tokenz=3)
     raw.close()
+
+
+def test_limit_answers_only_the_limited_rows():
+    engine = FakeEngine(_answer)
+    with llmql.connect(engine=engine, result_cache=False) as con:
+        con.execute("CREATE TABLE big AS SELECT i, 'v' || i AS v FROM range(50) r(i)")
+        rows = con.sql("SELECT i, llm('Say', v) AS s FROM big ORDER BY i DESC LIMIT 3").fetchall()
+        assert rows == [(49, "V49"), (48, "V48"), (47, "V47")]
+        assert len(engine.prompts) == 3 and con.last_report().total.llm_calls == 3
+        # without ORDER BY, the rows the model answered are the rows returned
+        rows = con.sql("SELECT i, llm('Say', v) AS s FROM big LIMIT 4").fetchall()
+        assert len(rows) == 4 and all(s == f"V{i}" for i, s in rows)
+        assert len(engine.prompts) == 7

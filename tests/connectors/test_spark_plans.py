@@ -39,6 +39,10 @@ QUERIES = {
         "SELECT movie_title, llm_agg('Summarise the reviews.', review_content) AS s"
         " FROM movies GROUP BY movie_title ORDER BY movie_title"
     ),
+    "limit": (  # LIMIT reaches the model's inputs: a materialised source
+        "SELECT id, llm('Summarise.', movie_title, review_content) AS s FROM movies"
+        " WHERE id > 2 ORDER BY id DESC LIMIT 3 OFFSET 1"
+    ),
 }
 
 

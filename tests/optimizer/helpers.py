@@ -111,6 +111,8 @@ def _register(con: duckdb.DuckDBPyConnection) -> None:
 
 def execute_plan(con: duckdb.DuckDBPyConnection, plan: LLMPlan) -> list[tuple]:
     """Run a plan the way a connector does, computing each call's results with `stand_in`."""
+    for source in plan.sources:
+        con.register(source.name, con.sql(source.sql).to_arrow_table())
     for call in plan.calls:
         table = con.sql(call.input_sql).to_arrow_table()
         # NOTE: values are rendered to text by DuckDB, exactly as the stand-in macros do.

@@ -72,3 +72,12 @@ def test_later_inputs_never_call_an_earlier_filter_again():
     for call in p.calls:
         assert "llm_" not in call.input_sql.lower().replace("llmql_llm_", ""), call.input_sql
     assert "_llmql_llm_0.__llmql_result" in p.calls[2].input_sql
+
+
+def test_limit_reaches_the_llm_inputs():
+    con = connect()
+    p = plan("SELECT id, llm('Say', a, b) FROM t WHERE x > 15 ORDER BY id LIMIT 2 OFFSET 1")
+    assert len(p.sources) == 1 and "LIMIT 2 OFFSET 1" in p.sources[0].sql
+    rows = execute_plan(con, p)
+    assert [r[0] for r in rows] == [3, 4]
+    assert len(con.sql(p.calls[0].input_sql).fetchall()) == 2  # the model sees two rows, not seven

@@ -1,0 +1,109 @@
+"""Rule: apply a query's LIMIT to its source before LLM calls see the rows.
+
+`SELECT llm(...) FROM t LIMIT 5` must not answer every row of `t`. When a SELECT's LLM
+calls are all row-level projections (none in WHERE, ORDER BY or an aggregate), and it has a
+literal LIMIT, the rows of its single source that pass the WHERE, in ORDER BY order, LIMIT
+and OFFSET applied, become a plan `Source`: the connector materialises them once, and the
+SELECT reads that table under the source's own name, so every column reference still
+resolves. The outer query keeps ORDER BY and LIMIT (the same rows come out, in order);
+WHERE and OFFSET are dropped there, as they have been applied. Materialising matters: a
+LIMIT without ORDER BY (or with ties) may pick other rows each time it runs, and the LLM
+calls' inputs and the final query must see the same ones.
+
+Left alone (all rows are still answered; the result is the same): LLM filters (how many
+rows pass is not known before the calls), joins, DISTINCT, GROUP BY, HAVING, QUALIFY, window
+functions, and ORDER BY keys that are not plain source columns.
+"""
+
+from __future__ import annotations
+
+from sqlglot import exp
+
+from llmql.optimizer import analysis as an
+from llmql.optimizer.relations import visible_ctes
+from llmql.optimizer.types import Source
+
+SOURCE = "__llmql_src_{}"
+
+
+def push_limit_below_llm_calls(
+    expression: exp.Expression,
+    *,
+    dialect: str = "duckdb",
+    sources: list[Source] | None = None,
+    **_: object,
+) -> exp.Expression:
+    """Read each limited SELECT with row-level LLM calls from a materialised, limited source.
+
+    >>> import sqlglot
+    >>> sql = "SELECT llm('Say', a) FROM t AS x WHERE b > 1 ORDER BY x.id LIMIT 2 OFFSET 1"
+    >>> out = []
+    >>> push_limit_below_llm_calls(sqlglot.parse_one(sql), sources=out).sql()
+    "SELECT LLM('Say', a) FROM __llmql_src_0 AS x ORDER BY x.id LIMIT 2"
+    >>> out[0].sql
+    'SELECT * FROM t AS x WHERE b > 1 ORDER BY x.id NULLS FIRST LIMIT 2 OFFSET 1'
+    """
+    sources = [] if sources is None else sources
+    for select in an.selects_post_order(expression):
+        if _pushable(select):
+            _push(select, dialect, sources)
+    return expression
+
+
+def _pushable(select: exp.Select) -> bool:
+    limit = select.args.get("limit")
+    if not isinstance(limit, exp.Limit) or not _is_count(limit.expression):
+        return False
+    offset = select.args.get("offset")
+    if offset is not None and not _is_count(offset.expression):
+        return False
+    calls = an.scope_calls(select)
+    if not calls or any(an.clause_of(c, select) != "expressions" for c in calls):
+        return False
+    if an.is_aggregate_select(select) or any(an.inside_aggregate(c, select) for c in calls):
+        return False
+    if any(select.args.get(k) for k in ("joins", "distinct", "group", "having", "qualify", "laterals")):
+        return False
+    if any(isinstance(n, exp.Window) for item in select.expressions for n in item.walk()):
+        return False
+    source = select.args.get("from_")
+    if source is None or not isinstance(source.this, (exp.Table, exp.Subquery)) or not source.this.alias_or_name:
+        return False
+    if an.has_llm_call(source):
+        return False
+    return _plain_order(select)
+
+
+def _plain_order(select: exp.Select) -> bool:
+    """ORDER BY keys are source columns (not ordinals, not select-list aliases)."""
+    order = select.args.get("order")
+    if order is None:
+        return True
+    aliases = {item.alias for item in select.expressions if isinstance(item, exp.Alias)}
+    for key in order.expressions:
+        column = key.this if isinstance(key, exp.Ordered) else key
+        if not isinstance(column, exp.Column) or (not column.table and column.name in aliases):
+            return False
+    return True
+
+
+def _push(select: exp.Select, dialect: str, sources: list[Source]) -> None:
+    source = select.args["from_"].this
+    name = source.alias_or_name
+    inner = exp.select("*").from_(source.copy())
+    for key in ("where", "order", "limit", "offset"):
+        if select.args.get(key) is not None:
+            inner.set(key, select.args[key].copy())
+    ctes = visible_ctes(select)
+    if ctes:
+        recursive = any(c.parent.args.get("recursive") for c in ctes)
+        inner.set("with_", exp.With(expressions=[c.copy() for c in ctes], recursive=recursive))
+    table = SOURCE.format(len(sources))
+    sources.append(Source(name=table, sql=inner.sql(dialect=dialect)))
+    select.set("from_", exp.From(this=exp.alias_(exp.to_table(table), name, table=True)))
+    select.set("where", None)
+    select.set("offset", None)
+
+
+def _is_count(node: exp.Expression | None) -> bool:
+    return isinstance(node, exp.Literal) and not node.is_string and node.name.isdigit()
