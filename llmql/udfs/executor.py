@@ -22,7 +22,7 @@ from llmql.settings import get_settings
 from llmql.udfs.batch import BatchRunner, PendingPrompt
 from llmql.udfs.engines import get_engine
 from llmql.udfs.functions import FunctionSpec, calibrates, validate
-from llmql.udfs.prompts import cache_key, null_prompt, output_signature, render_prompt
+from llmql.udfs.prompts import cache_key, null_prompt, output_signature, render_prompt, render_value
 from llmql.udfs.result_cache import ResultCache, default_cache
 from llmql.udfs.types import (
     CallOptions,
@@ -148,7 +148,7 @@ def _ordered_prompts(
 ) -> list[PendingPrompt]:
     t0 = time.perf_counter()
     keys = list(rows)
-    ordering = _reorder([rows[k] for k in keys], spec.fields)
+    ordering = _reorder([rows[k] for k in keys], spec.fields, spec.options.reorder_fields)
     pending = [
         PendingPrompt(keys[i], render_prompt(spec, rows[keys[i]], order))
         for i, order in zip(ordering[0], ordering[1])
@@ -157,8 +157,15 @@ def _ordered_prompts(
     return pending
 
 
-def _reorder(rows: list[dict], fields: Sequence[str]) -> tuple[list[int], list[list[str]]]:
-    """Row send order and per-row field order from the optimizer (identity if unavailable)."""
+def _reorder(rows: list[dict], fields: Sequence[str], reorder_fields: bool = True) -> tuple[list[int], list[list[str]]]:
+    """Row send order and per-row field order from the optimizer (identity if unavailable).
+
+    With `reorder_fields=False` every row keeps `fields` as written and rows are sorted by
+    their rendered values in that order (the best row order for one fixed field order).
+    """
+    if not reorder_fields:
+        texts = [tuple(render_value(r[f]) if r[f] is not None else "" for f in fields) for r in rows]
+        return sorted(range(len(rows)), key=texts.__getitem__), [list(fields)] * len(rows)
     if len(rows) > 1:
         try:
             from llmql.optimizer.reorder import reorder

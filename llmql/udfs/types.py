@@ -43,6 +43,10 @@ class CallOptions:
             the answer by contextual calibration (Zhao et al., 2021): each choice's
             first-token log-probability minus the one the same prompt gets with every field
             "N/A". Needs an engine that reports `choice_logprobs`; else the constrained answer.
+        reorder_fields: True lets the optimizer pick each row's field order (most prefix
+            reuse; the order, and so possibly the answer, depends on the other rows of the
+            batch or partition). False keeps the fields as written for every row (rows are
+            still sorted for reuse): answers that do not depend on batching or partitioning.
     """
 
     model: str | None = None
@@ -58,6 +62,7 @@ class CallOptions:
     chunk_size: int = 64
     context_tokens: int = 1536
     calibrate: bool = True
+    reorder_fields: bool = True
 
     def __post_init__(self) -> None:
         if self.on_error not in _ON_ERROR:
@@ -68,8 +73,9 @@ class CallOptions:
             raise UDFError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise UDFError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not isinstance(self.calibrate, bool):
-            raise UDFError(f"calibrate must be a boolean, got {self.calibrate!r}")
+        for flag in ("calibrate", "reorder_fields"):
+            if not isinstance(getattr(self, flag), bool):
+                raise UDFError(f"{flag} must be a boolean, got {getattr(self, flag)!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise UDFError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
 
