@@ -59,6 +59,12 @@ QUERIES = (
         "SELECT name FROM products WHERE llm_filter('Does the reviewer recommend the product?', "
         'name, categories, "reviews.text")',
     ),
+    Query(  # supplementary: the same filter with the review written first (as filter_movies)
+        "filter_products_review_first",
+        "products",
+        "SELECT name FROM products WHERE llm_filter('Does the reviewer recommend the product?', "
+        '"reviews.text", name, categories)',
+    ),
     Query(
         "projection",
         "movies",
