@@ -108,7 +108,14 @@ class LLMConnection:
         return self._timed("final_sql", lambda: self.con.sql(final_sql, **kwargs))
 
     def execute(self, query: str, parameters: Any = None) -> LLMConnection:
-        """Like `DuckDBPyConnection.execute`; fetch with `.fetchall()`, `.df()`, `.arrow()`."""
+        """Like `DuckDBPyConnection.execute`; fetch with `.fetchall()`, `.df()`, `.arrow()`.
+
+        With LLM calls in the query, `parameters` are written into it as literals first (the
+        plan's input relations need their values too)."""
+        if parameters is not None and _LLM_CALL.search(query):
+            from llmql.optimizer.planner import bind_parameters
+
+            query, parameters = bind_parameters(query, parameters), None
         final_sql = self._prepare(query)
         self._timed("final_sql", lambda: self.con.execute(final_sql, parameters))
         return self

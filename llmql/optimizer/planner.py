@@ -66,6 +66,52 @@ def parse(sql: str, dialect: str = "duckdb") -> exp.Query:
     return statements[0]
 
 
+def bind_parameters(sql: str, parameters: Any, dialect: str = "duckdb") -> str:
+    """`sql` with its prepared-statement parameters written in as SQL literals.
+
+    `?` takes the next value of a list/tuple; `$1` the first; `$name` the value of a dict key.
+    The plan's input relations then carry the values too (they run without parameters).
+
+    >>> bind_parameters("SELECT llm('Why?', a) FROM t WHERE x > ? AND y = ?", [2, "it's"])
+    "SELECT llm('Why?', a) FROM t WHERE x > 2 AND y = 'it''s'"
+    >>> bind_parameters("SELECT * FROM t WHERE x > $lo", {"lo": 1.5})
+    'SELECT * FROM t WHERE x > 1.5'
+    """
+    if parameters is None:
+        return sql
+    try:
+        tokens = sqlglot.Dialect.get_or_raise(dialect).tokenize(sql)
+    except TokenError as err:
+        raise SQLParseError(f"SQL does not parse: {err}") from err
+    edits: list[tuple[int, int, Any]] = []  # (start, end, value)
+    positional = iter(parameters if isinstance(parameters, (list, tuple)) else ())
+    for i, token in enumerate(tokens):
+        if token.token_type.name == "PLACEHOLDER" and token.text == "?":
+            try:
+                edits.append((token.start, token.end, next(positional)))
+            except StopIteration:
+                raise PlanError("fewer parameters than ? placeholders in the query") from None
+        elif token.token_type.name == "PARAMETER" and i + 1 < len(tokens):
+            name = tokens[i + 1].text
+            edits.append((token.start, tokens[i + 1].end, _parameter(parameters, name)))
+    numbered = any(t.token_type.name == "PARAMETER" for t in tokens)
+    if isinstance(parameters, (list, tuple)) and not numbered and len(edits) < len(parameters):
+        raise PlanError(f"{len(parameters)} parameters for {len(edits)} ? placeholders in the query")
+    for start, end, value in reversed(edits):
+        sql = sql[:start] + exp.convert(value).sql(dialect=dialect) + sql[end + 1 :]
+    return sql
+
+
+
+def _parameter(parameters: Any, name: str) -> Any:
+    try:
+        if isinstance(parameters, dict):
+            return parameters[name]
+        return parameters[int(name) - 1]
+    except (KeyError, IndexError, ValueError):
+        raise PlanError(f"no value given for parameter ${name}") from None
+
+
 def check_columns(expression: exp.Expression, schema: Schema, dialect: str) -> None:
     """Raise `UnknownColumnError` if a column of the query is not in `schema`."""
     try:

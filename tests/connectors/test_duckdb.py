@@ -117,3 +117,19 @@ def test_limit_answers_only_the_limited_rows():
         rows = con.sql("SELECT i, llm('Say', v) AS s FROM big LIMIT 4").fetchall()
         assert len(rows) == 4 and all(s == f"V{i}" for i, s in rows)
         assert len(engine.prompts) == 7
+
+
+def test_parameters_reach_the_llm_inputs(con):
+    rows = con.execute(
+        "SELECT title, llm('Say?', review) AS s FROM t WHERE review = ? ORDER BY title LIMIT ?", ["good", 5]
+    ).fetchall()
+    assert rows == [("m1", "GOOD"), ("m1", "GOOD")]
+    assert con.last_report().total.llm_calls == 1
+    named = con.execute("SELECT llm('Say', review) FROM t WHERE title = $t", {"t": "m2"}).fetchall()
+    assert named == [("BAD",)]
+    from llmql.optimizer import PlanError
+
+    with pytest.raises(PlanError, match="fewer parameters"):
+        con.execute("SELECT llm('Say', review) FROM t WHERE title = ? AND review = ?", ["m1"])
+    with pytest.raises(PlanError, match="2 parameters for 1"):
+        con.execute("SELECT llm('Say', review) FROM t WHERE title = ?", ["m1", "x"])
