@@ -12,7 +12,8 @@ calls' inputs and the final query must see the same ones.
 
 Left alone (all rows are still answered; the result is the same): LLM filters (how many
 rows pass is not known before the calls), joins, DISTINCT, GROUP BY, HAVING, QUALIFY, window
-functions, and ORDER BY keys that are not plain source columns.
+functions, and ORDER BY keys that are not source columns (directly, by ordinal or by the
+alias of a plain column).
 """
 
 from __future__ import annotations
@@ -71,29 +72,43 @@ def _pushable(select: exp.Select) -> bool:
         return False
     if an.has_llm_call(source):
         return False
-    return _plain_order(select)
+    return _source_order(select) is not None
 
 
-def _plain_order(select: exp.Select) -> bool:
-    """ORDER BY keys are source columns (not ordinals, not select-list aliases)."""
+def _source_order(select: exp.Select) -> exp.Order | None:
+    """The ORDER BY in source columns (ordinals and aliases of plain columns resolved);
+    an empty Order without ORDER BY; None when a key is not a source column."""
     order = select.args.get("order")
     if order is None:
-        return True
-    aliases = {item.alias for item in select.expressions if isinstance(item, exp.Alias)}
+        return exp.Order(expressions=[])
+    items = select.expressions
+    aliases = {item.alias: item.this for item in items if isinstance(item, exp.Alias)}
+    keys = []
     for key in order.expressions:
-        column = key.this if isinstance(key, exp.Ordered) else key
-        if not isinstance(column, exp.Column) or (not column.table and column.name in aliases):
-            return False
-    return True
+        ordered = key.copy() if isinstance(key, exp.Ordered) else exp.Ordered(this=key.copy())
+        column = ordered.this
+        if isinstance(column, exp.Literal) and not column.is_string and column.name.isdigit():
+            index = int(column.name) - 1
+            column = items[index].unalias() if 0 <= index < len(items) else None
+        elif isinstance(column, exp.Column) and not column.table and column.name in aliases:
+            column = aliases[column.name]
+        if not isinstance(column, exp.Column) or isinstance(column.this, exp.Star):
+            return None
+        ordered.set("this", column.copy())
+        keys.append(ordered)
+    return exp.Order(expressions=keys)
 
 
 def _push(select: exp.Select, dialect: str, sources: list[Source]) -> None:
     source = select.args["from_"].this
     name = source.alias_or_name
     inner = exp.select("*").from_(source.copy())
-    for key in ("where", "order", "limit", "offset"):
+    for key in ("where", "limit", "offset"):
         if select.args.get(key) is not None:
             inner.set(key, select.args[key].copy())
+    order = _source_order(select)
+    if order is not None and order.expressions:
+        inner.set("order", order)
     ctes = visible_ctes(select)
     if ctes:
         recursive = any(c.parent.args.get("recursive") for c in ctes)
