@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmql.optimizer.encoding import to_arrow
+from llmql.optimizer.metrics import _lcp, _text
 
 HEAD = 16  # characters compared pairwise; longer matches fall back to the per-value bound
 MAX_PAIRS = 4_000_000  # key fields whose groups need more pair comparisons are skipped
@@ -62,8 +63,6 @@ class _Cells:
 
     @classmethod
     def build(cls, arrow, fields: list[str]) -> _Cells:
-        from llmql.optimizer.metrics import _lcp, _text
-
         n, m = arrow.num_rows, len(fields)
         codes = np.zeros((n, m), dtype=np.int64)
         length = np.zeros((n, m), dtype=np.int64)

@@ -85,6 +85,7 @@ def bind_parameters(sql: str, parameters: Any, dialect: str = "duckdb") -> str:
         raise SQLParseError(f"SQL does not parse: {err}") from err
     edits: list[tuple[int, int, Any]] = []  # (start, end, value)
     positional = iter(parameters if isinstance(parameters, (list, tuple)) else ())
+    numbered = False
     for i, token in enumerate(tokens):
         if token.token_type.name == "PLACEHOLDER" and token.text == "?":
             try:
@@ -92,15 +93,13 @@ def bind_parameters(sql: str, parameters: Any, dialect: str = "duckdb") -> str:
             except StopIteration:
                 raise PlanError("fewer parameters than ? placeholders in the query") from None
         elif token.token_type.name == "PARAMETER" and i + 1 < len(tokens):
-            name = tokens[i + 1].text
-            edits.append((token.start, tokens[i + 1].end, _parameter(parameters, name)))
-    numbered = any(t.token_type.name == "PARAMETER" for t in tokens)
+            numbered = True
+            edits.append((token.start, tokens[i + 1].end, _parameter(parameters, tokens[i + 1].text)))
     if isinstance(parameters, (list, tuple)) and not numbered and len(edits) < len(parameters):
         raise PlanError(f"{len(parameters)} parameters for {len(edits)} ? placeholders in the query")
     for start, end, value in reversed(edits):
         sql = sql[:start] + exp.convert(value).sql(dialect=dialect) + sql[end + 1 :]
     return sql
-
 
 
 def _parameter(parameters: Any, name: str) -> Any:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from sqlglot import exp
 
 from llmql.optimizer import analysis as an
-from llmql.optimizer.relations import visible_ctes
+from llmql.optimizer.relations import with_visible_ctes
 from llmql.optimizer.types import Source
 
 SOURCE = "__llmql_src_{}"
@@ -46,33 +46,35 @@ def push_limit_below_llm_calls(
     """
     sources = [] if sources is None else sources
     for select in an.selects_post_order(expression):
-        if _pushable(select):
-            _push(select, dialect, sources)
+        order = _pushable_order(select)
+        if order is not None:
+            _push(select, order, dialect, sources)
     return expression
 
 
-def _pushable(select: exp.Select) -> bool:
+def _pushable_order(select: exp.Select) -> exp.Order | None:
+    """The source ORDER BY (see `_source_order`) when the LIMIT can be pushed, else None."""
     limit = select.args.get("limit")
     if not isinstance(limit, exp.Limit) or not _is_count(limit.expression):
-        return False
+        return None
     offset = select.args.get("offset")
     if offset is not None and not _is_count(offset.expression):
-        return False
+        return None
     calls = an.scope_calls(select)
     if not calls or any(an.clause_of(c, select) != "expressions" for c in calls):
-        return False
+        return None
     if an.is_aggregate_select(select) or any(an.inside_aggregate(c, select) for c in calls):
-        return False
+        return None
     if any(select.args.get(k) for k in ("joins", "distinct", "group", "having", "qualify", "laterals")):
-        return False
+        return None
     if any(isinstance(n, exp.Window) for item in select.expressions for n in item.walk()):
-        return False
+        return None
     source = select.args.get("from_")
     if source is None or not isinstance(source.this, (exp.Table, exp.Subquery)) or not source.this.alias_or_name:
-        return False
+        return None
     if an.has_llm_call(source):
-        return False
-    return _source_order(select) is not None
+        return None
+    return _source_order(select)
 
 
 def _source_order(select: exp.Select) -> exp.Order | None:
@@ -99,20 +101,16 @@ def _source_order(select: exp.Select) -> exp.Order | None:
     return exp.Order(expressions=keys)
 
 
-def _push(select: exp.Select, dialect: str, sources: list[Source]) -> None:
+def _push(select: exp.Select, order: exp.Order, dialect: str, sources: list[Source]) -> None:
     source = select.args["from_"].this
     name = source.alias_or_name
     inner = exp.select("*").from_(source.copy())
     for key in ("where", "limit", "offset"):
         if select.args.get(key) is not None:
             inner.set(key, select.args[key].copy())
-    order = _source_order(select)
-    if order is not None and order.expressions:
+    if order.expressions:
         inner.set("order", order)
-    ctes = visible_ctes(select)
-    if ctes:
-        recursive = any(c.parent.args.get("recursive") for c in ctes)
-        inner.set("with_", exp.With(expressions=[c.copy() for c in ctes], recursive=recursive))
+    inner = with_visible_ctes(inner, select)
     table = SOURCE.format(len(sources))
     sources.append(Source(name=table, sql=inner.sql(dialect=dialect)))
     select.set("from_", exp.From(this=exp.alias_(exp.to_table(table), name, table=True)))

@@ -51,6 +51,11 @@ def input_relation(
         query.set("group", exp.Group(expressions=[g.copy() for g in group]))
     else:
         query = deduplicate_inputs(query)
+    return with_visible_ctes(query, select)
+
+
+def with_visible_ctes(query: exp.Select, select: exp.Select) -> exp.Select:
+    """`query` (standalone SQL) given the CTEs `select` may reference, so its names resolve."""
     ctes = visible_ctes(select)
     if ctes:
         recursive = any(c.parent.args.get("recursive") for c in ctes)

@@ -21,6 +21,8 @@ import numpy as np
 from llmql.optimizer.encoding import encode, to_arrow
 from llmql.optimizer.exact import solve_exact
 from llmql.optimizer.fds import determines, discover_fds
+from llmql.optimizer.metrics import measure
+from llmql.optimizer.reference_ggr import reference_ggr
 from llmql.optimizer.types import Ordering
 
 EXACT_ROWS = 0  # groups this small are solved exactly (one Python call each)
@@ -75,9 +77,6 @@ def _best_of(arrow, fields: list[str], ours: Ordering) -> Ordering:
     NOTE: on small tables the level-wise greedy's approximations (whole fields, 16-character
     heads) sometimes lose a few characters to plain GGR; measuring both exactly is cheap there.
     """
-    from llmql.optimizer.metrics import measure
-    from llmql.optimizer.reference_ggr import reference_ggr
-
     ggr = reference_ggr(arrow, fields)
     return ggr if measure(arrow, ggr, fields=fields).hits > measure(arrow, ours, fields=fields).hits else ours
 

@@ -164,7 +164,7 @@ def _reorder(rows: list[dict], fields: Sequence[str], reorder_fields: bool = Tru
     their rendered values in that order (the best row order for one fixed field order).
     """
     if not reorder_fields:
-        texts = [tuple(render_value(r[f]) if r[f] is not None else "" for f in fields) for r in rows]
+        texts = [tuple(render_value(r[f]) for f in fields) for r in rows]  # NOTE: no NULLs here
         return sorted(range(len(rows)), key=texts.__getitem__), [list(fields)] * len(rows)
     if len(rows) > 1:
         try:
