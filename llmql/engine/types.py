@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
+
+
+class ErrorKind:
+    """Structured kinds of a failed request (`GenerationResult.error_kind`).
+
+    Callers branch on these, never on the words of `GenerationResult.error`.
+    """
+
+    CONTEXT_OVERFLOW = "context_overflow"  # the prompt (or prompt + answer) does not fit
+    BAD_REQUEST = "bad_request"  # an invalid option: empty prompt/choices, unknown adapter, bad schema
+    CANCELLED = "cancelled"  # cancelled by its caller before it finished
+    INTERNAL = "internal"  # the engine failed while running it (a crash in the forward, ...)
+    UNAVAILABLE = "unavailable"  # the engine or remote endpoint could not be reached
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,7 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length" | "error"
     error: str | None = None
     choice_logprobs: dict[str, float] | None = None
+    error_kind: str | None = None  # an ErrorKind value when finish_reason == "error"
 
 
 @dataclass
@@ -71,12 +86,28 @@ class EngineStats:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
+TextCallback = Callable[[str], None]
+
+
 @runtime_checkable
 class Engine(Protocol):
-    """What every backend offers (embedded engine, HTTP, ...)."""
+    """What every backend offers (embedded engine, remote OpenAI-compatible endpoint).
+
+    `submit` is thread-safe: any number of threads may submit at once and their requests
+    share the engine's steps. `on_text`, if given, receives each new piece of the output
+    text as it is decoded (called on the engine's thread: it must not block).
+    """
+
+    def submit(
+        self, request: GenerationRequest, *, on_text: TextCallback | None = None
+    ) -> Future[GenerationResult]: ...
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, progress: bool = False
     ) -> list[GenerationResult]: ...
 
+    def cancel(self, futures: Iterable[Future]) -> None: ...
+
     def stats(self) -> EngineStats: ...
+
+    def close(self) -> None: ...
