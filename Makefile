@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,spark
+EXTRAS ?= dev,spark,serve,notebook
 export LLMQL_CACHE_DIR ?= $(CURDIR)/.cache/llmql
 
 .PHONY: demo test test-all bench lint venv clean
