@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from llmql.optimizer.bounds import phc_upper_bound
-from llmql.optimizer.encoding import encode
-from llmql.optimizer.exact import solve_exact
-from llmql.optimizer.metrics import measure
-from llmql.optimizer.reference_ggr import reference_ggr
-from llmql.optimizer.reorder import reorder
+from llmql.ordering.bounds import phc_upper_bound
+from llmql.ordering.encoding import encode
+from llmql.ordering.exact import solve_exact
+from llmql.ordering.metrics import measure
+from llmql.ordering.reference_ggr import reference_ggr
+from llmql.ordering.reorder import reorder
 
 DATA = Path(os.environ.get("LLMQL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 # Argument columns in the shape of the paper's queries (keys, titles, shared text, then the row's own text).

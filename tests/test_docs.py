@@ -1,4 +1,5 @@
-"""Run the doctests of the optimizer modules (each public rule has a SQL-in/SQL-out example)."""
+"""Run the doctests of the optimizer and ordering modules (each public rule has a SQL-in/SQL-out
+example)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import pkgutil
 import pytest
 
 import llmql.optimizer
+import llmql.ordering
 
 MODULES = sorted(
-    m.name for m in pkgutil.iter_modules(llmql.optimizer.__path__, "llmql.optimizer.")
+    m.name
+    for package in (llmql.optimizer, llmql.ordering)
+    for m in pkgutil.iter_modules(package.__path__, f"{package.__name__}.")
 )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from llmql.connectors.spark_worker import WorkerContext, run_batch
+from llmql.ordering import reorder
 from llmql.udfs.functions import validate
 from llmql.udfs.types import CallReport, CallSpec
 
@@ -69,11 +70,7 @@ def result_schema(input_schema: Any, spec: CallSpec) -> Any:
 
 def leading_fields(sample: pa.Table, fields: tuple[str, ...]) -> list[str]:
     """The field the reorderer most often sends first, judged on a sample of the inputs."""
-    try:
-        from llmql.optimizer import reorder
-    except ImportError:  # NOTE: the optimizer is optional at this layer, as in the executor
-        reorder = None
-    if len(fields) == 1 or not callable(reorder) or sample.num_rows < 2:
+    if len(fields) == 1 or sample.num_rows < 2:
         return [fields[0]]
     ordering = reorder(sample.select(list(fields)), list(fields))
     firsts = Counter(order[0] for order in ordering.field_orders if order)

@@ -1,12 +1,15 @@
-"""Prefix-aware query optimizer: plan LLM calls in SQL, reorder inputs, measure prefix reuse."""
+"""Prefix-aware query optimizer: plan LLM calls in SQL (sqlglot rules).
+
+`reorder`, `measure`, `prefix_metrics`, `render_prompt`, `Ordering` and `PrefixMetrics` are
+re-exported from `llmql.ordering`, where they live.
+"""
 
 from llmql.optimizer.errors import PlanError, SQLParseError, UnknownColumnError, UnsupportedError
 from llmql.optimizer.explain import explain
-from llmql.optimizer.metrics import PrefixMetrics, measure, prefix_metrics, render_prompt
 from llmql.optimizer.optimizer import RULES, optimize
 from llmql.optimizer.planner import plan
-from llmql.optimizer.reorder import reorder
-from llmql.optimizer.types import LLMCall, LLMPlan, Ordering
+from llmql.optimizer.types import LLMCall, LLMPlan
+from llmql.ordering import Ordering, PrefixMetrics, measure, prefix_metrics, render_prompt, reorder
 
 __all__ = [
     "RULES",

@@ -7,10 +7,9 @@ from typing import Any
 import sqlglot
 from sqlglot import exp
 
-from llmql.optimizer.metrics import measure
 from llmql.optimizer.planner import plan, schema_from_duckdb
-from llmql.optimizer.reorder import reorder
 from llmql.optimizer.types import LLMCall, Source
+from llmql.ordering import measure, reorder
 
 CHARS_PER_TOKEN = 4  # NOTE: prompt-token estimates without a tokenizer
 

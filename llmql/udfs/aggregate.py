@@ -14,10 +14,11 @@ from typing import Any
 import pyarrow as pa
 
 from llmql.engine.types import Engine
+from llmql.ordering.render import render_value
 from llmql.udfs.batch import BatchRunner, PendingPrompt
 from llmql.udfs.executor import _DEFAULT, engine_factory, key_model, resolve_cache, run_call
 from llmql.udfs.functions import get_spec
-from llmql.udfs.prompts import cache_key, output_signature, render_value
+from llmql.udfs.prompts import cache_key, output_signature
 from llmql.udfs.result_cache import ResultCache
 from llmql.udfs.types import CallOutput, CallReport, CallSpec, UDFError
 

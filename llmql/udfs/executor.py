@@ -18,11 +18,13 @@ from typing import Any
 import pyarrow as pa
 
 from llmql.engine.types import Engine
+from llmql.ordering import reorder
+from llmql.ordering.render import render_value
 from llmql.settings import get_settings
 from llmql.udfs.batch import BatchRunner, PendingPrompt
 from llmql.udfs.engines import get_engine
 from llmql.udfs.functions import FunctionSpec, calibrates, validate
-from llmql.udfs.prompts import cache_key, null_prompt, output_signature, render_prompt, render_value
+from llmql.udfs.prompts import cache_key, null_prompt, output_signature, render_prompt
 from llmql.udfs.result_cache import ResultCache, default_cache
 from llmql.udfs.types import (
     CallOptions,
@@ -49,7 +51,7 @@ def run_call(
     """Run one LLM call over `inputs` and return one typed value per input row.
 
     Rows with a NULL argument give NULL without a model call. Identical rows are answered once.
-    Distinct rows are ordered by `llmql.optimizer.reorder` (rows and per-row field order) for
+    Distinct rows are ordered by `llmql.ordering.reorder` (rows and per-row field order) for
     prefix reuse, looked up in the result cache, and the misses sent to the engine in chunks
     of `spec.options.chunk_size`, each chunk cached as soon as it finishes. Calls with choices
     at temperature 0 are calibrated (`CallOptions.calibrate`): one extra content-free prompt.
@@ -158,7 +160,7 @@ def _ordered_prompts(
 
 
 def _reorder(rows: list[dict], fields: Sequence[str], reorder_fields: bool = True) -> tuple[list[int], list[list[str]]]:
-    """Row send order and per-row field order from the optimizer (identity if unavailable).
+    """Row send order and per-row field order from `llmql.ordering.reorder`.
 
     With `reorder_fields=False` every row keeps `fields` as written and rows are sorted by
     their rendered values in that order (the best row order for one fixed field order).
@@ -167,13 +169,8 @@ def _reorder(rows: list[dict], fields: Sequence[str], reorder_fields: bool = Tru
         texts = [tuple(render_value(r[f]) for f in fields) for r in rows]  # NOTE: no NULLs here
         return sorted(range(len(rows)), key=texts.__getitem__), [list(fields)] * len(rows)
     if len(rows) > 1:
-        try:
-            from llmql.optimizer.reorder import reorder
-        except ImportError:
-            reorder = None
-        if reorder is not None:
-            ordering = reorder(pa.Table.from_pylist(rows), list(fields))
-            return list(ordering.row_order), [list(f) for f in ordering.field_orders]
+        ordering = reorder(pa.Table.from_pylist(rows), list(fields))
+        return list(ordering.row_order), [list(f) for f in ordering.field_orders]
     return list(range(len(rows))), [list(fields)] * len(rows)
 
 

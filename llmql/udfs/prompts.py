@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llmql.ordering.render import render_field, render_value
 from llmql.udfs.functions import calibrates, get_spec, max_tokens
 from llmql.udfs.types import CallSpec
-
-
-def render_value(value: Any) -> str:
-    """One field value as prompt text, on one line."""
-    if isinstance(value, float):
-        text = str(int(value)) if math.isfinite(value) and value.is_integer() else repr(value)
-    elif isinstance(value, (dict, list)):
-        text = json.dumps(value, ensure_ascii=False, default=str)
-    else:
-        text = str(value)
-    return " ".join(text.split())
 
 
 def render_prompt(spec: CallSpec, row: Mapping[str, Any], field_order: Sequence[str]) -> str:
@@ -30,7 +19,7 @@ def render_prompt(spec: CallSpec, row: Mapping[str, Any], field_order: Sequence[
     is a prefix the engine's cache shares across the whole batch.
     """
     lines = [spec.instruction.strip()]
-    lines.extend(f"{name}: {render_value(row[name])}" for name in field_order)
+    lines.extend(render_field(name, row[name]) for name in field_order)
     lines.append(get_spec(spec.function).cue(spec.options))
     return "\n".join(lines)
 

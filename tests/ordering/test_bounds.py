@@ -11,10 +11,10 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmql.optimizer import reorder
-from llmql.optimizer.bounds import phc_upper_bound
-from llmql.optimizer.metrics import measure, prefix_metrics, render_prompt
-from llmql.optimizer.reference_ggr import reference_ggr
+from llmql.ordering import reorder
+from llmql.ordering.bounds import phc_upper_bound
+from llmql.ordering.metrics import measure, prefix_metrics, render_prompt
+from llmql.ordering.reference_ggr import reference_ggr
 
 MOVIES = Path(__file__).resolve().parents[1] / "fixtures" / "data" / "movies.csv"
 values = st.sampled_from(["a", "ab", "abc", "b", "", None, "a\nb", "long value text", "long value"])

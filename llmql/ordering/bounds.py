@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmql.optimizer.encoding import to_arrow
-from llmql.optimizer.metrics import _lcp, _text
+from llmql.ordering.encoding import to_arrow
+from llmql.ordering.metrics import lcp
+from llmql.ordering.render import render_cell
 
 HEAD = 16  # characters compared pairwise; longer matches fall back to the per-value bound
 MAX_PAIRS = 4_000_000  # key fields whose groups need more pair comparisons are skipped
@@ -69,11 +70,11 @@ class _Cells:
         partial = np.zeros((n, m), dtype=np.int64)
         heads, counts = [], []
         for j, f in enumerate(fields):
-            text = np.array([_text(v) + "\n" for v in arrow.column(f).to_pylist()], dtype=object)
+            text = np.array([render_cell(v) + "\n" for v in arrow.column(f).to_pylist()], dtype=object)
             values, inv, count = np.unique(text, return_inverse=True, return_counts=True)
             near = np.zeros(len(values), dtype=np.int64)
             for i in range(len(values) - 1):  # NOTE: the most-sharing other value is a sorted neighbour
-                s = _lcp(values[i], values[i + 1])
+                s = lcp(values[i], values[i + 1])
                 near[i], near[i + 1] = max(near[i], s), s
             whole = np.array([len(v) for v in values])
             overflow = near >= whole  # one value continues another past its newline
@@ -132,9 +133,9 @@ class _Cells:
         part = np.zeros(run.shape, dtype=np.int64)
         for j in range(codes.shape[1]):
             h = self.heads[j][codes[:, j]]
-            lcp = np.cumprod(h[:, None, :] == h[None, :, :], axis=2).sum(2)
+            common = np.cumprod(h[:, None, :] == h[None, :, :], axis=2).sum(2)
             whole = (length[:, j] - self.names[j])[:, None]
-            p = np.where((lcp >= HEAD) | (lcp >= whole), self.partial[rows, j][:, None], self.names[j] + lcp)
+            p = np.where((common >= HEAD) | (common >= whole), self.partial[rows, j][:, None], self.names[j] + common)
             part = np.maximum(part, np.where(eq[:, :, j], 0, p))
         total = run + part
         np.fill_diagonal(total, -1)

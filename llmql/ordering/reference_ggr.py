@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmql.optimizer.encoding import encode, to_arrow
-from llmql.optimizer.types import Ordering
+from llmql.ordering.encoding import encode, to_arrow
+from llmql.ordering.types import Ordering
 
 
 def reference_ggr(table, fields: list[str] | None = None) -> Ordering:

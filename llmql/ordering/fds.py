@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmql.optimizer.encoding import EncodedTable
+from llmql.ordering.encoding import EncodedTable
 
 
 def discover_fds(table: EncodedTable, *, min_rows: int = 2) -> list[list[str]]:
@@ -14,7 +14,7 @@ def discover_fds(table: EncodedTable, *, min_rows: int = 2) -> list[list[str]]:
     number the same. Tables with fewer than `min_rows` rows have no dependencies.
 
     >>> import pyarrow as pa
-    >>> from llmql.optimizer.encoding import encode
+    >>> from llmql.ordering.encoding import encode
     >>> t = pa.table({"id": [1, 2, 3, 4], "title": ["a", "b", "a", "b"], "code": [7, 8, 7, 8]})
     >>> discover_fds(encode(t, ["id", "title", "code"]))
     [['title', 'code']]

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmql.optimizer.encoding import encode, to_arrow
-from llmql.optimizer.exact import solve_exact
-from llmql.optimizer.fds import determines, discover_fds
-from llmql.optimizer.metrics import measure
-from llmql.optimizer.reference_ggr import reference_ggr
-from llmql.optimizer.types import Ordering
+from llmql.ordering.encoding import encode, to_arrow
+from llmql.ordering.exact import solve_exact
+from llmql.ordering.fds import determines, discover_fds
+from llmql.ordering.metrics import measure
+from llmql.ordering.reference_ggr import reference_ggr
+from llmql.ordering.types import Ordering
 
 EXACT_ROWS = 0  # groups this small are solved exactly (one Python call each)
 CHECKED_ROWS = 256  # tables this small also try plain GGR and keep the order that shares more

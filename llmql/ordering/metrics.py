@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from llmql.optimizer.encoding import to_arrow
-from llmql.optimizer.types import Ordering
+from llmql.ordering.encoding import to_arrow
+from llmql.ordering.render import render_field
+from llmql.ordering.types import Ordering
 
 
 class Tokenizer(Protocol):
@@ -45,7 +46,7 @@ def render_prompt(instruction: str, fields: Sequence[str], values: Sequence[Any]
     >>> render_prompt("Rate it.", ["title", "year"], ["Up", 2009])
     'Rate it.\\ntitle: Up\\nyear: 2009\\n'
     """
-    return f"{instruction}\n" + "".join(f"{f}: {_text(v)}\n" for f, v in zip(fields, values))
+    return f"{instruction}\n" + "".join(f"{render_field(f, v)}\n" for f, v in zip(fields, values))
 
 
 def render_prompts(table, ordering: Ordering | None = None, *, instruction: str = "",
@@ -71,7 +72,7 @@ def prefix_metrics(prompts: Sequence[str], tokenizer: Tokenizer | None = None) -
     """
     seqs: list[Any] = [tokenizer.encode(p) for p in prompts] if tokenizer else list(prompts)
     total = sum(len(s) for s in seqs)
-    hits = sum(_lcp(a, b) for a, b in itertools.pairwise(seqs))
+    hits = sum(lcp(a, b) for a, b in itertools.pairwise(seqs))
     return PrefixMetrics(total=total, hits=hits, trie_hits=_trie_hits(seqs))
 
 
@@ -92,13 +93,13 @@ def _trie_hits(seqs: list) -> int:
     for s in seqs:
         key = tuple(s) if isinstance(s, list) else s
         i = bisect.bisect_left(seen, key)
-        best = max((_lcp(key, seen[j]) for j in (i - 1, i) if 0 <= j < len(seen)), default=0)
+        best = max((lcp(key, seen[j]) for j in (i - 1, i) if 0 <= j < len(seen)), default=0)
         total += best
         seen.insert(i, key)
     return total
 
 
-def _lcp(a, b) -> int:
+def lcp(a: Sequence, b: Sequence) -> int:
     """Length of the longest common prefix (binary search over C-level slice compares)."""
     lo, hi = 0, min(len(a), len(b))
     while lo < hi:
@@ -108,10 +109,3 @@ def _lcp(a, b) -> int:
         else:
             hi = mid - 1
     return lo
-
-
-def _text(value: Any) -> str:
-    # NOTE: the udfs' own value rendering, so metrics describe the text that is really sent.
-    from llmql.udfs.prompts import render_value
-
-    return "null" if value is None else render_value(value)

@@ -7,10 +7,10 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmql.optimizer import reorder
-from llmql.optimizer.exact import solve_exact
-from llmql.optimizer.metrics import measure, prefix_metrics, render_prompts
-from llmql.optimizer.reference_ggr import reference_ggr
+from llmql.ordering import reorder
+from llmql.ordering.exact import solve_exact
+from llmql.ordering.metrics import measure, prefix_metrics, render_prompts
+from llmql.ordering.reference_ggr import reference_ggr
 
 values = st.sampled_from(["a", "ab", "abc", "b", "", None, "long value text"])
 
@@ -87,11 +87,11 @@ def test_small_groups_solved_exactly_match_the_exact_solver(table):
 
     import numpy as np
 
-    from llmql.optimizer.encoding import encode
+    from llmql.ordering.encoding import encode
 
     if not 2 <= table.num_rows <= 6:
         return
-    mod = importlib.import_module("llmql.optimizer.reorder")
+    mod = importlib.import_module("llmql.ordering.reorder")
     grouped = mod._GroupedTable.build(encode(table, table.column_names), [[f] for f in table.column_names])
     perm, orders = mod._Levels(grouped, exact_rows=8).run()
     best, _ = solve_exact(grouped.codes, grouped.length, list(range(table.num_rows)), tuple(range(table.num_columns)))
