@@ -27,9 +27,9 @@ import duckdb
 from llmql.connectors.duckdb import LLMConnection
 from llmql.engine.types import GenerationRequest
 from llmql.optimizer import plan
+from llmql.udfs import CallSpec
 from llmql.udfs.functions import get_spec, max_tokens
 from llmql.udfs.prompts import render_prompt
-from llmql.udfs.types import CallOptions, CallSpec
 
 DATA = Path(
     os.environ.get("LLMQL_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -93,10 +93,7 @@ QUERIES = (
 
 def baseline_calls(query: Query) -> list[CallSpec]:
     """The query's calls as the optimizer plans them (fields in argument order)."""
-    return [
-        CallSpec(c.function, c.instruction, c.fields, CallOptions.from_dict(c.call_options({})))
-        for c in plan(query.sql).calls
-    ]
+    return [c.spec() for c in plan(query.sql).calls]
 
 
 # (file, group column, groups, rows per group) of each table's slice, then shuffled. Groups keep

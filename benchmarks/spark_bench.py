@@ -99,8 +99,8 @@ def _hf_worker_model(model_dir: str, threads: int):
 def _hf_generate(model, tok, rows: list[dict]) -> list[str]:
     import torch
 
+    from llmql.udfs import CallSpec
     from llmql.udfs.prompts import render_prompt
-    from llmql.udfs.types import CallSpec
 
     spec = CallSpec("llm_filter", KIDS, FIELDS)
     prompts = [render_prompt(spec, row, FIELDS) for row in rows]

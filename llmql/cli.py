@@ -124,14 +124,14 @@ def _run_and_print(con, sql: str, max_rows: int) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from llmql.udfs.engines import EngineUnavailable, get_engine
+    from llmql.udfs.engines import get_engine
 
     args.table = [f"movies={args.data}"]
     print(f"llmql {llmql.__version__} demo on {args.data}\n")
     with _connect(args) as con:
         try:
             engine = get_engine()
-        except (EngineUnavailable, ImportError) as exc:
+        except (ImportError, FileNotFoundError) as exc:  # NOTE: no model package or file
             print(f"(no inference engine available: {exc}; showing the plans only)\n")
             for title, sql in DEMO_QUERIES:
                 print(f"== {title}\n{sql}\n{con.explain(sql)}\n")

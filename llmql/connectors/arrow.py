@@ -17,8 +17,9 @@ import pyarrow.compute as pc
 
 from llmql.engine.types import Engine
 from llmql.udfs.aggregate import run_agg
+from llmql.udfs.call import CallSpec
 from llmql.udfs.executor import run_call
-from llmql.udfs.types import CallOptions, CallReport, CallSpec, UDFError
+from llmql.udfs.types import CallOptions, CallReport, UDFError
 
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 _LAST: list[CallReport] = [CallReport()]

@@ -19,9 +19,9 @@ import duckdb
 import pyarrow as pa
 
 from llmql.engine.types import Engine
-from llmql.udfs.aggregate import run_spec
 from llmql.udfs.report import QueryReport
-from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport, CallSpec
+from llmql.udfs.run import run_spec
+from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport
 from llmql.udfs.vectorized import SQL_TYPES, ReportCollector, make_udf
 
 __all__ = ["LLMConnection", "Registration", "connect", "register"]
@@ -164,8 +164,7 @@ class LLMConnection:
 
     def _run_call(self, call: Any) -> None:
         inputs = self._timed("input_sql", lambda: _arrow(self.con.sql(call.input_sql)))
-        options = CallOptions.from_dict(call.call_options(self.options))
-        spec = CallSpec(call.function, call.instruction, tuple(call.fields), options)
+        spec = call.spec(self.options)
         t0 = time.perf_counter()
         out = run_spec(spec, inputs, engine=self.engine)
         self._report.add_call(call.id, call.function, out.report, time.perf_counter() - t0)

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmql.connectors.spark_stage import compute_results, report_accumulator, result_schema
-from llmql.connectors.spark_udf import make_spec, register
+from llmql.connectors.spark_udf import register
 from llmql.connectors.spark_worker import EngineFactory, WorkerContext
 from llmql.optimizer.types import LLMCall, LLMPlan
+from llmql.udfs.call import CallSpec
 from llmql.udfs.report import QueryReport
-from llmql.udfs.types import CallSpec, UDFError
+from llmql.udfs.types import UDFError
 
 __all__ = ["SparkQueryResult", "register", "run", "run_plan", "sql"]
 
@@ -133,8 +134,9 @@ def check_plan(spark: Any, plan: LLMPlan, specs: dict[str, CallSpec]) -> None:
 
 
 def _spec(call: LLMCall, defaults: dict) -> CallSpec:
-    return make_spec(call.function, call.instruction, call.fields, call.call_options(defaults),
-                     rows=False)
+    spec = call.spec(defaults)
+    spec.validate()
+    return spec
 
 
 def _schema(spark: Any, query: str) -> dict[str, dict[str, str]]:

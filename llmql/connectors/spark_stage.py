@@ -17,8 +17,9 @@ import pyarrow as pa
 
 from llmql.connectors.spark_worker import WorkerContext, run_batch
 from llmql.ordering import reorder
+from llmql.udfs.call import CallSpec
 from llmql.udfs.functions import validate
-from llmql.udfs.types import CallReport, CallSpec
+from llmql.udfs.types import CallReport
 
 RESULT = "result"
 _SAMPLE_ROWS = 512

@@ -23,8 +23,9 @@ from typing import Any
 import pyarrow as pa
 
 from llmql.connectors.spark_worker import EngineFactory, WorkerContext, run_batch, run_sql_udf
+from llmql.udfs.call import CallSpec
 from llmql.udfs.functions import validate
-from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport, CallSpec, UDFError
+from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport, UDFError
 
 ROW_FUNCTIONS = ("llm", "llm_filter", "llm_classify", "llm_score", "llm_extract")
 _SQL_TYPES = {

@@ -1,16 +1,16 @@
 """What runs inside Spark's Python workers: one engine per worker, the udfs executor per batch.
 
 The driver captures a `WorkerContext` (settings, optional engine factory) in each UDF's
-closure; workers rebuild nothing else. Engines are cached at module level, keyed by model
-and engine settings, so a reused Python worker loads the model once across tasks.
+closure; workers rebuild nothing else. Engines come from the process's one registry
+(`llmql.udfs.engines`), keyed by model and engine settings, so a reused Python worker loads
+the model once across tasks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,13 +18,12 @@ import pyarrow as pa
 
 from llmql.engine.types import Engine, EngineStats, GenerationRequest, GenerationResult
 from llmql.settings import Settings, get_settings, override
-from llmql.udfs.aggregate import run_spec
-from llmql.udfs.types import CallOutput, CallReport, CallSpec
+from llmql.udfs import engines
+from llmql.udfs.call import CallSpec
+from llmql.udfs.engines import EngineFactory
+from llmql.udfs.run import run_spec
+from llmql.udfs.types import CallOutput, CallReport
 
-EngineFactory = Callable[[], Engine]
-
-_ENGINES: dict[tuple, Engine] = {}
-_LOCK = threading.Lock()
 _DEFAULT_FACTORY: list[EngineFactory | None] = [None]
 
 
@@ -57,12 +56,6 @@ class WorkerContext:
             settings = dataclasses.replace(settings, threads=share)
         return cls(settings, engine_factory)
 
-    def engine_key(self) -> tuple:
-        """Identity of the engine this context loads (model + engine settings)."""
-        s = self.settings
-        return (s.model, s.device, s.threads, s.kv_tokens, s.kv_gib, _factory_key(self.engine_factory))
-
-
 def use_engine(engine_factory: EngineFactory | None) -> None:
     """Set the engine factory that `llmql.spark` uses when none is passed (None = the
     settings' model loaded in each worker)."""
@@ -76,11 +69,8 @@ def default_engine_factory() -> EngineFactory | None:
 
 def get_engine(ctx: WorkerContext) -> Engine:
     """This process's engine for `ctx`, loaded on first use and reused across tasks."""
-    key = ctx.engine_key()
-    with _LOCK:
-        if key not in _ENGINES:
-            _ENGINES[key] = _load(ctx)
-        return _ENGINES[key]
+    with override(**_settings_dict(ctx.settings)):
+        return engines.get_engine(ctx.settings.model, factory=ctx.engine_factory)
 
 
 def run_batch(ctx: WorkerContext, spec: CallSpec, table: pa.Table) -> CallOutput:
@@ -124,16 +114,6 @@ class _LazyEngine:
         return get_engine(self._ctx).stats()
 
 
-def _load(ctx: WorkerContext) -> Engine:
-    if ctx.engine_factory is not None:
-        return ctx.engine_factory()
-    from llmql.engine import load
-
-    with override(**_settings_dict(ctx.settings)):
-        model = ctx.settings.model
-        return load(None if model == "default" else model)
-
-
 def _with_model(ctx: WorkerContext, model: str | None) -> WorkerContext:
     """`ctx` loading `model` instead (a call's `model` option), else unchanged."""
     if not model or model == ctx.settings.model:
@@ -142,18 +122,10 @@ def _with_model(ctx: WorkerContext, model: str | None) -> WorkerContext:
 
 
 def _empty(spec: CallSpec) -> pa.Array:
-    from llmql.udfs.functions import validate
-
-    return pa.array([], type=validate(spec).arrow_type(spec.options))
+    spec.validate()
+    return pa.array([], type=spec.arrow_type)
 
 
 def _settings_dict(settings: Settings) -> dict[str, object]:
     return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
 
-
-def _factory_key(factory: EngineFactory | None) -> str | None:
-    if factory is None:
-        return None
-    if hasattr(factory, "__qualname__"):
-        return f"{factory.__module__}.{factory.__qualname__}"
-    return f"{type(factory).__module__}.{type(factory).__qualname__}:{factory!r}"

@@ -23,8 +23,10 @@ _QUERY_TYPES = (exp.Select, exp.SetOperation)
 
 
 @dataclass(frozen=True)
-class CallSpec:
-    """One LLM call as written: function, literal instruction, data arguments, options."""
+class ParsedCall:
+    """One LLM call as written in SQL: function, literal instruction, data arguments (sqlglot
+    expressions), their field names, literal options. The plan's `LLMCall.spec()` turns it into
+    the `llmql.udfs.CallSpec` that runs."""
 
     function: str
     instruction: str
@@ -143,7 +145,7 @@ def is_aggregate_select(select: exp.Select) -> bool:
     return False
 
 
-def parse_call(node: exp.Anonymous) -> CallSpec:
+def parse_call(node: exp.Anonymous) -> ParsedCall:
     """Validate an LLM call and split it into instruction, data arguments and options.
 
     Raises:
@@ -163,7 +165,7 @@ def parse_call(node: exp.Anonymous) -> CallSpec:
         raise PlanError(f"{function}: needs at least one column argument, in {node.sql()}")
     if function == "llm_agg" and len(args) != 1:
         raise PlanError(f"llm_agg takes (instruction, column), got {node.sql()}")
-    return CallSpec(function, positional[0].name, args, field_names(args), options)
+    return ParsedCall(function, positional[0].name, args, field_names(args), options)
 
 
 _LEADING = {"llm": 0, "llm_filter": 0, "llm_classify": 1, "llm_score": 2, "llm_extract": 1, "llm_agg": 0}

@@ -132,7 +132,7 @@ class _ScopeRewriter:
             self.lookups[key] = (call_id, exp.Max(this=exp.column(RESULT, f"_llmql_{call_id}")))
         call.replace(self.lookups[key][1].copy())
 
-    def _add(self, spec: an.CallSpec, relation: exp.Select, is_filter: bool, extra: dict) -> str:
+    def _add(self, spec: an.ParsedCall, relation: exp.Select, is_filter: bool, extra: dict) -> str:
         call_id = f"llm_{len(self.calls)}"
         tables = {t.name for t in relation.find_all(exp.Table)}
         depends = tuple(c.id for c in self.calls if c.result_table in tables)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmql.udfs import CallOptions, CallSpec
+
 
 @dataclass(frozen=True)
 class LLMCall:
@@ -30,6 +32,15 @@ class LLMCall:
         """`defaults` overlaid with this call's options, less the planner's own metadata."""
         own = {k: v for k, v in self.options.items() if k not in _PLAN_KEYS}
         return {**defaults, **own}
+
+    def spec(self, defaults: dict | None = None) -> CallSpec:
+        """The udfs call spec that runs this call, its options overlaid on `defaults`.
+
+        Raises:
+            UDFError: an unknown or invalid option.
+        """
+        options = CallOptions.from_dict(self.call_options(defaults or {}))
+        return CallSpec(self.function, self.instruction, tuple(self.fields), options)
 
 
 _PLAN_KEYS = ("aggregate", "group_keys")  # planner metadata in LLMCall.options

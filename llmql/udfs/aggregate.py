@@ -16,23 +16,14 @@ import pyarrow as pa
 from llmql.engine.types import Engine
 from llmql.ordering.render import render_value
 from llmql.udfs.batch import BatchRunner, PendingPrompt
-from llmql.udfs.executor import _DEFAULT, engine_factory, key_model, resolve_cache, run_call
+from llmql.udfs.call import CallSpec
+from llmql.udfs.executor import _DEFAULT, engine_factory, key_model, resolve_cache
 from llmql.udfs.functions import get_spec
 from llmql.udfs.prompts import cache_key, output_signature
 from llmql.udfs.result_cache import ResultCache
-from llmql.udfs.types import CallOutput, CallReport, CallSpec, UDFError
+from llmql.udfs.types import CallOutput, CallReport, UDFError
 
 _CHARS_PER_TOKEN = 3  # NOTE: conservative estimate; the engine reports overflows exactly.
-
-
-def run_spec(
-    spec: CallSpec, table: pa.Table, *, engine: Engine | None = None, progress: bool | None = None
-) -> CallOutput:
-    """`run_agg` over the lists in column `spec.fields[0]` for llm_agg, else `run_call`."""
-    if spec.function == "llm_agg":
-        groups = [g or [] for g in table.column(spec.fields[0]).to_pylist()]
-        return run_agg(spec, groups, engine=engine, progress=progress)
-    return run_call(spec, table, engine=engine, progress=progress)
 
 
 def run_agg(

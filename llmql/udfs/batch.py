@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from llmql.engine.types import Engine, GenerationRequest, GenerationResult
 from llmql.settings import get_settings
-from llmql.udfs.functions import get_spec, max_tokens
+from llmql.udfs.call import CallSpec
 from llmql.udfs.result_cache import ResultCache
-from llmql.udfs.types import CallReport, CallSpec
+from llmql.udfs.types import CallReport
 
 _OVERFLOW_WORDS = ("context", "too long", "exceeds", "max_model_len", "kv")
 
@@ -116,17 +116,7 @@ class BatchRunner:
         return calibrated_choice(result.text, result.choice_logprobs, self._null_logprobs)
 
     def _request(self, prompt: str) -> GenerationRequest:
-        o = self.spec.options
-        fn = get_spec(self.spec.function)
-        return GenerationRequest(
-            prompt=prompt,
-            max_tokens=max_tokens(self.spec),
-            temperature=float(o.temperature),
-            choices=fn.choices(o),
-            stop=fn.stop,
-            json_schema=o.json_schema if self._send_schema else None,
-            adapter=o.adapter,
-        )
+        return self.spec.request(prompt, json_schema=self._send_schema)
 
     def _account(self, result: GenerationResult) -> None:
         r = self.report

@@ -22,18 +22,12 @@ from llmql.ordering import reorder
 from llmql.ordering.render import render_value
 from llmql.settings import get_settings
 from llmql.udfs.batch import BatchRunner, PendingPrompt
+from llmql.udfs.call import CallSpec
 from llmql.udfs.engines import get_engine
 from llmql.udfs.functions import FunctionSpec, calibrates, validate
 from llmql.udfs.prompts import cache_key, null_prompt, output_signature, render_prompt
 from llmql.udfs.result_cache import ResultCache, default_cache
-from llmql.udfs.types import (
-    CallOptions,
-    CallOutput,
-    CallReport,
-    CallSpec,
-    OutputParseError,
-    UDFError,
-)
+from llmql.udfs.types import CallOptions, CallOutput, CallReport, OutputParseError, UDFError
 
 __all__ = ["CallOptions", "CallOutput", "CallReport", "CallSpec", "run_call"]
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from llmql.udfs import jsonschema
-from llmql.udfs.types import CallOptions, CallSpec, OutputParseError, UDFError
+from llmql.udfs.types import CallOptions, OutputParseError, UDFError
+
+if TYPE_CHECKING:
+    from llmql.udfs.call import CallSpec
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ import pyarrow as pa
 
 from llmql.engine.types import Engine
 from llmql.udfs.aggregate import run_agg
+from llmql.udfs.call import CallSpec
 from llmql.udfs.executor import run_call
-from llmql.udfs.types import CallOptions, CallReport, CallSpec
+from llmql.udfs.types import CallOptions, CallReport
 
 Columns = pa.Table | Mapping[str, Sequence[Any]]
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmql.ordering.render import render_field, render_value
 from llmql.udfs.functions import calibrates, get_spec, max_tokens
-from llmql.udfs.types import CallSpec
+
+if TYPE_CHECKING:
+    from llmql.udfs.call import CallSpec
 
 
 def render_prompt(spec: CallSpec, row: Mapping[str, Any], field_order: Sequence[str]) -> str:

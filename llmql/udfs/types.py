@@ -1,4 +1,5 @@
-"""Call specs, options, reports and outputs shared by every LLM function and connector."""
+"""Options, reports, outputs and errors shared by every LLM function and connector (the call
+spec itself is `llmql.udfs.call.CallSpec`)."""
 
 from __future__ import annotations
 
@@ -92,24 +93,6 @@ class CallOptions:
         if options.get("labels") is not None:
             options["labels"] = tuple(options["labels"])
         return cls(**{k: v for k, v in options.items() if v is not None or k == "result_cache"})
-
-
-@dataclass(frozen=True)
-class CallSpec:
-    """One logical LLM call: the function, its constant instruction, its prompt fields."""
-
-    function: str
-    instruction: str
-    fields: tuple[str, ...]
-    options: CallOptions = field(default_factory=CallOptions)
-
-    def __post_init__(self) -> None:
-        if self.function not in FUNCTIONS:
-            raise UDFError(f"unknown LLM function {self.function!r}; known: {list(FUNCTIONS)}")
-        if not isinstance(self.instruction, str) or not self.instruction.strip():
-            raise UDFError(f"{self.function}: the instruction must be a non-empty constant string")
-        if not self.fields:
-            raise UDFError(f"{self.function}: needs at least one input column")
 
 
 @dataclass

@@ -17,8 +17,9 @@ from typing import Any
 import pyarrow as pa
 
 from llmql.engine.types import Engine
-from llmql.udfs.aggregate import run_spec
-from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport, CallSpec, UDFError
+from llmql.udfs.call import CallSpec
+from llmql.udfs.run import run_spec
+from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport, UDFError
 
 # NOTE: constant arguments after the instruction, per function, before the columns.
 _CONSTANTS = {

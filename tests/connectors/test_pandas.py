@@ -17,7 +17,7 @@ from llmql.udfs.types import UDFError
 @pytest.fixture
 def df(monkeypatch, tmp_path):
     fake = FakeEngine(lambda p: '{"n": 2}' if "JSON" in p else ("yes" if "good" in p else "no"))
-    monkeypatch.setitem(engines._ENGINES, "default", fake)
+    monkeypatch.setitem(engines._ENGINES, engines.engine_key("default"), fake)
     register_accessor()
     with override(cache_dir=tmp_path, model="default"):
         yield pd.DataFrame({"t": ["a", "b", "a"], "r": ["good", None, "bad"]}, index=[5, 6, 7])

@@ -17,8 +17,8 @@ import llmql.spark
 from llmql.optimizer.types import LLMCall, LLMPlan
 from llmql.settings import override
 from llmql.spark import functions as L
+from llmql.udfs import CallOptions, CallSpec, UDFError
 from llmql.udfs.executor import run_call
-from llmql.udfs.types import CallOptions, CallSpec, UDFError
 
 pytestmark = pytest.mark.spark
 spark = conftest_spark.spark  # the shared session fixture

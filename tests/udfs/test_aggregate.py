@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from udfs.fakes import FakeEngine
 
+from llmql.udfs import CallOptions, CallSpec
 from llmql.udfs.aggregate import run_agg
-from llmql.udfs.types import CallOptions, CallSpec
 
 
 def test_small_groups_take_one_call_each():
