@@ -8,10 +8,10 @@
 
 from __future__ import annotations
 
-from llmql.connectors.spark import SparkQueryResult, run, run_plan, sql
-from llmql.connectors.spark_session import local_session
-from llmql.connectors.spark_udf import register
-from llmql.connectors.spark_worker import use_engine
+from llmql.connectors.spark.plan import SparkQueryResult, run, run_plan, sql
+from llmql.connectors.spark.session import local_session
+from llmql.connectors.spark.udf import register
+from llmql.connectors.spark.worker import use_engine
 
 __all__ = [
     "SparkQueryResult",

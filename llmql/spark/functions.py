@@ -17,9 +17,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from llmql.connectors.spark_stage import RESULT, compute_results
-from llmql.connectors.spark_udf import column_udf, make_spec
-from llmql.connectors.spark_worker import WorkerContext, default_engine_factory
+from llmql.connectors.spark.stage import RESULT, compute_results
+from llmql.connectors.spark.udf import column_udf, make_spec
+from llmql.connectors.spark.worker import WorkerContext, default_engine_factory
 
 __all__ = [
     "llm",

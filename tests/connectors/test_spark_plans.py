@@ -14,7 +14,7 @@ from conftest_spark import FakeEngine, FakeEngineFactory, movies
 
 import llmql
 import llmql.spark
-from llmql.connectors import spark_stage
+from llmql.connectors.spark import stage as spark_stage
 from llmql.settings import override
 from llmql.spark import functions as L
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from llmql.connectors.spark_worker import WorkerContext, run_batch
+from llmql.connectors.spark.worker import WorkerContext, run_batch
 from llmql.ordering import reorder
 from llmql.udfs.call import CallSpec
 from llmql.udfs.functions import validate

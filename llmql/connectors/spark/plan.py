@@ -3,7 +3,7 @@
 `run(spark, sql)` plans the query (`llmql.optimizer.plan(sql, dialect="spark")`), checks
 every stage before any model call (unknown columns, functions, options), then for each LLM
 call runs its `input_sql` as a DataFrame (pushdown + dedup), answers the distinct inputs on
-the workers (`spark_stage.compute_results`), registers them as the call's `result_table`
+the workers (`stage.compute_results`), registers them as the call's `result_table`
 temp view, and finally runs the rewritten `final_sql`, so SQL semantics stay Spark's.
 """
 
@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmql.connectors.spark_stage import compute_results, report_accumulator, result_schema
-from llmql.connectors.spark_udf import register
-from llmql.connectors.spark_worker import EngineFactory, WorkerContext
+from llmql.connectors.spark.stage import compute_results, report_accumulator, result_schema
+from llmql.connectors.spark.udf import register
+from llmql.connectors.spark.worker import EngineFactory, WorkerContext
 from llmql.optimizer.types import LLMCall, LLMPlan
 from llmql.udfs.call import CallSpec
 from llmql.udfs.report import QueryReport

@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from llmql.connectors.spark_worker import EngineFactory, WorkerContext, run_batch, run_sql_udf
+from llmql.connectors.spark.worker import EngineFactory, WorkerContext, run_batch, run_sql_udf
 from llmql.udfs.call import CallSpec
 from llmql.udfs.functions import validate
 from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport, UDFError
@@ -76,7 +76,7 @@ def register(
         STRUCT column); `llm_agg` is a grouped aggregate that summarises each group
         separately.
     """
-    from llmql.connectors.spark_stage import report_accumulator
+    from llmql.connectors.spark.stage import report_accumulator
 
     CallOptions.from_dict(options)
     ctx = WorkerContext.capture(engine_factory, workers=_parallelism(spark), **(settings or {}))
