@@ -19,6 +19,8 @@ import duckdb
 import pyarrow as pa
 
 from llmql.engine.types import Engine
+from llmql.optimizer import UnsupportedError, explain, plan
+from llmql.optimizer.planner import bind_parameters, schema_from_duckdb
 from llmql.udfs.report import QueryReport
 from llmql.udfs.run import run_spec
 from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport
@@ -113,8 +115,6 @@ class LLMConnection:
         With LLM calls in the query, `parameters` are written into it as literals first (the
         plan's input relations need their values too)."""
         if parameters is not None and _LLM_CALL.search(query):
-            from llmql.optimizer.planner import bind_parameters
-
             query, parameters = bind_parameters(query, parameters), None
         final_sql = self._prepare(query)
         self._timed("final_sql", lambda: self.con.execute(final_sql, parameters))
@@ -122,10 +122,6 @@ class LLMConnection:
 
     def explain(self, query: str) -> str:
         """The optimiser's EXPLAIN of `query` (calls, input relations, prefix reuse)."""
-        try:
-            from llmql.optimizer import explain
-        except ImportError:
-            return _describe_plan(_plan(query, self.con))
         return str(explain(query, con=self.con))
 
     def last_report(self) -> QueryReport:
@@ -182,40 +178,14 @@ def _arrow(relation: duckdb.DuckDBPyRelation) -> pa.Table:
 
 
 def _plan(query: str, con: duckdb.DuckDBPyConnection) -> Any:
-    """The optimiser's plan; None for SQL without LLM calls, or when the optimiser is not
-    installed or cannot rewrite the query (the registered UDFs then run it per batch)."""
+    """The optimiser's plan; None for SQL without LLM calls, or when the optimiser cannot
+    rewrite the query (the registered UDFs then run it per batch)."""
     if not _LLM_CALL.search(query):
         return None
     try:
-        from llmql.optimizer import UnsupportedError, plan
-    except ImportError:
-        return None
-    try:
-        return plan(query, dialect="duckdb", schema=_schema(con))
+        return plan(query, dialect="duckdb", schema=schema_from_duckdb(con))
     except UnsupportedError:
         return None
-
-
-def _describe_plan(plan: Any) -> str:
-    """A plain listing of a plan (used when the optimiser offers no EXPLAIN)."""
-    if plan is None:
-        return "no LLM calls planned (the query runs as is)"
-    lines = []
-    for call in plan.calls:
-        lines.append(f"{call.id}: {call.function}({call.instruction!r}, {', '.join(call.fields)})")
-        lines.append(f"  input: {call.input_sql}")
-    lines.append(f"final: {plan.final_sql}")
-    return "\n".join(lines)
-
-
-def _schema(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, str]]:
-    rows = con.execute(
-        "SELECT table_name, column_name, data_type FROM information_schema.columns"
-    ).fetchall()
-    schema: dict[str, dict[str, str]] = {}
-    for table, column, dtype in rows:
-        schema.setdefault(table, {})[column] = dtype
-    return schema
 
 
 def _replace_function(con: duckdb.DuckDBPyConnection, name: str, fn: Callable, rtype: str) -> None:

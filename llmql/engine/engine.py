@@ -24,7 +24,7 @@ from llmql.engine.scheduler.cache import CacheManager
 from llmql.engine.scheduler.policy import create_policy
 from llmql.engine.scheduler.request import Req
 from llmql.engine.scheduler.scheduler import Scheduler
-from llmql.engine.types import EngineStats, GenerationRequest, GenerationResult
+from llmql.engine.types import EngineStats, ErrorKind, GenerationRequest, GenerationResult
 from llmql.settings import get_settings
 
 
@@ -142,7 +142,7 @@ class EmbeddedEngine:
         req = Req(next(self._ids), ids, request, min(request.max_tokens, room))
         error = _check(request, ids, max_ctx, self.pool.num_slots)
         if error:
-            req.finish("error", error)
+            req.finish("error", error[1], error[0])
         elif request.choices is not None:
             req.max_new_tokens = room  # NOTE: choices ignore max_tokens: the answer is whole
             req.constraint = self.constraints.choices(request.choices)
@@ -152,7 +152,7 @@ class EmbeddedEngine:
             try:
                 req.constraint = self.constraints.json_schema(request.json_schema, req.max_new_tokens)
             except ValueError as exc:
-                req.finish("error", str(exc))
+                req.finish("error", str(exc), ErrorKind.BAD_REQUEST)
         return req
 
     def _account(self, reqs: list[Req], seconds: float) -> None:
@@ -172,18 +172,18 @@ def _postfix(bar, reqs: list[Req], computed: int, elapsed: float) -> None:
     bar.set_postfix(tok_s=f"{computed / max(elapsed, 1e-9):.0f}", hit=f"{hit:.0%}", refresh=False)
 
 
-def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int) -> str | None:
-    """Why `request` cannot run (None if it can)."""
+def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int) -> tuple[str, str] | None:
+    """Why `request` cannot run, as (ErrorKind, message); None if it can."""
     if not ids or request.prompt == "":
-        return "empty prompt"
+        return ErrorKind.BAD_REQUEST, "empty prompt"
     if len(ids) >= max_ctx:
-        return f"prompt has {len(ids)} tokens; the model context is {max_ctx}"
+        return ErrorKind.CONTEXT_OVERFLOW, f"prompt has {len(ids)} tokens; the model context is {max_ctx}"
     if len(ids) + 1 > slots:
-        return f"prompt has {len(ids)} tokens; the KV pool holds only {slots}"
+        return ErrorKind.CONTEXT_OVERFLOW, f"prompt has {len(ids)} tokens; the KV pool holds only {slots}"
     if request.choices is not None and not request.choices:
-        return "choices is empty"
+        return ErrorKind.BAD_REQUEST, "choices is empty"
     if request.adapter is not None:
-        return "LoRA adapters are not supported by the embedded engine yet"
+        return ErrorKind.BAD_REQUEST, "LoRA adapters are not supported by the embedded engine yet"
     return None
 
 

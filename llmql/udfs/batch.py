@@ -6,13 +6,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from llmql.engine.types import Engine, GenerationRequest, GenerationResult
+from llmql.engine.types import Engine, ErrorKind, GenerationRequest, GenerationResult
 from llmql.settings import get_settings
 from llmql.udfs.call import CallSpec
 from llmql.udfs.result_cache import ResultCache
 from llmql.udfs.types import CallReport
-
-_OVERFLOW_WORDS = ("context", "too long", "exceeds", "max_model_len", "kv")
 
 
 @dataclass(frozen=True)
@@ -125,8 +123,7 @@ class BatchRunner:
         r.cached_tokens += result.cached_tokens
         r.output_tokens += result.output_tokens
         if result.finish_reason == "error" or result.error:
-            message = (result.error or "").lower()
-            if any(word in message for word in _OVERFLOW_WORDS):
+            if result.error_kind == ErrorKind.CONTEXT_OVERFLOW:
                 r.context_overflows += 1
             else:
                 r.errors += 1
@@ -147,7 +144,8 @@ def calibrated_choice(text: str, row: dict[str, float], null: dict[str, float]) 
 
 
 def _rejects_schema(result: GenerationResult) -> bool:
-    return result.finish_reason == "error" and "json_schema" in (result.error or "")
+    # NOTE: asked only of requests that carried a schema; the retry without it parses JSON itself
+    return result.finish_reason == "error" and result.error_kind == ErrorKind.BAD_REQUEST
 
 
 def _generate_isolated(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -168,7 +166,7 @@ def _last_error() -> str:
 
 
 def _failed(request: GenerationRequest, error: str) -> GenerationResult:
-    return GenerationResult("", 0, 0, 0, "error", error)
+    return GenerationResult("", 0, 0, 0, "error", error, error_kind=ErrorKind.INTERNAL)
 
 
 class _NoBar:

@@ -11,7 +11,7 @@ import torch
 
 from llmql.engine.engine import EmbeddedEngine, EngineConfig
 from llmql.engine.models import load_model
-from llmql.engine.types import Engine, GenerationRequest
+from llmql.engine.types import Engine, ErrorKind, GenerationRequest
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -94,6 +94,8 @@ def test_bad_input_is_per_request(tiny) -> None:
     assert res[4].finish_reason == "error" and "json_schema" in res[4].error
     assert res[6].finish_reason == "error" and "LoRA" in res[6].error
     assert (res[5].finish_reason, res[5].text) == ("length", "")
+    overflow, bad = ErrorKind.CONTEXT_OVERFLOW, ErrorKind.BAD_REQUEST
+    assert [r.error_kind for r in res] == [None, overflow, overflow, bad, bad, None, bad]
     with pytest.raises(ValueError):
         EngineConfig(page_size=0)
 

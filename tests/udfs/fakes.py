@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from llmql.engine.types import EngineStats, GenerationRequest, GenerationResult
+from llmql.engine.types import EngineStats, ErrorKind, GenerationRequest, GenerationResult
 
 
 class FakeEngine:
@@ -28,9 +28,9 @@ class FakeEngine:
         self.prompts.append(prompt)
         self._stats.requests += 1
         if any(s in prompt for s in self.overflow_on):
-            return GenerationResult("", 0, 0, 0, "error", "prompt exceeds the context length")
+            return GenerationResult("", 0, 0, 0, "error", "too long", error_kind=ErrorKind.CONTEXT_OVERFLOW)
         if any(s in prompt for s in self.fail_on):
-            return GenerationResult("", 0, 0, 0, "error", "boom")
+            return GenerationResult("", 0, 0, 0, "error", "boom", error_kind=ErrorKind.INTERNAL)
         text = self.answer(prompt)
         if request.choices is not None and text not in request.choices:
             text = next((c for c in request.choices if c in prompt.lower()), request.choices[0])

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from llmql.engine.constrained import Constraint
-from llmql.engine.types import GenerationRequest, GenerationResult
+from llmql.engine.types import ErrorKind, GenerationRequest, GenerationResult
 
 _NO_SLOTS = torch.empty(0, dtype=torch.int64)
 
@@ -34,6 +34,7 @@ class Req:
     cached_tokens: int = -1  # prompt tokens served from the cache at first admission
     finish_reason: str | None = None
     error: str | None = None
+    error_kind: str | None = None  # an ErrorKind value when finish_reason == "error"
     text: str = ""
     constraint: Constraint | None = None
     generator: torch.Generator | None = None
@@ -62,8 +63,8 @@ class Req:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def finish(self, reason: str, error: str | None = None) -> None:
-        self.finish_reason, self.error = reason, error
+    def finish(self, reason: str, error: str | None = None, kind: str | None = None) -> None:
+        self.finish_reason, self.error, self.error_kind = reason, error, kind
 
     def result(self) -> GenerationResult:
         """The public result of a finished request."""
@@ -75,6 +76,7 @@ class Req:
             finish_reason=self.finish_reason or "error",
             error=self.error,
             choice_logprobs=self.choice_logprobs,
+            error_kind=self.error_kind or (ErrorKind.INTERNAL if self.finish_reason in (None, "error") else None),
         )
 
 
