@@ -42,6 +42,12 @@ class CallSpec:
         if not self.fields:
             raise UDFError(f"{self.function}: needs at least one input column")
 
+    @property
+    def cacheable(self) -> bool:
+        """Whether answers may be stored and replayed: greedy calls, and sampled calls that
+        name a `seed` (cached per seed); a sampled call without a seed is never cached."""
+        return self.options.temperature == 0 or self.options.seed is not None
+
     def validate(self) -> functions.FunctionSpec:
         """Check the function-specific options (UDFError if bad); the function's spec."""
         return functions.validate(self)
@@ -76,6 +82,7 @@ class CallSpec:
             stop=fn.stop,
             json_schema=o.json_schema if json_schema else None,
             adapter=o.adapter,
+            seed=o.seed,
         )
 
     def parse(self, text: str) -> Any:

@@ -24,6 +24,7 @@ from llmql.settings import get_settings
 from llmql.udfs.batch import BatchRunner, PendingPrompt
 from llmql.udfs.call import CallSpec
 from llmql.udfs.engines import get_engine
+from llmql.udfs.fingerprint import model_fingerprint
 from llmql.udfs.functions import FunctionSpec, calibrates, validate
 from llmql.udfs.prompts import cache_key, null_prompt, output_signature, render_prompt
 from llmql.udfs.result_cache import ResultCache, default_cache
@@ -99,15 +100,16 @@ def engine_factory(spec: CallSpec, engine: Engine | None) -> Callable[[], Engine
 
 def key_model(spec: CallSpec, engine: Engine | None = None) -> str:
     """The model identity in result-cache keys: the given engine's `model_name`, else the
-    call's `model` option, else the settings' model.
+    call's `model` option, else the settings' model; with its content fingerprint
+    (`llmql.udfs.fingerprint`), so replaced weights miss.
 
     NOTE: an engine passed explicitly (e.g. `connect(engine=load(path))`) must key its own
     results, or answers of one model would be served for another.
     """
     name = getattr(engine, "model_name", None)
-    if isinstance(name, str) and name:
-        return name
-    return spec.options.model or get_settings().model
+    if not (isinstance(name, str) and name):
+        name = spec.options.model or get_settings().model
+    return f"{name}|{model_fingerprint(name)}"
 
 
 def _as_table(inputs: Any, fields: Sequence[str]) -> pa.Table:
@@ -187,7 +189,7 @@ def _engine_factory(spec: CallSpec, engine: Engine | None) -> Callable[[], Engin
 
 
 def _cache(spec: CallSpec, cache: Any) -> ResultCache | None:
-    if spec.options.result_cache is False:
+    if spec.options.result_cache is False or not spec.cacheable:
         return None
     if cache is _DEFAULT:
         return default_cache(spec.options.result_cache)

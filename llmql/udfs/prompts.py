@@ -8,7 +8,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from llmql.ordering.render import render_field, render_value
+from llmql.udfs.fingerprint import adapter_fingerprint
 from llmql.udfs.functions import calibrates, get_spec, max_tokens
+from llmql.udfs.result_cache import CACHE_FORMAT_VERSION
 
 if TYPE_CHECKING:
     from llmql.udfs.call import CallSpec
@@ -37,9 +39,10 @@ def output_signature(spec: CallSpec) -> dict[str, Any]:
         "schema": o.json_schema,
         "max_tokens": max_tokens(spec),
         "temperature": float(o.temperature),
-        "adapter": o.adapter,
-        "prompt_format": 1,
+        "adapter": [o.adapter, adapter_fingerprint(o.adapter)] if o.adapter else None,
     }
+    if o.temperature > 0:
+        signature["seed"] = o.seed  # NOTE: greedy answers do not depend on the seed
     if get_spec(spec.function).choices(o):
         signature["calibrated"] = calibrates(spec)  # NOTE: old (uncalibrated) answers miss
     if not o.reorder_fields:
@@ -55,12 +58,14 @@ def null_prompt(spec: CallSpec) -> str:
 
 
 def cache_key(model: str, signature: Mapping[str, Any], row: Mapping[str, Any]) -> str:
-    """A stable hash of (model, call signature, input values by field name).
+    """A stable hash of (cache format, model identity, call signature, input values by field
+    name). `model` is `executor.key_model`'s name with its content fingerprint.
 
     NOTE: inputs are keyed by field name, sorted, so a row's key does not depend on the field
     order its prompt was rendered in.
     """
     payload = {
+        "format": CACHE_FORMAT_VERSION,
         "model": model,
         "call": signature,
         "inputs": sorted((str(k), render_value(v)) for k, v in row.items()),

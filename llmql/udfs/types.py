@@ -31,7 +31,9 @@ class CallOptions:
         model: model to load (None = the settings' model).
         adapter: LoRA adapter name.
         max_tokens: most new tokens per answer (None = the function's default).
-        temperature: 0 is greedy.
+        temperature: 0 is greedy; > 0 samples.
+        seed: the sampling seed of a call with temperature > 0. Sampled answers are cached
+            only with a seed (per seed); without one every query samples afresh.
         labels: llm_classify's labels.
         lo, hi: llm_score's inclusive range.
         json_schema: llm_extract's schema (a dict).
@@ -54,6 +56,7 @@ class CallOptions:
     adapter: str | None = None
     max_tokens: int | None = None
     temperature: float = 0.0
+    seed: int | None = None
     labels: tuple[str, ...] | None = None
     lo: int | None = None
     hi: int | None = None
@@ -74,6 +77,8 @@ class CallOptions:
             raise UDFError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise UDFError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise UDFError(f"seed must be an integer, got {self.seed!r}")
         for flag in ("calibrate", "reorder_fields"):
             if not isinstance(getattr(self, flag), bool):
                 raise UDFError(f"{flag} must be a boolean, got {getattr(self, flag)!r}")
