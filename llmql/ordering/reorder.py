@@ -47,6 +47,9 @@ def reorder(
 
     Returns:
         An `Ordering`: a permutation of the rows and, per row, a permutation of `fields`.
+        Tables of at most CHECKED_ROWS rows get `greedy_order` or plain GGR, whichever
+        shares more characters with the previous prompt (`_best_of`); larger tables get
+        `greedy_order`.
 
     >>> import pandas as pd
     >>> df = pd.DataFrame({"review": ["ok", "bad", "fine"], "movie": ["Up", "Heat", "Up"]})
@@ -54,6 +57,24 @@ def reorder(
     >>> o.row_order, o.field_orders[0]
     ([2, 0, 1], ['movie', 'review'])
     """
+    arrow = to_arrow(table)
+    fields = list(fields or arrow.column_names)
+    ours = greedy_order(arrow, fields, functional_dependencies=functional_dependencies, exact_rows=exact_rows)
+    if 0 < len(ours.row_order) <= CHECKED_ROWS:
+        return _best_of(arrow, fields, ours)
+    return ours
+
+
+def greedy_order(
+    table,
+    fields: list[str] | None = None,
+    *,
+    functional_dependencies: list[list[str]] | None = None,
+    exact_rows: int = EXACT_ROWS,
+) -> Ordering:
+    """The level-wise GGR alone: what `reorder` returns on tables of more than CHECKED_ROWS
+    rows (on smaller ones `reorder` also tries plain GGR and keeps the better). Arguments as
+    for `reorder`."""
     arrow = to_arrow(table)
     fields = list(fields or arrow.column_names)
     if arrow.num_rows == 0 or not fields:
@@ -65,10 +86,7 @@ def reorder(
     perm, orders = _with_uniform_order(grouped, *_Levels(grouped, exact_rows).run())
     distinct, which, _ = _distinct_rows(orders)
     names = [[f for g in row for f in groups[g]] for row in distinct.tolist()]
-    ours = Ordering(row_order=perm.tolist(), field_orders=[names[i].copy() for i in which.ravel().tolist()])
-    if arrow.num_rows <= CHECKED_ROWS:
-        return _best_of(arrow, fields, ours)
-    return ours
+    return Ordering(row_order=perm.tolist(), field_orders=[names[i].copy() for i in which.ravel().tolist()])
 
 
 def _best_of(arrow, fields: list[str], ours: Ordering) -> Ordering:
