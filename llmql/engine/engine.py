@@ -50,7 +50,7 @@ class EngineConfig:
     chunk_size: int = 512
     max_batch_tokens: int = 2048
     max_running: int = 64
-    policy: str = "fcfs"
+    policy: str = "fair"
     threads: int = 0
     packed_linears: bool = True  # CPU float32: oneDNN GEMMs on pre-packed weights
 
@@ -94,6 +94,12 @@ class EmbeddedEngine:
         self._stats = EngineStats()
         self._stats_lock = threading.Lock()
         self.service = StepLoop(self)
+
+    @property
+    def max_in_flight(self) -> int:
+        """How many requests a streaming caller should keep submitted (4x max_running):
+        enough waiting work for the policy to choose from, little to cancel on Ctrl-C."""
+        return 4 * self.config.max_running
 
     def submit(
         self, request: GenerationRequest, *, on_text: TextCallback | None = None
@@ -205,16 +211,20 @@ def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int)
     return None
 
 
-def load(model: str | None = None, **settings: object) -> EmbeddedEngine:
+def load(model: str | None = None, *, policy: str | None = None,
+         **settings: object) -> EmbeddedEngine:
     """Load `model` (None: LLMQL_MODEL, "default": Gemma 3 270M) into an embedded engine.
 
     Args:
         model: "default", a GGUF file or a Hugging Face model directory.
+        policy: scheduling policy: "fair" (VTC across tenants, learned-length order inside
+            each), "ltr" (learned-length shortest first), "fcfs"; None = LLMQL_POLICY.
         **settings: EngineConfig fields (device, dtype, kv_tokens, kv_gib, page_size,
-            prefix_cache, chunk_size, max_batch_tokens, max_running, policy, threads);
+            prefix_cache, chunk_size, max_batch_tokens, max_running, threads);
             unset ones come from `llmql.settings.get_settings()`.
     """
     base = get_settings()
+    settings["policy"] = policy or base.policy
     device = str(settings.pop("device", base.resolved_device()))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -36,8 +36,9 @@ class CallOptions:
         json_schema: llm_extract's schema (a dict).
         on_error: "null" (unparseable answer → NULL + count) or "raise".
         result_cache: None = settings.result_cache; False disables the persistent cache.
-        chunk_size: requests per engine call; results are cached after each chunk, so a crash
-            loses at most one chunk.
+        chunk_size: most requests of one call in flight at once (also bounded by the
+            engine's `max_in_flight`); each answer is cached as it completes, so a crash
+            loses only requests in flight.
         context_tokens: llm_agg's token budget per reduce prompt.
         calibrate: with choices (llm_filter, llm_classify, llm_score) at temperature 0, pick
             the answer by contextual calibration (Zhao et al., 2021): each choice's
@@ -59,7 +60,7 @@ class CallOptions:
     json_schema: dict | None = None
     on_error: str = "null"
     result_cache: bool | None = None
-    chunk_size: int = 64
+    chunk_size: int = 256
     context_tokens: int = 1536
     calibrate: bool = True
     reorder_fields: bool = True

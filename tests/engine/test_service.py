@@ -156,3 +156,15 @@ def test_interrupted_caller_leaves_engine_healthy(tiny) -> None:
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit(reqs[0])
+
+
+@pytest.mark.parametrize("policy", ["ltr", "fair"])
+def test_policies_keep_greedy_answers(tiny, policy) -> None:
+    prompts = _word_prompts(24, seed=9)
+    reqs = [GenerationRequest(p, max_tokens=2 + 9 * (i % 3 == 0), tenant=f"t{i % 2}")
+            for i, p in enumerate(prompts)]
+    expected = _answers(_engine(tiny, policy="fcfs").generate(reqs))
+    engine = _engine(tiny, policy=policy, max_running=4)
+    assert _answers(engine.generate(reqs)) == expected
+    assert _answers(engine.generate(reqs[::-1])) == expected[::-1]  # now with predictions
+    assert _idle(engine)
