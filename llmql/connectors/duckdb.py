@@ -21,7 +21,7 @@ import pyarrow as pa
 from llmql.engine.types import Engine
 from llmql.udfs.aggregate import run_spec
 from llmql.udfs.report import QueryReport
-from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport, CallSpec
+from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport, CallSpec, new_tenant
 from llmql.udfs.vectorized import SQL_TYPES, ReportCollector, make_udf
 
 __all__ = ["LLMConnection", "Registration", "connect", "register"]
@@ -101,6 +101,7 @@ class LLMConnection:
         self.options = dict(options or {})
         self.registration = register(con, engine=engine, **self.options)
         self._report = QueryReport()
+        self._tenant = new_tenant()
 
     def sql(self, query: str, **kwargs: Any) -> duckdb.DuckDBPyRelation:
         """Run `query` (LLM calls planned, batched and cached) and return a DuckDB relation."""
@@ -152,6 +153,7 @@ class LLMConnection:
     def _prepare(self, query: str) -> str:
         """Plan `query`, run its LLM calls, register their result tables; the SQL to run."""
         self._report = QueryReport()
+        self._tenant = new_tenant()
         self.registration.collector.take()
         plan = self._timed("plan", lambda: _plan(query, self.con))
         if plan is None or not plan.calls:
@@ -164,7 +166,7 @@ class LLMConnection:
 
     def _run_call(self, call: Any) -> None:
         inputs = self._timed("input_sql", lambda: _arrow(self.con.sql(call.input_sql)))
-        options = CallOptions.from_dict(call.call_options(self.options))
+        options = CallOptions.from_dict({"tenant": self._tenant, **call.call_options(self.options)})
         spec = CallSpec(call.function, call.instruction, tuple(call.fields), options)
         t0 = time.perf_counter()
         out = run_spec(spec, inputs, engine=self.engine)

@@ -162,6 +162,7 @@ class BatchRunner:
             stop=fn.stop,
             json_schema=o.json_schema if self._send_schema else None,
             adapter=o.adapter,
+            tenant=o.tenant,
         )
 
     def _account(self, result: GenerationResult) -> None:
