@@ -24,6 +24,7 @@ from llmql.engine.runner import ModelRunner
 from llmql.engine.sampler import OutputProcessor, Sampler
 from llmql.engine.scheduler.cache import CacheManager
 from llmql.engine.scheduler.policy import create_policy
+from llmql.engine.scheduler.predictor import template_key
 from llmql.engine.scheduler.request import Req, ScheduledBatch
 from llmql.engine.scheduler.scheduler import Scheduler
 from llmql.engine.service import StepLoop, run_batch
@@ -153,6 +154,12 @@ class EmbeddedEngine:
         logits = self.runner.run(batch)
         tokens = self.sampler.sample(batch.sampled_reqs, logits)
         return scheduler.postprocess(batch, tokens, self.output)
+
+    def predicted_tokens(self, request: GenerationRequest) -> float | None:
+        """Mean predicted output tokens of requests of `request`'s call template (None: the
+        policy has no predictor or too little data for that template)."""
+        ids = [] if isinstance(request.prompt, str) else list(request.prompt)
+        return self.scheduler.policy.predicted_tokens(template_key(request, ids))
 
     def stats(self) -> EngineStats:
         """Totals since the engine was created (a copy)."""

@@ -152,18 +152,7 @@ class BatchRunner:
         return calibrated_choice(result.text, result.choice_logprobs, self._null_logprobs)
 
     def _request(self, prompt: str) -> GenerationRequest:
-        o = self.spec.options
-        fn = get_spec(self.spec.function)
-        return GenerationRequest(
-            prompt=prompt,
-            max_tokens=max_tokens(self.spec),
-            temperature=float(o.temperature),
-            choices=fn.choices(o),
-            stop=fn.stop,
-            json_schema=o.json_schema if self._send_schema else None,
-            adapter=o.adapter,
-            tenant=o.tenant,
-        )
+        return build_request(self.spec, prompt, send_schema=self._send_schema)
 
     def _account(self, result: GenerationResult) -> None:
         r = self.report
@@ -177,6 +166,31 @@ class BatchRunner:
                 r.context_overflows += 1
             else:
                 r.errors += 1
+
+
+def build_request(spec: CallSpec, prompt: str, *, send_schema: bool = True) -> GenerationRequest:
+    """The engine request of one rendered prompt of `spec`."""
+    o = spec.options
+    fn = get_spec(spec.function)
+    return GenerationRequest(
+        prompt=prompt,
+        max_tokens=max_tokens(spec),
+        temperature=float(o.temperature),
+        choices=fn.choices(o),
+        stop=fn.stop,
+        json_schema=o.json_schema if send_schema else None,
+        adapter=o.adapter,
+        tenant=o.tenant,
+    )
+
+
+def predicted_tokens(spec: CallSpec, engine: Engine | None) -> float | None:
+    """The engine's predicted output tokens for the rows of `spec` (None: the engine has no
+    length predictor, or too little data for this call template yet)."""
+    from llmql.udfs.prompts import null_prompt
+
+    predict = getattr(engine, "predicted_tokens", None)
+    return predict(build_request(spec, null_prompt(spec))) if predict is not None else None
 
 
 def calibrated_choice(text: str, row: dict[str, float], null: dict[str, float]) -> str:
