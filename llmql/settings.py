@@ -14,6 +14,9 @@ Environment variables:
     LLMQL_KV_GIB      KV pool size in GiB when LLMQL_KV_TOKENS is 0 (default 1.0).
     LLMQL_RESULT_CACHE  "1" (default) to use the persistent result cache, "0" to disable.
     LLMQL_PROGRESS    "1" (default) to show progress bars on long runs, "0" to hide them.
+    LLMQL_POLICY      the embedded engine's scheduling policy: "fair" (default: VTC across
+                      tenants, learned-length order inside each), "ltr" (learned-length
+                      shortest-first) or "fcfs" (arrival order).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = "default"
 _DEVICES = ("auto", "cpu", "cuda")
+_POLICIES = ("fair", "ltr", "fcfs", "lpm")
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,13 @@ class Settings:
     kv_gib: float = 1.0
     result_cache: bool = True
     progress: bool = True
+    policy: str = "fair"
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
             raise ValueError(f"LLMQL_DEVICE must be one of {_DEVICES}, got {self.device!r}")
+        if self.policy not in _POLICIES:
+            raise ValueError(f"LLMQL_POLICY must be one of {_POLICIES}, got {self.policy!r}")
         if self.threads < 0 or self.kv_tokens < 0 or self.kv_gib <= 0:
             raise ValueError("threads and kv_tokens must be >= 0 and kv_gib > 0")
 
@@ -63,6 +70,7 @@ class Settings:
             kv_gib=float(env.get("LLMQL_KV_GIB", base.kv_gib)),
             result_cache=_bool(env, "LLMQL_RESULT_CACHE", base.result_cache),
             progress=_bool(env, "LLMQL_PROGRESS", base.progress),
+            policy=(env.get("LLMQL_POLICY") or base.policy).lower(),
         )
 
     def resolved_device(self) -> str:

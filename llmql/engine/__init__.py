@@ -10,11 +10,12 @@ if TYPE_CHECKING:
     from llmql.engine.engine import EmbeddedEngine
 
 
-def load(model: str | None = None, **settings: object) -> EmbeddedEngine:
+def load(model: str | None = None, *, policy: str | None = None,
+         **settings: object) -> EmbeddedEngine:
     """Load `model` into the embedded engine (see `llmql.engine.engine.load`)."""
     from llmql.engine.engine import load as _load
 
-    return _load(model, **settings)
+    return _load(model, policy=policy, **settings)
 
 
 __all__ = ["Engine", "EngineStats", "GenerationRequest", "GenerationResult", "load"]

@@ -82,6 +82,7 @@ class CallSpec:
             stop=fn.stop,
             json_schema=o.json_schema if json_schema else None,
             adapter=o.adapter,
+            tenant=o.tenant,
             seed=o.seed,
         )
 

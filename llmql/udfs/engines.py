@@ -31,11 +31,18 @@ def get_engine(model: str | None = None, *, factory: EngineFactory | None = None
         return _ENGINES[key]
 
 
+def loaded_engine(model: str | None = None) -> Engine | None:
+    """The process's engine for `model` if it is already loaded (never loads one)."""
+    with _LOCK:
+        return _ENGINES.get(engine_key(model))
+
+
 def engine_key(model: str | None = None, factory: EngineFactory | None = None) -> tuple:
-    """The registry key: the model name, the settings `load` reads (device, threads, KV
-    size) and the factory's identity."""
+    """The registry key: the model name, the settings `load` reads (device, threads, KV,
+    policy) and the factory's identity."""
     s = get_settings()
-    return (model or s.model, s.device, s.threads, s.kv_tokens, s.kv_gib, _factory_key(factory))
+    return (model or s.model, s.device, s.threads, s.kv_tokens, s.kv_gib, s.policy,
+            _factory_key(factory))
 
 
 def _factory_key(factory: EngineFactory | None) -> str | None:

@@ -64,7 +64,10 @@ class Req:
         return self.finish_reason is not None
 
     def finish(self, reason: str, error: str | None = None, kind: str | None = None) -> None:
-        self.finish_reason, self.error, self.error_kind = reason, error, kind
+        """End the request; `kind` (an ErrorKind) defaults to internal for errors."""
+        self.finish_reason, self.error = reason, error
+        if reason == "error":
+            self.error_kind = kind or ErrorKind.INTERNAL
 
     def result(self) -> GenerationResult:
         """The public result of a finished request."""
