@@ -174,8 +174,8 @@ CUDA_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_CUDA, reason="needs CUDA (compiled kernels)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hq,hkv,d", [(4, 1, 256), (8, 2, 64), (32, 8, 128), (16, 16, 128)])
-@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 1, 256), (32, 8, 128), (8, 8, 64)])
+@pytest.mark.parametrize("batch", [1, 33])
 def test_cuda_sweep(dtype, hq, hkv, d, batch) -> None:
     """Both kernels with their CUDA default tiles and splits, ragged batches up to 1,200 keys."""
     q_lens, kv_lens = random_lens(batch, 1200, seed=batch + d)
