@@ -37,9 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gpu_workloads import roofline, throughput, word_tokenizer  # NOTE: this script's sibling
 
 ROOT = Path(__file__).resolve().parents[1]
+# NOTE: the device machine has this checkout but no installed llmql: import this checkout's,
+# also where another copy is installed (its workers run `python3 benchmarks/gpu_check.py`).
+sys.path.insert(0, str(ROOT))
+
+from gpu_workloads import roofline, throughput, word_tokenizer  # noqa: E402 (sibling script)
+
 SECTIONS = ("kernels", "parity", "throughput", "roofline")
 KERNEL_TESTS_S = 200.0  # NOTE: most of it is Triton compiling each kernel variant once
 
@@ -64,7 +69,10 @@ TIE_GAP = {torch.float32: 1e-3, torch.bfloat16: 0.25}
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     device = "cpu" if args.dry_run else "cuda"
+    import llmql
+
     report: dict[str, Any] = {"command": " ".join(sys.argv), "dry_run": args.dry_run,
+                              "llmql": str(Path(llmql.__file__).parent),
                               "env": _env(), "sections": {}}
     start = time.perf_counter()
     for name in args.only:
