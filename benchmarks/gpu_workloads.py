@@ -34,31 +34,33 @@ def throughput(device: str, *, dry_run: bool, time_left: float) -> dict:
     vocab = lm.config.vocab_size
     _ours_run(engine, _random_prompts(2, 40, vocab, seed=99), 2)  # NOTE: compiles the kernels
     groups, per, prefix, suffix, new = PREFIX_HEAVY[size]
-    prompts = _grouped_prompts(groups, per, prefix, suffix, vocab)
-    ours_prefix = _ours_run(engine, prompts, new)
-    n_sub, sizes = HF_SUBSET[size]
-    hf = _hf_model(device, dtype, dry_run)
-    hf_prefix = _hf_best(hf, prompts[:n_sub], new, sizes)
     count, length, dnew = DECODE_HEAVY[size]
+    prompts = _grouped_prompts(groups, per, prefix, suffix, vocab)
     dprompts = _random_prompts(count, length, vocab, seed=5)
-    ours_decode = _ours_run(engine, dprompts, dnew)
-    hf_decode = _hf_best(hf, dprompts, dnew, (count,))
-    del hf
-    return {
-        "ok": True,
+    result: dict[str, Any] = {
+        "ok": False,
         "model": "llama3-8b-shaped random bf16" if not dry_run else "tiny llama fp32 (dry run)",
-        "prefix_heavy": {
-            "shape": dict(zip(("groups", "per_group", "prefix", "suffix", "new"),
-                              PREFIX_HEAVY[size])),
-            "ours": ours_prefix, "transformers": hf_prefix,
-            "speedup_prompts_per_s": _ratio(ours_prefix, hf_prefix, "prompts_per_s"),
-        },
-        "decode_heavy": {
-            "shape": dict(zip(("prompts", "prompt_len", "new"), DECODE_HEAVY[size])),
-            "ours": ours_decode, "transformers": hf_decode,
-            "speedup_output_tokens_per_s": _ratio(ours_decode, hf_decode, "output_tokens_per_s"),
-        },
+        "prefix_heavy": {"shape": dict(zip(("groups", "per_group", "prefix", "suffix", "new"),
+                                           PREFIX_HEAVY[size]))},
+        "decode_heavy": {"shape": dict(zip(("prompts", "prompt_len", "new"), DECODE_HEAVY[size]))},
     }
+    # NOTE: ours first, so a failure on the transformers side keeps our figures
+    result["prefix_heavy"]["ours"] = _ours_run(engine, prompts, new)
+    result["decode_heavy"]["ours"] = _ours_run(engine, dprompts, dnew)
+    n_sub, sizes = HF_SUBSET[size]
+    try:
+        hf = _hf_model(device, dtype, dry_run)
+        result["prefix_heavy"]["transformers"] = _hf_best(hf, prompts[:n_sub], new, sizes)
+        result["decode_heavy"]["transformers"] = _hf_best(hf, dprompts, dnew, (count,))
+        del hf
+    except Exception as exc:  # NOTE: recorded with our figures kept
+        result["error"] = f"transformers: {type(exc).__name__}: {exc}"[:2000]
+        return result
+    for key, rate in (("prefix_heavy", "prompts_per_s"), ("decode_heavy", "output_tokens_per_s")):
+        part = result[key]
+        part[f"speedup_{rate}"] = _ratio(part["ours"], part["transformers"], rate)
+    result["ok"] = True
+    return result
 
 
 def roofline(device: str, *, dry_run: bool, time_left: float) -> dict:
@@ -165,15 +167,23 @@ def _hf_best(model: Any, prompts: list[list[int]], new: int, sizes: tuple[int, .
     fastest, with every size's rate. Warm-up: one small batch first."""
     device = model.device
     _hf_generate(model, prompts[:1], new, 1)
-    runs = {}
+    runs: dict[int, float] = {}
+    failed: dict[int, str] = {}
     for bs in sizes:
-        seconds, _ = _timed(lambda bs=bs: _hf_generate(model, prompts, new, bs), device.type)
+        try:
+            seconds, _ = _timed(lambda bs=bs: _hf_generate(model, prompts, new, bs), device.type)
+        except torch.OutOfMemoryError as exc:  # NOTE: a too-large batch size is not the best
+            failed[bs] = f"out of memory: {str(exc)[:200]}"
+            torch.cuda.empty_cache()
+            continue
         runs[bs] = round(len(prompts) / seconds, 2)
+    if not runs:
+        raise RuntimeError(f"transformers failed at every batch size: {failed}")
     best = max(runs, key=lambda b: runs[b])
     seconds = len(prompts) / runs[best]
     return {"prompts": len(prompts), "best_batch_size": best, "seconds": round(seconds, 4),
             "prompts_per_s": runs[best], "output_tokens_per_s": round(len(prompts) * new / seconds, 1),
-            "prompts_per_s_by_batch_size": runs}
+            "prompts_per_s_by_batch_size": runs, "failed_batch_sizes": failed}
 
 
 def _hf_generate(model: Any, prompts: list[list[int]], new: int, bs: int) -> None:
