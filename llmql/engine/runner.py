@@ -3,6 +3,8 @@ the logits of the rows to sample (one per request whose chunk reaches its end)."
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from llmql.engine.context import ForwardBatch, forward_context
@@ -35,30 +37,44 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardBatch]:
-        """Flatten the batch (layout in `llmql.engine.context`)."""
-        ids: list[int] = []
-        positions, out_loc, kv_indices = [], [], []
-        qo, kv, rows = [0], [0], []
+        """Flatten the batch (layout in `llmql.engine.context`).
+
+        Index math is vectorised over requests (no per-token Python work beyond gathering
+        the new token ids), and everything reaches the device in one host-to-device copy.
+        """
+        lens = torch.tensor(batch.extend_lens, dtype=torch.int64)
+        starts = torch.tensor(batch.starts, dtype=torch.int64)
+        ends = starts + lens
+        qo = torch.cat([_ZERO, lens.cumsum(0)])
+        kv = torch.cat([_ZERO, ends.cumsum(0)])
+        total = int(qo[-1])
+        offsets = torch.repeat_interleave(starts - qo[:-1], lens, output_size=total)
+        positions = torch.arange(total) + offsets  # [T]: start + i for row i of each chunk
+        chunks = list(zip(batch.reqs, batch.starts, batch.extend_lens))
+        ids = torch.tensor(list(itertools.chain.from_iterable(
+            r.token_ids[s : s + n] for r, s, n in chunks)), dtype=torch.int64)
+        out_loc = torch.cat([r.slots[s : s + n] for r, s, n in chunks])
+        kv_indices = torch.cat([r.slots[:e] for r, e in zip(batch.reqs, ends.tolist())])
         # NOTE: sampled rows follow `batch.samples`, the rule engine.step pairs logits with.
-        for req, start, n, sampled in zip(batch.reqs, batch.starts, batch.extend_lens, batch.samples):
-            end = start + n
-            ids.extend(req.token_ids[start:end])
-            positions.append(torch.arange(start, end, dtype=torch.int64))
-            out_loc.append(req.slots[start:end])
-            kv_indices.append(req.slots[:end])
-            qo.append(qo[-1] + n)
-            kv.append(kv[-1] + end)
-            if sampled:
-                rows.append(qo[-1] - 1)
-        dev = self.device
+        rows = (qo[1:] - 1)[torch.tensor(batch.samples, dtype=torch.bool)]
+        parts = _to_device([ids, positions, qo, kv, kv_indices, out_loc, rows], self.device)
+        ids, positions, qo, kv, kv_indices, out_loc, rows = parts
         forward_batch = ForwardBatch(
-            positions=torch.cat(positions).to(dev),
-            qo_indptr=torch.tensor(qo, dtype=torch.int64, device=dev),
-            kv_indptr=torch.tensor(kv, dtype=torch.int64, device=dev),
-            kv_indices=torch.cat(kv_indices).to(dev),
-            out_cache_loc=torch.cat(out_loc).to(dev),
-            kv_pool=self.pool,
-            is_decode=batch.is_decode,
-            logits_indices=torch.tensor(rows, dtype=torch.int64, device=dev),
+            positions=positions, qo_indptr=qo, kv_indptr=kv, kv_indices=kv_indices,
+            out_cache_loc=out_loc, kv_pool=self.pool, is_decode=batch.is_decode,
+            logits_indices=rows,
         )
-        return torch.tensor(ids, dtype=torch.int64, device=dev), forward_batch
+        return ids, forward_batch
+
+
+_ZERO = torch.zeros(1, dtype=torch.int64)
+
+
+def _to_device(parts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """int64 CPU tensors -> the same on `device`, through one copy of their concatenation."""
+    if device.type == "cpu":
+        return parts
+    flat = torch.cat(parts)
+    if torch.cuda.is_available():
+        flat = flat.pin_memory()
+    return list(flat.to(device, non_blocking=True).split([p.numel() for p in parts]))

@@ -14,8 +14,9 @@ sees key j iff j <= pos and, with a sliding window W, pos - j < W. Hq must be a 
 Hkv (grouped-query attention). `softcap` applies tanh soft-capping to the scores.
 
 `ref_paged_attention` is the torch reference (the test oracle); `paged_attention` picks the
-Triton kernel on CUDA (module `llmql.kernels.attention_triton`) and the vectorised
-same-signature CPU path (`llmql.kernels.attention_cpu`) otherwise.
+Triton kernels on CUDA (`llmql.kernels.attention_triton` for prefill and mixed batches,
+the split-KV `llmql.kernels.decode_attention_triton` when every sequence has one new token)
+and the vectorised same-signature CPU path (`llmql.kernels.attention_cpu`) otherwise.
 """
 
 from __future__ import annotations
@@ -72,8 +73,20 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    is_decode: bool = False,
 ) -> torch.Tensor:
-    """Dispatch: the Triton kernel on CUDA, the vectorised torch path elsewhere (same signature)."""
+    """Dispatch: the Triton kernels on CUDA, the vectorised torch path elsewhere (same signature).
+
+    `is_decode` promises one new token per sequence (qo_indptr == arange(B+1)); on CUDA it
+    selects the split-KV decode kernel.
+    """
+    if q.is_cuda and is_decode:
+        from llmql.kernels.decode_attention_triton import triton_decode_attention
+
+        return triton_decode_attention(
+            q, k_cache, v_cache, kv_indptr, kv_indices,
+            scale=scale, sliding_window=sliding_window, softcap=softcap,
+        )
     if q.is_cuda:
         from llmql.kernels.attention_triton import triton_paged_attention
 

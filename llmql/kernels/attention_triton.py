@@ -83,6 +83,14 @@ def _kernel():
     return paged_attention_kernel
 
 
+def default_blocks(head_dim: int, dtype: torch.dtype, cuda: bool) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): 64x64 tiles for 16-bit inputs with head_dim <= 128 on CUDA, else
+    16x32 (small tiles keep float32 and head_dim 256 inside shared memory)."""
+    if cuda and dtype in (torch.bfloat16, torch.float16) and head_dim <= 128:
+        return 64, 64
+    return 16, 32
+
+
 def triton_paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -94,10 +102,13 @@ def triton_paged_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
-    block_m: int = 16,
-    block_n: int = 32,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:
-    """Launcher: checks shapes and strides, then runs the kernel (see the module docstring)."""
+    """Launcher: checks shapes and strides, then runs the kernel (see the module docstring).
+
+    `block_m`/`block_n` (query rows / keys per tile) default to `default_blocks`.
+    """
     import triton
 
     assert q.dim() == 3 and k_cache.dim() == 3 and k_cache.shape == v_cache.shape
@@ -114,6 +125,8 @@ def triton_paged_attention(
     if t == 0 or bsz == 0:
         return out
     max_q = int((qo_indptr[1:] - qo_indptr[:-1]).max())
+    dm, dn = default_blocks(d, q.dtype, q.is_cuda)
+    block_m, block_n = block_m or dm, block_n or dn
     grid = (bsz, hq, triton.cdiv(max_q, block_m))
     _kernel()[grid](
         q, k_cache, v_cache, out, qo_indptr, kv_indptr, kv_indices,

@@ -37,6 +37,7 @@ class PagedAttention(nn.Module):
         return paged_attention(
             q, k_cache, v_cache, batch.qo_indptr, batch.kv_indptr, batch.kv_indices,
             scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap,
+            is_decode=batch.is_decode,
         )
 
 
