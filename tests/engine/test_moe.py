@@ -44,3 +44,31 @@ def test_moe_greedy_matches_transformers(family, tiny_model_dir, tiny_hf_model) 
     assert want_logits.abs().max() > 0.5
     assert tokens == want_tokens
     torch.testing.assert_close(logits, want_logits, atol=ATOL, rtol=0)
+
+
+def _expert_bytes(lm) -> int:
+    c = lm.config
+    return 3 * c.hidden_size * c.moe_intermediate_size * 4
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_offload_matches_resident(family, tiny_model_dir) -> None:
+    """Unbounded cache and a cache of 2 experts per layer: the same tokens and logits."""
+    directory = tiny_model_dir(family)
+    resident = load_model(str(directory))
+    ids = sequence(9, seed=4)
+    want_tokens, want_logits = _greedy(resident, ids, steps=6)
+    per_layer = 2 * _expert_bytes(resident) * resident.config.num_layers / 2**30
+    for gib in (1.0, per_layer):
+        lm = load_model(str(directory), expert_cache_gib=gib)
+        tokens, logits = _greedy(lm, ids, steps=6)
+        assert tokens == want_tokens
+        torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=0)
+        stats = lm.model.expert_offload.stats()
+        assert stats["resident_bytes"] <= stats["budget_bytes"]
+        assert stats["peak_resident_bytes"] <= stats["budget_bytes"]
+        assert stats["misses"] > 0 and stats["bytes_moved"] >= stats["misses"] * _expert_bytes(lm)
+        if gib < 1.0:
+            assert stats["evictions"] > 0  # NOTE: the small budget really did force eviction
+        assert stats["prefetch_predicted"] > 0 and 0.0 <= stats["prefetch_accuracy"] <= 1.0
+        lm.model.expert_offload.cache.close()
