@@ -254,11 +254,11 @@ def from_gguf_metadata(meta: Mapping[str, Any], tensor_names: set[str]) -> Model
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos,
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-        # NOTE: llama.cpp always renormalises Mixtral's and Qwen3-MoE's top-k weights.
+        # NOTE: llama.cpp renormalises Mixtral's and Qwen3-MoE's top-k weights (unless told).
         "num_experts": get("expert_count"),
         "num_experts_per_tok": get("expert_used_count"),
         "moe_intermediate_size": get("expert_feed_forward_length"),
-        "norm_topk_prob": True,
+        "norm_topk_prob": bool(get("expert_weights_norm", True)),
     }
     if gemma:
         # NOTE: llama.cpp scales Gemma 3 queries by head_dim**-0.5, except the 27B (62 layers)
