@@ -143,3 +143,20 @@ def test_gguf_stacked_experts_match_transformers(family, arch, tiny_model_dir, t
         tokens, logits = _greedy(lm, ids, steps=4)
         assert tokens == want_tokens
         torch.testing.assert_close(logits, want_logits, atol=ATOL, rtol=ATOL)
+
+
+def test_engine_reports_expert_cache_stats(tiny_model_dir) -> None:
+    """The embedded engine on an offloaded MoE: same text as resident, counters in stats()."""
+    from llmql.engine.engine import load
+    from llmql.engine.types import GenerationRequest
+
+    directory = str(tiny_model_dir("mixtral"))
+    requests = [GenerationRequest(f"w{5 + i} w17 w33 w60", max_tokens=8) for i in range(3)]
+    resident = load(directory, kv_tokens=256, device="cpu")
+    offloaded = load(directory, kv_tokens=256, device="cpu", expert_cache_gib=0.0003)
+    want = [r.text for r in resident.generate(requests, progress=False)]
+    assert [r.text for r in offloaded.generate(requests, progress=False)] == want
+    assert "experts" not in resident.stats().extra
+    experts = offloaded.stats().extra["experts"]
+    assert experts["hits"] + experts["misses"] > 0 and experts["bytes_moved"] > 0
+    assert experts["peak_resident_bytes"] <= experts["budget_bytes"]
