@@ -22,7 +22,7 @@ ITEM = 100
 def _cache(budget_items: int, delay: float = 0.0, **kw) -> tuple[ExpertCache, list]:
     loads: list = []
 
-    def load(key):
+    def load(key, out):
         loads.append(key)
         time.sleep(delay)
         return torch.full((2,), float(hash(key) % 1000))

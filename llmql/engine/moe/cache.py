@@ -49,9 +49,10 @@ class CacheStats:
 
 
 class ExpertCache:
-    """Byte-budgeted expert cache over a `load(key) -> value` function (the backing tier)."""
+    """Byte-budgeted expert cache over `load(key, out) -> value` (the backing tier); `out` is an
+    evicted value whose buffers may be reused, or None."""
 
-    def __init__(self, load: Callable[[Key], Any], item_bytes: int, budget_bytes: int,
+    def __init__(self, load: Callable[[Key, Any], Any], item_bytes: int, budget_bytes: int,
                  *, half_life: float = 64.0, prefetch_thread: bool = True) -> None:
         if budget_bytes and budget_bytes < item_bytes:
             raise ValueError(f"expert cache budget {budget_bytes} B holds no expert ({item_bytes} B each); "
@@ -59,6 +60,7 @@ class ExpertCache:
         self._load, self.item_bytes, self.budget_bytes = load, item_bytes, budget_bytes
         self.half_life = half_life
         self._entries: dict[Key, _Entry] = {}
+        self._free: list[Any] = []  # NOTE: evicted values, reused as load buffers (no allocator churn)
         self._lock = threading.Condition()
         self._clock = 0
         self.stats = CacheStats()
@@ -168,7 +170,7 @@ class ExpertCache:
             self.stats.bytes_moved += self.item_bytes
             self._lock.release()
             try:
-                return self._load(key)
+                return self._load(key, None)
             finally:
                 self._lock.acquire()
         self._make_room(wait=True)
@@ -183,8 +185,10 @@ class ExpertCache:
         return entry.value
 
     def _fill(self, key: Key, entry: _Entry, from_prefetch: bool) -> None:
+        with self._lock:
+            out = self._free.pop() if self._free else None
         try:
-            entry.value = self._load(key)
+            entry.value = self._load(key, out)
         except BaseException:
             with self._lock:
                 self._entries.pop(key, None)
@@ -229,6 +233,7 @@ class ExpertCache:
                 continue
             _, key = min(victims, key=lambda v: v[0])
             evicted = self._entries.pop(key)
+            self._free.append(evicted.value)
             self.stats.evictions += 1
             self.stats.prefetch_wasted += evicted.prefetched
         return True

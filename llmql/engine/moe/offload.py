@@ -20,7 +20,7 @@ from torch import nn
 from llmql.engine.config import ModelConfig
 from llmql.engine.layers.moe import SparseMoE, route
 from llmql.engine.moe.cache import ExpertCache
-from llmql.engine.moe.store import ExpertStore
+from llmql.engine.moe.store import Expert, ExpertStore
 from llmql.kernels.fused_moe import expert_mlp, group_by_expert
 
 
@@ -35,13 +35,18 @@ class ExpertOffload:
         self._predicted: dict[int, set[int]] = {}
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def load(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backing tier -> fast tier (a copy in RAM, or on the device through a side stream)."""
-        w13, w2 = self.store.load(*key)
+    def load(self, key: tuple[int, int], out: Expert | None = None) -> Expert:
+        """Backing tier -> fast tier (into `out`, an evicted expert's buffers, when given): a copy
+        in RAM, or on the device through a side stream."""
         if self._stream is None:
-            return w13, w2
+            return self.store.load(*key, out=out)
+        w13, w2 = self.store.load(*key)
         with torch.cuda.stream(self._stream):
-            out = w13.to(self.device, non_blocking=True), w2.to(self.device, non_blocking=True)
+            if out is None:
+                out = w13.to(self.device, non_blocking=True), w2.to(self.device, non_blocking=True)
+            else:
+                out[0].copy_(w13, non_blocking=True)
+                out[1].copy_(w2, non_blocking=True)
         self._stream.synchronize()
         return out
 
@@ -136,7 +141,7 @@ def offload_experts(
     # NOTE: frequency halves over about four decode steps' worth of expert lookups.
     half_life = 4.0 * len(moes) * config.num_experts_per_tok
     holder: list[ExpertOffload] = []
-    cache = ExpertCache(lambda key: holder[0].load(key), store.expert_bytes,
+    cache = ExpertCache(lambda key, out: holder[0].load(key, out), store.expert_bytes,
                         int(budget_gib * 2**30), half_life=half_life, prefetch_thread=prefetch)
     controller = ExpertOffload(store, cache, moes, dev, prefetch=prefetch)
     holder.append(controller)

@@ -68,22 +68,29 @@ class ExpertStore:
         return [(layer, e) for layer in range(self.config.num_layers)
                 for e in range(self.config.num_experts)]
 
-    def load(self, layer: int, expert: int) -> Expert:
-        """A fresh copy (model dtype, CPU) of one expert; the mapped pages are dropped after."""
+    def load(self, layer: int, expert: int, out: Expert | None = None) -> Expert:
+        """One expert (model dtype, CPU), copied into `out` (reused buffers) or fresh tensors;
+        the mapped pages are dropped after. On CUDA: the pinned host copy itself."""
         if self._pinned is not None:
             return self._pinned[(layer, expert)]
-        gate, up, down = (self._read(self._parts[(layer, expert, p)]) for p in ("gate", "up", "down"))
-        return torch.cat([gate, up]), down
+        if out is None:
+            i, h = self.shapes["gate"]
+            out = torch.empty(2 * i, h, dtype=self.dtype), torch.empty(h, i, dtype=self.dtype)
+        w13, w2 = out
+        half = w13.shape[0] // 2
+        self._read(self._parts[(layer, expert, "gate")], w13[:half])
+        self._read(self._parts[(layer, expert, "up")], w13[half:])
+        self._read(self._parts[(layer, expert, "down")], w2)
+        return out
 
-    def _read(self, s: _Slice) -> torch.Tensor:
+    def _read(self, s: _Slice, into: torch.Tensor) -> None:
         buf = self._maps[s.file]
         raw = torch.frombuffer(buf, dtype=torch.uint8, count=s.end - s.start, offset=s.start)
-        out = raw.view(s.dtype).reshape(s.shape).to(self.dtype, copy=True)
+        into.copy_(raw.view(s.dtype).reshape(s.shape))
         del raw
         # NOTE: drop the mapped pages so reading an expert does not keep its file pages in RSS.
         first = s.start // _PAGE * _PAGE
         buf.madvise(mmap.MADV_DONTNEED, first, s.end - first)
-        return out
 
     def _index(self, path: Path) -> None:
         size = path.stat().st_size
