@@ -47,7 +47,9 @@ def ref_fused_moe(
         start += n
         tokens = pairs // k
         y = expert_mlp(x[tokens], w13[e], w2[e])
-        out.index_add_(0, tokens, y * topk_weights.reshape(-1)[pairs, None].to(y.dtype))
+        # NOTE: index_put_ (accumulate), not index_add_: torch's CPU index_add_ takes ms per row.
+        y = y * topk_weights.reshape(-1)[pairs, None].to(y.dtype)
+        out.index_put_((tokens,), y, accumulate=True)
     return out
 
 

@@ -80,7 +80,7 @@ class ExpertOffload:
             w13, w2 = self.store.load(*key)
             tokens = pairs // k
             y = expert_mlp(x[tokens].to("cpu", w13.dtype), w13, w2).to(x.device, x.dtype)
-            out.index_add_(0, tokens, y * flat_w[pairs, None].to(y.dtype))
+            out.index_put_((tokens,), y * flat_w[pairs, None].to(y.dtype), accumulate=True)
             self.cache.stats.cpu_computed += 1
             return
         try:
@@ -92,7 +92,7 @@ class ExpertOffload:
     def _compute(out, x, flat_w, pairs, k, expert) -> None:
         tokens = pairs // k
         y = expert_mlp(x[tokens], *expert)
-        out.index_add_(0, tokens, y * flat_w[pairs, None].to(y.dtype))
+        out.index_put_((tokens,), y * flat_w[pairs, None].to(y.dtype), accumulate=True)
 
     def _prefetch_next(self, layer: int, x: torch.Tensor) -> None:
         moe = self.moes[layer]
