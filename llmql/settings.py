@@ -12,6 +12,8 @@ Environment variables:
     LLMQL_THREADS     CPU threads for torch (0 = torch's default).
     LLMQL_KV_TOKENS   KV pool size in tokens (0 = derive from LLMQL_KV_GIB).
     LLMQL_KV_GIB      KV pool size in GiB when LLMQL_KV_TOKENS is 0 (default 1.0).
+    LLMQL_EXPERT_CACHE_GIB  MoE models: GiB of experts kept in fast memory, the rest memory-mapped
+                      (unset: every expert resident; 0: each expert loaded when used).
     LLMQL_RESULT_CACHE  "1" (default) to use the persistent result cache, "0" to disable.
     LLMQL_PROGRESS    "1" (default) to show progress bars on long runs, "0" to hide them.
     LLMQL_POLICY      the embedded engine's scheduling policy: "fair" (default: VTC across
@@ -47,6 +49,7 @@ class Settings:
     result_cache: bool = True
     progress: bool = True
     policy: str = "fair"
+    expert_cache_gib: float | None = None
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
@@ -55,6 +58,8 @@ class Settings:
             raise ValueError(f"LLMQL_POLICY must be one of {_POLICIES}, got {self.policy!r}")
         if self.threads < 0 or self.kv_tokens < 0 or self.kv_gib <= 0:
             raise ValueError("threads and kv_tokens must be >= 0 and kv_gib > 0")
+        if self.expert_cache_gib is not None and self.expert_cache_gib < 0:
+            raise ValueError(f"LLMQL_EXPERT_CACHE_GIB must be >= 0, got {self.expert_cache_gib}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -71,6 +76,8 @@ class Settings:
             result_cache=_bool(env, "LLMQL_RESULT_CACHE", base.result_cache),
             progress=_bool(env, "LLMQL_PROGRESS", base.progress),
             policy=(env.get("LLMQL_POLICY") or base.policy).lower(),
+
+            expert_cache_gib=_float_or_none(env, "LLMQL_EXPERT_CACHE_GIB"),
         )
 
     def resolved_device(self) -> str:
@@ -116,6 +123,16 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
         return int(raw)
     except ValueError as exc:
         raise ValueError(f"{key} must be an integer, got {raw!r}") from exc
+
+
+def _float_or_none(env: Mapping[str, str], key: str) -> float | None:
+    raw = env.get(key)
+    if raw in (None, ""):
+        return None
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{key} must be a number of GiB, got {raw!r}") from exc
 
 
 def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:

@@ -17,8 +17,10 @@ _ARCH_BY_MODEL_TYPE = {
     "gemma3_text": "Gemma3ForCausalLM",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 
@@ -103,6 +105,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # NOTE: mixture of experts (0 experts: a dense model). `moe_intermediate_size` is each
+    # expert's width; `norm_topk_prob` renormalises the top-k routing weights to sum to 1.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -111,6 +119,8 @@ class ModelConfig:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries, not {self.num_layers}")
         if SLIDING in self.layer_types and not self.sliding_window:
             raise ValueError("sliding layers need a sliding_window")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} not in 1..{self.num_experts}")
 
     @property
     def attn_scale(self) -> float:
@@ -189,14 +199,15 @@ class ModelConfig:
             attn_logit_softcapping=None,
             final_logit_softcapping=cfg.get("final_logit_softcapping"),
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
-            o_bias=model_type in ("llama", "mistral") and bool(cfg.get("attention_bias")),
+            o_bias=model_type in ("llama", "mistral", "mixtral") and bool(cfg.get("attention_bias")),
             mlp_bias=bool(cfg.get("mlp_bias")),
-            qk_norm=model_type in ("gemma3_text", "qwen3"),
+            qk_norm=model_type in ("gemma3_text", "qwen3", "qwen3_moe"),
             norm_offset=1.0 if gemma else 0.0,
             embed_scale=gemma,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
             pad_token_id=cfg.get("pad_token_id"),
+            **_hf_moe(cfg, model_type),
         )
 
 
@@ -210,6 +221,8 @@ def from_gguf_metadata(meta: Mapping[str, Any], tensor_names: set[str]) -> Model
         raise unsupported(f"GGUF architecture {arch!r}")
     if model_type == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
         model_type = "mistral"
+    if model_type == "llama" and meta.get(f"{arch}.expert_count"):
+        model_type = "mixtral"
 
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
@@ -241,6 +254,11 @@ def from_gguf_metadata(meta: Mapping[str, Any], tensor_names: set[str]) -> Model
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos,
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        # NOTE: llama.cpp renormalises Mixtral's and Qwen3-MoE's top-k weights (unless told).
+        "num_experts": get("expert_count"),
+        "num_experts_per_tok": get("expert_used_count"),
+        "moe_intermediate_size": get("expert_feed_forward_length"),
+        "norm_topk_prob": bool(get("expert_weights_norm", True)),
     }
     if gemma:
         # NOTE: llama.cpp scales Gemma 3 queries by head_dim**-0.5, except the 27B (62 layers)
@@ -251,7 +269,24 @@ def from_gguf_metadata(meta: Mapping[str, Any], tensor_names: set[str]) -> Model
     return ModelConfig.from_hf(cfg)
 
 
-_MODEL_TYPE_BY_GGUF = {"gemma3": "gemma3_text", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_MODEL_TYPE_BY_GGUF = {"gemma3": "gemma3_text", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                       "qwen3moe": "qwen3_moe"}
+
+
+def _hf_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """The MoE fields of a HF config (Mixtral: every layer sparse, always renormalised)."""
+    if model_type not in ("mixtral", "qwen3_moe"):
+        return {}
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+        raise NotImplementedError("Qwen3-MoE with dense layers (mlp_only_layers, decoder_sparse_step)")
+    mixtral = model_type == "mixtral"
+    return {
+        "num_experts": cfg.get("num_local_experts") or cfg["num_experts"],
+        "num_experts_per_tok": cfg["num_experts_per_tok"],
+        "moe_intermediate_size": cfg["intermediate_size" if mixtral else "moe_intermediate_size"]
+        or cfg["intermediate_size"],
+        "norm_topk_prob": True if mixtral else bool(cfg.get("norm_topk_prob", False)),
+    }
 
 
 def _hf_rope(cfg: Mapping[str, Any], gemma: bool) -> tuple[dict, dict]:

@@ -20,6 +20,7 @@ from llmql.engine.constrained import ConstraintBuilder
 from llmql.engine.kvcache.base import create_prefix_cache
 from llmql.engine.kvcache.pool import KVPool
 from llmql.engine.models import LoadedModel, load_model
+from llmql.engine.moe import expert_stats
 from llmql.engine.runner import ModelRunner
 from llmql.engine.sampler import OutputProcessor, Sampler
 from llmql.engine.scheduler.cache import CacheManager
@@ -164,7 +165,8 @@ class EmbeddedEngine:
     def stats(self) -> EngineStats:
         """Totals since the engine was created (a copy)."""
         extra = {"preemptions": self.scheduler.preemptions, "evicted_tokens": self.kv.evicted_tokens,
-                 "kv_slots": self.pool.num_slots, "cached_size": self.kv.cache.cached_size}
+                 "kv_slots": self.pool.num_slots, "cached_size": self.kv.cache.cached_size,
+                 **expert_stats(self.lm.model)}
         return dataclasses.replace(self._stats, extra=extra)
 
     def _make_reqs(self, requests: Sequence[GenerationRequest]) -> list[Req]:
@@ -217,20 +219,26 @@ def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int)
     return None
 
 
-def load(model: str | None = None, *, policy: str | None = None,
-         **settings: object) -> EmbeddedEngine:
+def load(
+    model: str | None = None, *, policy: str | None = None,
+    expert_cache_gib: float | None = None, **settings: object
+) -> EmbeddedEngine:
     """Load `model` (None: LLMQL_MODEL, "default": Gemma 3 270M) into an embedded engine.
 
     Args:
         model: "default", a GGUF file or a Hugging Face model directory.
         policy: scheduling policy: "fair" (VTC across tenants, learned-length order inside
             each), "ltr" (learned-length shortest first), "fcfs"; None = LLMQL_POLICY.
+        expert_cache_gib: MoE models: GiB of experts kept in fast memory, the rest memory-mapped
+            from the model files (None: LLMQL_EXPERT_CACHE_GIB, unset = all resident; 0: no
+            cache, each expert loaded when used). `expert_prefetch=False` turns prefetch off.
         **settings: EngineConfig fields (device, dtype, kv_tokens, kv_gib, page_size,
             prefix_cache, chunk_size, max_batch_tokens, max_running, threads);
             unset ones come from `llmql.settings.get_settings()`.
     """
     base = get_settings()
     settings["policy"] = policy or base.policy
+    prefetch = settings.pop("expert_prefetch", True)
     device = str(settings.pop("device", base.resolved_device()))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -243,7 +251,9 @@ def load(model: str | None = None, *, policy: str | None = None,
     if config.threads:
         torch.set_num_threads(config.threads)
     source = model or base.model
-    lm = load_model(source, dtype=config.dtype, device=device, cache_dir=base.cache_dir)
+    gib = base.expert_cache_gib if expert_cache_gib is None else expert_cache_gib
+    lm = load_model(source, dtype=config.dtype, device=device, cache_dir=base.cache_dir,
+                    expert_cache_gib=gib, expert_prefetch=bool(prefetch))
     # NOTE: the same identity the udfs use for `model := ...` and LLMQL_MODEL, so results
     # cached through either path are found through the other.
     return EmbeddedEngine(lm, config, model_name=source)

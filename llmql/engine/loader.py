@@ -29,7 +29,8 @@ _DEFAULT_DTYPE_LOCK = threading.Lock()
 
 
 def load(
-    source: str | None, *, dtype: torch.dtype, device: str, cache_dir: Path | None
+    source: str | None, *, dtype: torch.dtype, device: str, cache_dir: Path | None,
+    expert_cache_gib: float | None = None, expert_prefetch: bool = True,
 ) -> LoadedModel:
     """See `llmql.engine.models.load_model`."""
     cache = _cache_root(cache_dir)
@@ -37,10 +38,12 @@ def load(
         path = default_gguf(cache)
     else:
         path = Path(str(source)).expanduser()
+    experts = {"expert_cache_gib": expert_cache_gib, "expert_prefetch": expert_prefetch}
     if path.is_dir():
-        return load_dir(path, name=path.name, dtype=dtype, device=device)
+        return load_dir(path, name=path.name, dtype=dtype, device=device, **experts)
     if path.is_file() and path.suffix == ".gguf":
-        return load_dir(gguf_cache(path, cache), name=path.stem.lower(), dtype=dtype, device=device)
+        return load_dir(gguf_cache(path, cache), name=path.stem.lower(), dtype=dtype, device=device,
+                        **experts)
     raise FileNotFoundError(
         f"model {source!r}: not a .gguf file or a model directory (or 'default')"
     )
@@ -59,15 +62,26 @@ def default_gguf(cache: Path) -> Path:
     return target
 
 
-def load_dir(directory: Path, *, name: str, dtype: torch.dtype, device: str) -> LoadedModel:
-    """Load a HF model directory (or one of our cache directories)."""
+def load_dir(
+    directory: Path, *, name: str, dtype: torch.dtype, device: str,
+    expert_cache_gib: float | None = None, expert_prefetch: bool = True,
+) -> LoadedModel:
+    """Load a HF model directory (or one of our cache directories). With `expert_cache_gib`
+    set, a MoE model's experts stay memory-mapped behind an expert cache of that many GiB."""
     start = time.perf_counter()
     config = read_config(directory)
     if not (directory / "tokenizer.json").exists():
         raise FileNotFoundError(f"{directory} has no tokenizer.json (needed to run the model)")
     tokenizer = Tokenizer.from_dir(directory, config.eos_token_ids)
     model = build_model(config, dtype=dtype, device=device)
-    model.load_weights(iter_safetensors(directory))
+    keep = None
+    if expert_cache_gib is not None and config.num_experts:
+        from llmql.engine.moe import is_expert_tensor, offload_experts
+
+        offload_experts(model, directory, config, budget_gib=expert_cache_gib, dtype=dtype,
+                        device=device, prefetch=expert_prefetch)
+        keep = lambda name: not is_expert_tensor(name)  # noqa: E731
+    model.load_weights(iter_safetensors(directory, keep))
     log.info("loaded %s in %.1fs", name, time.perf_counter() - start)
     return LoadedModel(model=model.eval(), config=config, tokenizer=tokenizer, name=name)
 

@@ -38,6 +38,11 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mistral": ("MistralForCausalLM", "MistralConfig", dict(_COMMON, sliding_window=5)),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(_COMMON, tie_word_embeddings=True)),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(_COMMON, head_dim=32)),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(
+        _COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
+        _COMMON, head_dim=16, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=False)),
 }
 
 

@@ -36,6 +36,8 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     cache_dir: Path | None = None,
+    expert_cache_gib: float | None = None,
+    expert_prefetch: bool = True,
 ) -> LoadedModel:
     """Load a model.
 
@@ -46,13 +48,18 @@ def load_model(
         device: "cpu" or "cuda".
         cache_dir: root of the model cache (default: settings' cache_dir); GGUF files are
             dequantised once into `<cache_dir>/models/<name>-<hash>/`.
+        expert_cache_gib: MoE models only: None keeps every expert in memory; a number keeps
+            the experts memory-mapped behind an expert cache of that many GiB (0: no cache,
+            each expert loaded when used).
+        expert_prefetch: with an expert cache, predict and load the next layer's experts early.
 
     Raises:
         FileNotFoundError: `source` does not exist; ValueError: unsupported architecture.
     """
     from llmql.engine.loader import load
 
-    return load(source, dtype=dtype, device=device, cache_dir=cache_dir)
+    return load(source, dtype=dtype, device=device, cache_dir=cache_dir,
+                expert_cache_gib=expert_cache_gib, expert_prefetch=expert_prefetch)
 
 
 __all__ = ["LoadedModel", "get_model_class", "load_model", "supported_architectures"]

@@ -10,8 +10,10 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Gemma3ForCausalLM": ("llmql.engine.models.gemma3", "Gemma3ForCausalLM"),
     "LlamaForCausalLM": ("llmql.engine.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("llmql.engine.models.llama", "MistralForCausalLM"),
+    "MixtralForCausalLM": ("llmql.engine.models.mixtral", "MixtralForCausalLM"),
     "Qwen2ForCausalLM": ("llmql.engine.models.qwen", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("llmql.engine.models.qwen", "Qwen3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("llmql.engine.models.qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 
 

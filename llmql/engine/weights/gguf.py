@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from llmql.engine.config import ModelConfig, RopeScaling
+from llmql.engine.weights.gguf_moe import is_moe_tensor, moe_tensors
 from llmql.engine.weights.gguf_reader import TensorInfo, read_gguf
 
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -58,6 +59,9 @@ class GGUFFile:
             if t.name == _ROPE_FREQS:
                 continue
             weights = _undo_llama_cpp(_dequantise(t), t.name, config)
+            if is_moe_tensor(t.name):
+                yield from moe_tensors(t.name, weights, config)
+                continue
             yield hf_name(t.name, config), torch.from_numpy(weights)
 
 
@@ -92,7 +96,7 @@ def _undo_llama_cpp(w: np.ndarray, name: str, config: ModelConfig) -> np.ndarray
     rows were permuted from HF's rotate-half layout to interleaved pairs."""
     if config.norm_offset and name.endswith("norm.weight"):
         return w - np.float32(config.norm_offset)
-    if config.model_type in ("llama", "mistral") and (".attn_q." in name or ".attn_k." in name):
+    if config.model_type in ("llama", "mistral", "mixtral") and (".attn_q." in name or ".attn_k." in name):
         heads = config.num_heads if ".attn_q." in name else config.num_kv_heads
         return _unpermute(w, heads)
     return w

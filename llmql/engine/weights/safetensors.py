@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -11,9 +11,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
-def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(
+    directory: Path, keep: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from the checkpoint's `*.safetensors` files (memory-mapped): those
-    the `model.safetensors.index.json` names, else all but Mistral's `consolidated*` copies."""
+    the `model.safetensors.index.json` names, else all but Mistral's `consolidated*` copies.
+    `keep(name)` False skips a tensor without reading it."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -25,7 +28,8 @@ def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
+                if keep is None or keep(name):
+                    yield name, f.get_tensor(name)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -1,0 +1,183 @@
+"""Expert offload on CPU: all experts resident vs expert caches of 50% / 25% of the experts'
+bytes vs naive on-demand loading (no cache, no prefetch), on one synthetic MoE.
+
+The script writes a random-weight Mixtral-style model to disk once (default: 16 layers x 16
+experts, top-2, hidden 1024, expert width 704, float32: 2.06 GiB of experts, one shard per
+layer), then runs the same decode-heavy batch under each configuration, each in a fresh
+process so peak RSS is its own. Prints one JSON line per configuration, then a table.
+
+NOTE: random routers are a worst case for caching: every expert is equally likely, so a cache
+of x% of the experts hits about x% of the time; trained routers are skewed and hit more. The
+model files sit in the OS page cache after writing, so "disk" reads here are memory copies.
+
+    python benchmarks/moe_bench.py [--layers 16 --experts 16 --hidden 1024 --inter 704]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+VOCAB = 512
+MODES = {"resident": None, "cache_50": 0.5, "cache_25": 0.25, "naive": 0.0}
+
+
+def write_model(out: Path, a: argparse.Namespace) -> Path:
+    """The synthetic MoE as a HF Mixtral folder (reused when already complete)."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    if (out / "complete").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    h, i, heads, kv, hd = a.hidden, a.inter, 8, 2, a.hidden // 8
+    config = {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": VOCAB,
+        "hidden_size": h, "intermediate_size": i, "num_hidden_layers": a.layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
+        "num_local_experts": a.experts, "num_experts_per_tok": 2, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": False,
+        "eos_token_id": None, "bos_token_id": None,
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * shape[-1] ** -0.5
+
+    weight_map = {}
+    for layer in range(a.layers):
+        p = f"model.layers.{layer}."
+        shard = {p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
+                 p + "self_attn.q_proj.weight": rand(heads * hd, h), p + "self_attn.k_proj.weight": rand(kv * hd, h),
+                 p + "self_attn.v_proj.weight": rand(kv * hd, h), p + "self_attn.o_proj.weight": rand(h, heads * hd),
+                 p + "block_sparse_moe.gate.weight": rand(a.experts, h) * 4}
+        for e in range(a.experts):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            shard |= {q + "w1.weight": rand(i, h), q + "w3.weight": rand(i, h), q + "w2.weight": rand(h, i)}
+        name = f"model-{layer:05d}.safetensors"
+        save_file(shard, str(out / name))
+        weight_map |= dict.fromkeys(shard, name)
+    rest = {"model.embed_tokens.weight": rand(VOCAB, h), "model.norm.weight": torch.ones(h),
+            "lm_head.weight": rand(VOCAB, h)}
+    save_file(rest, str(out / "model-rest.safetensors"))
+    weight_map |= dict.fromkeys(rest, "model-rest.safetensors")
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    tok = Tokenizer(models.WordLevel(vocab={f"w{k}": k for k in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "complete").write_text("ok")
+    return out
+
+
+def expert_gib(a: argparse.Namespace) -> float:
+    return a.layers * a.experts * 3 * a.hidden * a.inter * 4 / 2**30
+
+
+def run_one(model: Path, mode: str, a: argparse.Namespace) -> dict:
+    """One configuration, in this process: tokens/s, peak RSS, expert cache counters."""
+    from llmql.engine.engine import load
+    from llmql.engine.types import GenerationRequest
+
+    fraction = MODES[mode]
+    gib = None if fraction is None else fraction * expert_gib(a)
+    t0 = time.perf_counter()
+    engine = load(str(model), device="cpu", kv_tokens=a.kv_tokens, expert_cache_gib=gib,
+                  expert_prefetch=mode != "naive", prefix_cache=False)
+    load_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, VOCAB, (a.prompt_len,), generator=gen).tolist() for _ in range(a.prompts)]
+    requests = [GenerationRequest(p, max_tokens=a.max_tokens) for p in prompts]
+    t0 = time.perf_counter()
+    results = engine.generate(requests, progress=False)
+    seconds = time.perf_counter() - t0
+    out_tokens = sum(r.output_tokens for r in results)
+    experts = engine.stats().extra.get("experts", {})
+    kv_bytes = sum(b.numel() * b.element_size() for b in engine.pool.k_buffer + engine.pool.v_buffer)
+    return {
+        "mode": mode, "expert_cache_gib": gib, "experts_gib": round(expert_gib(a), 3),
+        "output_tokens": out_tokens, "seconds": round(seconds, 2),
+        "tokens_per_s": round(out_tokens / seconds, 2), "load_s": round(load_s, 1),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "kv_gib": round(kv_bytes / 2**30, 3),
+        "hit_rate": round(experts.get("hit_rate", 1.0), 3),
+        "prefetch_accuracy": round(experts.get("prefetch_accuracy", 0.0), 3),
+        "gib_moved": round(experts.get("bytes_moved", 0) / 2**30, 2),
+        "texts_sha": hashlib.sha256("\x00".join(r.text for r in results).encode()).hexdigest()[:12],
+    }
+
+
+def non_expert_gib(a: argparse.Namespace) -> float:
+    h, hd = a.hidden, a.hidden // 8
+    attn = h * (8 * hd) * 2 + h * (2 * hd) * 2
+    per_layer = attn + a.experts * h + 2 * h
+    return (a.layers * per_layer + 2 * VOCAB * h + h) * 4 / 2**30
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--inter", type=int, default=704)
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--kv-tokens", type=int, default=256)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--dir", type=Path, default=None, help="where to write the model")
+    ap.add_argument("--run", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    from llmql.settings import get_settings
+
+    tag = f"moe-bench-{a.layers}x{a.experts}-{a.hidden}-{a.inter}"
+    model = a.dir or get_settings().cache_dir / "bench" / tag
+    if a.run:
+        print(json.dumps(run_one(model, a.run, a)))
+        return
+    write_model(model, a)
+    rows = []
+    for mode in a.modes.split(","):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--run", mode, "--dir", str(model)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
+        if proc.returncode:
+            sys.exit(f"{mode} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    _summary(rows, a)
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of a configuration's process: the same llmql as this one."""
+    import os
+
+    import llmql
+
+    root = str(Path(llmql.__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+
+def _summary(rows: list[dict], a: argparse.Namespace) -> None:
+    by = {r["mode"]: r for r in rows}
+    base, naive = by.get("resident"), by.get("naive")
+    print(f"\nnon-expert weights {non_expert_gib(a):.3f} GiB, experts {expert_gib(a):.3f} GiB")
+    print(f"{'mode':10} {'tok/s':>7} {'x resident':>10} {'x naive':>8} {'peak RSS':>9} {'hit':>5} {'pref acc':>8}")
+    for r in rows:
+        vs_base = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        vs_naive = r["tokens_per_s"] / naive["tokens_per_s"] if naive else float("nan")
+        print(f"{r['mode']:10} {r['tokens_per_s']:7.2f} {vs_base:10.2f} {vs_naive:8.2f} "
+              f"{r['peak_rss_gib']:8.2f}G {r['hit_rate']:5.2f} {r['prefetch_accuracy']:8.2f}")
+    same = len({r["texts_sha"] for r in rows}) == 1
+    print(f"identical outputs across modes: {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The expert cache's contract (pinning, byte budget, prefetch counters) and the backing
+store's load errors for truncated or corrupt expert tensors."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmql.engine.models import load_model
+from llmql.engine.moe import ExpertCache
+from llmql.engine.moe.store import _read_header
+
+ITEM = 100
+
+
+def _cache(budget_items: int, delay: float = 0.0, **kw) -> tuple[ExpertCache, list]:
+    loads: list = []
+
+    def load(key, out):
+        loads.append(key)
+        time.sleep(delay)
+        return torch.full((2,), float(hash(key) % 1000))
+
+    return ExpertCache(load, ITEM, budget_items * ITEM, **kw), loads
+
+
+def test_pinned_expert_is_never_evicted() -> None:
+    cache, _ = _cache(2)
+    a = cache.acquire("a")
+    cache.acquire("b")
+    cache.release("b")
+    cache.acquire("c")  # NOTE: room for c must come from b, the only unpinned entry
+    assert cache.contains("a") and not cache.contains("b") and cache.contains("c")
+    assert torch.equal(cache.acquire_pinned("a"), a)
+    cache.release("c")
+    cache.prefetch(["d", "e"])  # NOTE: one slot is free of pins (c); a stays
+    time.sleep(0.05)
+    assert cache.contains("a") and cache.resident_bytes <= cache.budget_bytes
+
+
+def test_budget_and_pins_hold_under_concurrent_prefetch() -> None:
+    """Random acquires with a slow background prefetcher: pinned entries stay, bytes <= budget."""
+    cache, _ = _cache(4, delay=0.001, half_life=8.0)
+    rng = random.Random(0)
+    for _ in range(300):
+        keys = rng.sample(range(12), 2)
+        for key in keys:
+            cache.acquire(key)
+        cache.prefetch(rng.sample(range(12), 3))
+        assert all(cache.contains(k) for k in keys)  # NOTE: in use -> resident
+        assert cache.resident_bytes <= cache.budget_bytes
+        for key in keys:
+            cache.release(key)
+    cache.close()
+    stats = cache.snapshot()
+    assert stats["peak_resident_bytes"] <= stats["budget_bytes"]
+    assert stats["evictions"] > 0 and stats["prefetch_loads"] > 0
+    assert stats["hits"] + stats["misses"] == 600
+
+
+def test_prefetch_hits_and_accuracy_are_counted() -> None:
+    cache, loads = _cache(4, delay=0.01)
+    for future in cache.prefetch(["x", "y"]):
+        future.result()
+    cache.acquire("x")  # NOTE: served by the prefetch, no second load
+    cache.release("x")
+    cache.acquire("z")
+    cache.release("z")
+    cache.record_prediction({"x", "y"}, {"x", "z"})
+    stats = cache.snapshot()
+    assert loads.count("x") == 1
+    assert (stats["hits"], stats["misses"], stats["prefetch_hits"]) == (1, 1, 1)
+    assert stats["prefetch_accuracy"] == 0.5 and stats["bytes_moved"] == 3 * ITEM
+
+
+def test_waits_for_a_prefetch_in_flight() -> None:
+    cache, loads = _cache(2, delay=0.1)
+    cache.prefetch(["slow"])
+    value = cache.acquire("slow")  # NOTE: joins the load in flight instead of loading again
+    assert loads == ["slow"] and value is not None and cache.snapshot()["prefetch_hits"] == 1
+
+
+def test_on_demand_mode_keeps_nothing() -> None:
+    cache, loads = _cache(0)
+    cache.acquire("a")
+    cache.release("a")
+    cache.acquire("a")
+    assert loads == ["a", "a"] and cache.resident_bytes == 0 and cache.prefetch(["b"]) == []
+
+
+def test_budget_smaller_than_one_expert_is_refused() -> None:
+    with pytest.raises(ValueError, match="holds no expert"):
+        ExpertCache(lambda k: k, ITEM, ITEM // 2)
+
+
+def test_acquire_blocks_until_a_pin_is_released() -> None:
+    cache, _ = _cache(1)
+    cache.acquire("a")
+    got = []
+    thread = threading.Thread(target=lambda: got.append(cache.acquire("b")))
+    thread.start()
+    time.sleep(0.05)
+    assert not got and cache.contains("a")  # NOTE: "a" is in use: b waits, a stays
+    cache.release("a")
+    thread.join(timeout=5)
+    assert got and not cache.contains("a")
+
+
+def _copy(directory, tmp_path):
+    out = tmp_path / "model"
+    shutil.copytree(directory, out)
+    return out
+
+
+def test_truncated_expert_file_is_a_clear_load_error(tiny_model_dir, tmp_path) -> None:
+    out = _copy(tiny_model_dir("mixtral"), tmp_path)
+    path = out / "model.safetensors"
+    header, start = _read_header(path, path.stat().st_size)
+    cut = max(start + m["data_offsets"][0] for n, m in header.items() if ".experts." in n)
+    path.write_bytes(path.read_bytes()[:cut + 100])  # NOTE: the last expert tensor is cut short
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_model(str(out), expert_cache_gib=0.01)
+
+
+def test_corrupt_expert_shape_is_a_clear_load_error(tiny_model_dir, tmp_path) -> None:
+    out = _copy(tiny_model_dir("qwen3_moe"), tmp_path)
+    path = out / "model.safetensors"
+    tensors = load_file(path)
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"experts\.3\.down_proj.*shape"):
+        load_model(str(out), expert_cache_gib=0.01)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_model(str(out))  # NOTE: the resident path refuses it too
