@@ -76,7 +76,6 @@ class Settings:
             result_cache=_bool(env, "LLMQL_RESULT_CACHE", base.result_cache),
             progress=_bool(env, "LLMQL_PROGRESS", base.progress),
             policy=(env.get("LLMQL_POLICY") or base.policy).lower(),
-
             expert_cache_gib=_float_or_none(env, "LLMQL_EXPERT_CACHE_GIB"),
         )
 
