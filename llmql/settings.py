@@ -14,6 +14,8 @@ Environment variables:
     LLMQL_KV_GIB      KV pool size in GiB when LLMQL_KV_TOKENS is 0 (default 1.0).
     LLMQL_RESULT_CACHE  "1" (default) to use the persistent result cache, "0" to disable.
     LLMQL_PROGRESS    "1" (default) to show progress bars on long runs, "0" to hide them.
+    LLMQL_ADAPTERS    a folder of LoRA adapter folders (PEFT format): `adapter := 'name'`
+                      names one of them (a path to an adapter folder works without it).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Settings:
     kv_gib: float = 1.0
     result_cache: bool = True
     progress: bool = True
+    adapters: Path | None = None
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
@@ -63,6 +66,7 @@ class Settings:
             kv_gib=float(env.get("LLMQL_KV_GIB", base.kv_gib)),
             result_cache=_bool(env, "LLMQL_RESULT_CACHE", base.result_cache),
             progress=_bool(env, "LLMQL_PROGRESS", base.progress),
+            adapters=Path(env["LLMQL_ADAPTERS"]).expanduser() if env.get("LLMQL_ADAPTERS") else None,
         )
 
     def resolved_device(self) -> str:

@@ -7,6 +7,8 @@ import torch
 
 from llmql.engine.context import ForwardBatch, forward_context
 from llmql.engine.kvcache.pool import KVPool
+from llmql.engine.lora.batch import LoraBatch
+from llmql.engine.lora.pool import AdapterPool
 from llmql.engine.scheduler.request import ScheduledBatch
 
 
@@ -15,9 +17,10 @@ class ModelRunner:
 
     def __init__(
         self, model: torch.nn.Module, pool: KVPool, device: str | torch.device,
-        *, packed_linears: bool = True,
+        *, packed_linears: bool = True, adapters: AdapterPool | None = None,
     ) -> None:
         self.model = model
+        self.adapters = adapters
         self.pool = pool
         self.device = torch.device(device)
         if packed_linears and self.device.type == "cpu":
@@ -60,5 +63,14 @@ class ModelRunner:
             kv_pool=self.pool,
             is_decode=batch.is_decode,
             logits_indices=torch.tensor(rows, dtype=torch.int64, device=dev),
+            lora=self._lora(batch),
         )
         return torch.tensor(ids, dtype=torch.int64, device=dev), forward_batch
+
+    def _lora(self, batch: ScheduledBatch) -> LoraBatch | None:
+        """Segments and slots of the batch's adapters; None when every request is base."""
+        adapters = [req.extra.get("lora") for req in batch.reqs]
+        if self.adapters is None or all(a is None for a in adapters):
+            return None
+        slots = self.adapters.activate(adapters)
+        return LoraBatch.build(self.adapters, list(batch.extend_lens), slots)
