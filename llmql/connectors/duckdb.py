@@ -168,7 +168,8 @@ class LLMConnection:
         spec = CallSpec(call.function, call.instruction, tuple(call.fields), options)
         t0 = time.perf_counter()
         out = run_spec(spec, inputs, engine=self.engine)
-        self._report.add_call(call.id, call.function, out.report, time.perf_counter() - t0)
+        self._report.add_call(call.id, call.function, out.report, time.perf_counter() - t0,
+                              options.adapter)
         table = inputs.append_column("result", out.values)
         self.con.register(call.result_table, table)
 

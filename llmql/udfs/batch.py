@@ -66,6 +66,9 @@ class BatchRunner:
 
     def _generate(self, misses: Sequence[PendingPrompt]) -> dict[str, str | None]:
         engine = self._engine_factory()
+        check = getattr(engine, "check_adapter", None)
+        if self.spec.options.adapter is not None and check is not None:
+            check(self.spec.options.adapter)  # NOTE: a bad adapter fails the call before any model call
         size = self.spec.options.chunk_size
         out: dict[str, str | None] = {}
         bar = _progress_bar(len(misses), self.spec.function, self.progress and len(misses) > size)

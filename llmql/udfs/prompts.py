@@ -46,7 +46,7 @@ def output_signature(spec: CallSpec) -> dict[str, Any]:
         "schema": o.json_schema,
         "max_tokens": max_tokens(spec),
         "temperature": float(o.temperature),
-        "adapter": o.adapter,
+        "adapter": _adapter_identity(o.adapter),
         "prompt_format": 1,
     }
     if get_spec(spec.function).choices(o):
@@ -76,3 +76,13 @@ def cache_key(model: str, signature: Mapping[str, Any], row: Mapping[str, Any]) 
     }
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _adapter_identity(adapter: str | None) -> str | None:
+    """The adapter's name and content fingerprint: new files under one name miss the cache."""
+    if adapter is None:
+        return None
+    from llmql.engine.lora.adapter import adapter_fingerprint
+    from llmql.settings import get_settings
+
+    return adapter_fingerprint(adapter, get_settings().adapters)

@@ -206,7 +206,7 @@ def test_bad_adapters_fail_before_any_model_call(family, tmp_path, tiny_model_di
         _bad(a1, tmp_path, "embed", target_modules=["embed_tokens"]): "embed_tokens",
         _bad(a1, tmp_path, "named", base_model_name_or_path="meta-llama/Llama-3.2-1B"
              if "llama" not in str(base) else "google/gemma-3-270m"): "trained for",
-        str(foreign): "another base model",
+        _bad(foreign, tmp_path, "shapes", base_model_name_or_path="org/base"): "another base model",
         str(tmp_path / "missing"): "not found",
     }
     engine = _engine(base)

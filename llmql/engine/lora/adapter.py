@@ -185,7 +185,8 @@ def _pair_tensors(
                                f"supported projection ({', '.join(TARGETS)})")
         layer = int(m.group(1))
         if layer >= config.num_layers:
-            raise AdapterError(f"adapter {name!r}: layer {layer} but the model has {config.num_layers}")
+            raise AdapterError(f"adapter {name!r} does not fit this model (another base model?): "
+                               f"it has layer {layer}, the model {config.num_layers} layers")
         parts.setdefault((layer, m.group(2)), {})[m.group(3)] = tensor.float()
     if not parts:
         raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} holds no LoRA weights")

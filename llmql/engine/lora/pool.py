@@ -110,6 +110,7 @@ class AdapterPool:
                 self._write_slot(slot, by_key[key])
             self._slot_use[slot] = self._clock
             slot_of[key] = slot
+        self._evict_host(set(wanted))
         return [0 if a is None else slot_of[a.fingerprint] for a in adapters]
 
     def stats(self) -> dict[str, int]:
