@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import llmql
 from llmql.engine.context import ForwardBatch, forward_context
 from llmql.engine.engine import EmbeddedEngine, EngineConfig
 from llmql.engine.kvcache.pool import KVPool
@@ -18,6 +19,7 @@ from llmql.engine.lora import AdapterError, AdapterPool
 from llmql.engine.lora.batch import LoraBatch
 from llmql.engine.models import load_model
 from llmql.engine.types import GenerationRequest
+from llmql.optimizer.explain import explain
 from llmql.settings import override
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -63,14 +65,29 @@ def prompt(length: int, seed: int) -> list[int]:
     return [1, *torch.randint(4, 96, (length - 1,), generator=gen).tolist()]
 
 
+_BUILT: dict[str, tuple[Path, dict[str, Path]]] = {}
+
+
+def _adapters(name: str, tiny_model_dir, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """(base dir, {adapter name: folder}) for tiny family `name`, built once per session."""
+    if name not in _BUILT:
+        base = tiny_model_dir(name)
+        root = tmp_path_factory.mktemp(f"lora-{name}")
+        _BUILT[name] = base, {a: make_adapter(base, root / a, r, alpha, rs, targets, seed=i)
+                              for i, (a, r, alpha, rs, targets) in enumerate(ADAPTERS)}
+    return _BUILT[name]
+
+
 @pytest.fixture(scope="module", params=["gemma3", "llama", "qwen3"])
 def family(request, tiny_model_dir, tmp_path_factory):
-    """(base dir, {adapter name: folder}) for one tiny family."""
-    base = tiny_model_dir(request.param)
-    root = tmp_path_factory.mktemp(f"lora-{request.param}")
-    folders = {name: make_adapter(base, root / name, r, alpha, rs, targets, seed=i)
-               for i, (name, r, alpha, rs, targets) in enumerate(ADAPTERS)}
-    return base, folders
+    """(base dir, {adapter name: folder}) for each supported tiny family."""
+    return _adapters(request.param, tiny_model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_dir, tmp_path_factory):
+    """The same for tiny Llama only (engine-level behaviour that does not vary by family)."""
+    return _adapters("llama", tiny_model_dir, tmp_path_factory)
 
 
 def _engine(base: Path, **config) -> EmbeddedEngine:
@@ -92,8 +109,8 @@ def test_mixed_batch_greedy_matches_peft(family) -> None:
         results = engine.generate(requests, progress=False)
         assert [r.error for r in results] == [None] * len(order)
         assert [r.text for r in results] == wants
-    alone = [_engine(base).generate([r], progress=False)[0].text for r in requests]
-    assert alone == wants
+    engine = _engine(base, prefix_cache=False)
+    assert [engine.generate([r], progress=False)[0].text for r in requests] == wants
 
 
 def _expected_text(model, ids: list[int], n: int) -> str:
@@ -140,8 +157,8 @@ def test_mixed_prefill_logits_match_peft(family) -> None:
     assert (logits[0] - plain).abs().max() > 0.1  # NOTE: the adapter changes the logits
 
 
-def test_radix_cache_is_keyed_by_adapter(family) -> None:
-    base, folders = family
+def test_radix_cache_is_keyed_by_adapter(llama) -> None:
+    base, folders = llama
     engine = _engine(base)
     p = prompt(24, seed=3)
     a1 = str(folders["a1"])
@@ -150,13 +167,15 @@ def test_radix_cache_is_keyed_by_adapter(family) -> None:
     again = engine.generate([GenerationRequest(p, max_tokens=4, adapter=a1)], progress=False)[0]
     assert first.cached_tokens == 0 and other.cached_tokens == 0  # NOTE: base K/V not reused
     assert again.cached_tokens > 0 and again.text == other.text
+    a2 = GenerationRequest(p, max_tokens=4, adapter=str(folders["a2"]))
+    assert engine.generate([a2], progress=False)[0].cached_tokens == 0
     fresh = _engine(base, prefix_cache=False)
     assert fresh.generate([GenerationRequest(p, max_tokens=4, adapter=a1)],
                           progress=False)[0].text == other.text
 
 
-def test_adapter_by_name_from_settings(family) -> None:
-    base, folders = family
+def test_adapter_by_name_from_settings(llama) -> None:
+    base, folders = llama
     engine = _engine(base)
     p = prompt(7, seed=5)
     with override(adapters=folders["a1"].parent):
@@ -166,14 +185,10 @@ def test_adapter_by_name_from_settings(family) -> None:
     assert by_name[0].error is None and by_name[0].text == by_path[0].text
 
 
-def test_pool_lru_never_evicts_what_the_batch_uses(family, tmp_path) -> None:
-    base, folders = family
+def test_pool_lru_never_evicts_what_the_batch_uses(llama, tmp_path) -> None:
+    base, folders = llama
     lm = load_model(str(base))
-    third = shutil.copytree(folders["a1"], tmp_path / "a3")
-    w = third / "adapter_model.safetensors"
-    from safetensors.torch import load_file, save_file
-
-    save_file({k: v * 2 for k, v in load_file(str(w)).items()}, str(w))
+    third = _scaled(folders["a1"], tmp_path / "a3", 2.0)
     pool = AdapterPool(lm.config, max_loras_per_batch=2, max_loaded_loras=2)
     a1, a2 = pool.get(str(folders["a1"])), pool.get(str(folders["a2"]))
     assert pool.activate([a1, None, a2, a1]) == [1, 0, 2, 1]
@@ -194,8 +209,8 @@ def _bad(folder: Path, tmp: Path, name: str, **changes) -> str:
     return str(out)
 
 
-def test_bad_adapters_fail_before_any_model_call(family, tmp_path, tiny_model_dir) -> None:
-    base, folders = family
+def test_bad_adapters_fail_before_any_model_call(llama, tmp_path, tiny_model_dir) -> None:
+    base, folders = llama
     a1 = folders["a1"]
     other = "qwen3" if "llama" not in str(base) else "gemma3"
     foreign = make_adapter(tiny_model_dir(other), tmp_path / "foreign", 4, 8, False, ALL, seed=9)
@@ -218,3 +233,61 @@ def test_bad_adapters_fail_before_any_model_call(family, tmp_path, tiny_model_di
         with pytest.raises(AdapterError, match=message):
             engine.check_adapter(adapter)
     assert engine.stats().computed_tokens == computed  # NOTE: no forward ran
+
+
+def _sql_con(base: Path):
+    engine = _engine(base)
+    con = llmql.connect(engine=engine, max_tokens=4, calibrate=False)
+    con.execute("CREATE TABLE t AS SELECT * FROM (VALUES ('w5 w6 w7'), ('w8 w9'), ('w10 w11 w12'))"
+                " AS v(x)")
+    return con, engine
+
+
+def _scaled(folder: Path, out: Path, factor: float) -> Path:
+    """A copy of adapter `folder` with its weights times `factor` (a stronger adapter)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, out)
+    w = out / "adapter_model.safetensors"
+    save_file({k: v * factor for k, v in load_file(str(w)).items()}, str(w))
+    return out
+
+
+def test_sql_two_adapters_in_one_query_and_cache_keys(llama, tmp_path) -> None:
+    base, folders = llama
+    con, _ = _sql_con(base)
+    names = tmp_path / "adapters"
+    _scaled(folders["a1"], names / "a1", 3.0)
+    _scaled(folders["a2"], names / "a2", 3.0)
+    sql = ("SELECT x, llm('w4', x, adapter := 'a1') AS a, llm('w4', x, adapter := 'a2') AS b, "
+           "llm('w4', x) AS c FROM t ORDER BY x")
+    with override(cache_dir=tmp_path, adapters=names):
+        frame = con.sql(sql).df()
+        report = con.last_report()
+        assert sorted(c.adapter or "-" for c in report.calls) == ["-", "a1", "a2"]
+        assert report.total.cache_hits == 0 and report.total.llm_calls == 9
+        assert (frame["a"] != frame["c"]).any() and (frame["b"] != frame["c"]).any()
+        assert "adapter=a1" in explain(sql) and "adapter=a2" in explain(sql)
+        base_only = con.sql("SELECT x, llm('w4', x) AS c FROM t ORDER BY x").df()
+        assert con.last_report().total.cache_hits == 3 and base_only["c"].equals(frame["c"])
+        again = con.sql(sql).df()
+        assert con.last_report().total.llm_calls == 0 and again.equals(frame)
+        # NOTE: new files under the same name: the adapter's cached answers are not reused
+        shutil.rmtree(names / "a1")
+        _scaled(folders["a1"], names / "a1", 2.0)
+        con.sql(sql).df()
+        calls = {c.adapter: c.report for c in con.last_report().calls}
+        assert calls["a1"].llm_calls == 3 and calls["a2"].llm_calls == 0
+    con.close()
+
+
+def test_sql_bad_adapter_fails_before_any_model_call(llama, tmp_path) -> None:
+    base, folders = llama
+    con, engine = _sql_con(base)
+    bad = _bad(folders["a1"], tmp_path, "dora", use_dora=True)
+    with override(cache_dir=tmp_path):
+        for adapter, message in ((bad, "DoRA"), (str(tmp_path / "nope"), "not found")):
+            with pytest.raises(Exception, match=message):
+                con.sql(f"SELECT llm('w4', x, adapter := '{adapter}') FROM t").df()
+    assert engine.stats().computed_tokens == 0
+    con.close()
