@@ -255,7 +255,7 @@ def _scaled(folder: Path, out: Path, factor: float) -> Path:
 
 def test_sql_two_adapters_in_one_query_and_cache_keys(llama, tmp_path) -> None:
     base, folders = llama
-    con, _ = _sql_con(base)
+    con, engine = _sql_con(base)
     names = tmp_path / "adapters"
     _scaled(folders["a1"], names / "a1", 3.0)
     _scaled(folders["a2"], names / "a2", 3.0)
@@ -272,6 +272,13 @@ def test_sql_two_adapters_in_one_query_and_cache_keys(llama, tmp_path) -> None:
         assert con.last_report().total.cache_hits == 3 and base_only["c"].equals(frame["c"])
         again = con.sql(sql).df()
         assert con.last_report().total.llm_calls == 0 and again.equals(frame)
+        from llmql.connectors.pandas import register_accessor
+
+        register_accessor()
+        df = frame[["x"]].copy()
+        mapped = df.llm.map("w4", "x", engine=engine, adapter="a2", result_cache=False,
+                            max_tokens=4, calibrate=False)
+        assert mapped["llm"].tolist() == frame["b"].tolist()  # NOTE: the accessor's adapter=
         # NOTE: new files under the same name: the adapter's cached answers are not reused
         shutil.rmtree(names / "a1")
         _scaled(folders["a1"], names / "a1", 2.0)
