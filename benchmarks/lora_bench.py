@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_bench import Timer, emit, load_prompts  # noqa: E402
+from engine_bench import Timer, emit, load_prompts
 
 RANKS = (8, 16, 32)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -119,6 +119,42 @@ def run_peft(model, ids, names, max_tokens: int, batch: int, pad: int, eos) -> t
     return timer, out
 
 
+def gather_bmm_shrink(x, w, token_slots):
+    """The other CPU candidate: gather each row's A, then one batched matmul."""
+    return torch.bmm(w[token_slots], x.unsqueeze(2)).squeeze(2)
+
+
+def bench_cpu_paths(repeat: int = 20) -> None:
+    """Grouped per-adapter matmuls (our torch path) vs gather + bmm, on model-sized shapes."""
+    from llmql.kernels.lora_shrink import ref_lora_shrink, slot_groups
+
+    gen = torch.Generator().manual_seed(0)
+    k, stride, n_sub, slots = 640, 32, 3, 9
+    w = torch.randn(slots, n_sub * stride, k, generator=gen)
+    ranks = torch.tensor([0, 8, 16, 32, 8, 16, 32, 8, 16])
+    for what, lens in (("decode_64_rows", [1] * 64), ("prefill_8x128", [128] * 8)):
+        seg = torch.randint(1, slots, (len(lens),), generator=gen)
+        indptr = torch.tensor([0, *lens]).cumsum(0)
+        x = torch.randn(sum(lens), k, generator=gen)
+        token_slots = torch.repeat_interleave(seg, torch.tensor(lens))
+        groups = slot_groups(indptr, seg)
+        timings = {
+            "grouped": _time(repeat, ref_lora_shrink, x, w, indptr, seg, ranks, stride, groups=groups),
+            "gather_bmm": _time(repeat, gather_bmm_shrink, x, w, token_slots),
+        }
+        emit(dict(bench="lora_cpu_path", shape=what, grouped_ms=round(timings["grouped"], 3),
+                  gather_bmm_ms=round(timings["gather_bmm"], 3)))
+
+
+def _time(repeat: int, fn, *args, **kwargs) -> float:
+    """Milliseconds per call (after one warm-up call)."""
+    fn(*args, **kwargs)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn(*args, **kwargs)
+    return (time.perf_counter() - t0) / repeat * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=256)
@@ -128,9 +164,13 @@ def main() -> None:
     ap.add_argument("--no-peft", action="store_true", help="skip the (slow) peft baseline")
     ap.add_argument("--popularity", default="uniform,zipf")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--cpu-paths", action="store_true", help="only time the two CPU delta paths")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_paths:
+        bench_cpu_paths()
+        return
     import tempfile
 
     from llmql.engine import load

@@ -57,11 +57,7 @@ def ref_lora_shrink(
         if r == 0:
             continue
         a = w[slot].view(n_sub, rank_stride, -1)[:, :r].reshape(n_sub * r, -1)
-        part = x[rows] @ a.T
-        if r == rank_stride:
-            y[rows] = part
-        else:
-            y[rows] = torch.nn.functional.pad(part.view(-1, n_sub, r), (0, rank_stride - r)).view(-1, y.shape[1])
+        y.view(-1, n_sub, rank_stride)[rows, :, :r] = (x[rows] @ a.T).view(-1, n_sub, r)
     return y
 
 
