@@ -19,6 +19,8 @@ Environment variables:
     LLMQL_POLICY      the embedded engine's scheduling policy: "fair" (default: VTC across
                       tenants, learned-length order inside each), "ltr" (learned-length
                       shortest-first) or "fcfs" (arrival order).
+    LLMQL_ADAPTERS    a folder of LoRA adapter folders (PEFT format): `adapter := 'name'`
+                      names one of them (a path to an adapter folder works without it).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Settings:
     progress: bool = True
     policy: str = "fair"
     expert_cache_gib: float | None = None
+    adapters: Path | None = None
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
@@ -77,6 +80,7 @@ class Settings:
             progress=_bool(env, "LLMQL_PROGRESS", base.progress),
             policy=(env.get("LLMQL_POLICY") or base.policy).lower(),
             expert_cache_gib=_float_or_none(env, "LLMQL_EXPERT_CACHE_GIB"),
+            adapters=Path(env["LLMQL_ADAPTERS"]).expanduser() if env.get("LLMQL_ADAPTERS") else None,
         )
 
     def resolved_device(self) -> str:

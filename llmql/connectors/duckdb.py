@@ -178,7 +178,8 @@ class LLMConnection:
         spec = call.spec({"tenant": self._tenant, **self.options})
         t0 = time.perf_counter()
         out = run_spec(spec, inputs, engine=self.engine)
-        self._report.add_call(call.id, call.function, out.report, time.perf_counter() - t0)
+        self._report.add_call(call.id, call.function, out.report, time.perf_counter() - t0,
+                              spec.options.adapter)
         table = inputs.append_column("result", out.values)
         self.con.register(call.result_table, table)
 

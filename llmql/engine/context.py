@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,6 +36,7 @@ class ForwardBatch:
     kv_pool: KVPool
     is_decode: bool = False  # every sequence has exactly one new token
     logits_indices: torch.Tensor | None = None  # [B'] rows to compute logits for; None = all
+    lora: Any = None  # llmql.engine.lora.batch.LoraBatch when a request uses an adapter
 
 
 _CURRENT: ContextVar[ForwardBatch | None] = ContextVar("llmql_forward_batch", default=None)
@@ -50,6 +52,11 @@ def forward_context(batch: ForwardBatch) -> Iterator[ForwardBatch]:
         yield batch
     finally:
         _CURRENT.reset(token)
+
+
+def current_forward_batch() -> ForwardBatch | None:
+    """The batch of the forward in progress, or None outside `forward_context`."""
+    return _CURRENT.get()
 
 
 def get_forward_batch() -> ForwardBatch:

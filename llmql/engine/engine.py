@@ -19,6 +19,7 @@ import torch
 from llmql.engine.constrained import ConstraintBuilder
 from llmql.engine.kvcache.base import create_prefix_cache
 from llmql.engine.kvcache.pool import KVPool
+from llmql.engine.lora import AdapterAdmission, AdapterError, AdapterPool
 from llmql.engine.models import LoadedModel, load_model
 from llmql.engine.moe import expert_stats
 from llmql.engine.runner import ModelRunner
@@ -55,6 +56,8 @@ class EngineConfig:
     policy: str = "fair"
     threads: int = 0
     packed_linears: bool = True  # CPU float32: oneDNN GEMMs on pre-packed weights
+    max_loras_per_batch: int = 8  # LoRA adapters in one batch (device slots)
+    max_loaded_loras: int = 32  # LoRA adapters kept in host memory (LRU)
 
     def __post_init__(self) -> None:
         if self.kv_tokens < 0 or self.kv_gib <= 0 or self.threads < 0:
@@ -83,12 +86,17 @@ class EmbeddedEngine:
         cache = create_prefix_cache("radix" if config.prefix_cache else "none", self.pool,
                                     config.page_size)
         self.kv = CacheManager(self.pool, cache)
+        self.adapters = AdapterPool(
+            c, max_loras_per_batch=config.max_loras_per_batch,
+            max_loaded_loras=config.max_loaded_loras, device=config.device, dtype=config.dtype,
+        )
         self.scheduler = Scheduler(
             self.kv, create_policy(config.policy), chunk_size=config.chunk_size,
             max_batch_tokens=config.max_batch_tokens, max_running=config.max_running,
+            checks=[AdapterAdmission(config.max_loras_per_batch)],
         )
         self.runner = ModelRunner(lm.model, self.pool, config.device,
-                                  packed_linears=config.packed_linears)
+                                  packed_linears=config.packed_linears, adapters=self.adapters)
         self.sampler = Sampler()
         self.output = OutputProcessor(lm.tokenizer)
         self._ids = itertools.count()
@@ -119,8 +127,8 @@ class EmbeddedEngine:
         """Complete every request; results in request order (thread-safe).
 
         Bad requests do not stop the batch: an empty prompt, a prompt that does not fit the
-        model context or the KV pool, or an unsupported option (a LoRA adapter, a json_schema
-        outside the supported subset) gives that request `finish_reason="error"` with a
+        model context or the KV pool, or an unsupported option (an adapter that cannot be
+        loaded, a json_schema outside the supported subset) gives that request `finish_reason="error"` with a
         message in `error`. `choices` ignore `max_tokens` (the answer is always whole).
         A KeyboardInterrupt while waiting cancels these requests and is re-raised.
         """
@@ -166,7 +174,7 @@ class EmbeddedEngine:
         """Totals since the engine was created (a copy)."""
         extra = {"preemptions": self.scheduler.preemptions, "evicted_tokens": self.kv.evicted_tokens,
                  "kv_slots": self.pool.num_slots, "cached_size": self.kv.cache.cached_size,
-                 **expert_stats(self.lm.model)}
+                 **expert_stats(self.lm.model), **self.adapters.stats()}
         return dataclasses.replace(self._stats, extra=extra)
 
     def _make_reqs(self, requests: Sequence[GenerationRequest]) -> list[Req]:
@@ -182,6 +190,8 @@ class EmbeddedEngine:
         error = _check(request, ids, max_ctx, self.pool.num_slots)
         if error:
             req.finish("error", error[1], error[0])
+        elif request.adapter is not None and not self._attach_adapter(req, request.adapter):
+            pass
         elif request.choices is not None:
             req.max_new_tokens = room  # NOTE: choices ignore max_tokens: the answer is whole
             req.constraint = self.constraints.choices(request.choices)
@@ -193,6 +203,31 @@ class EmbeddedEngine:
             except ValueError as exc:
                 req.finish("error", str(exc), ErrorKind.BAD_REQUEST)
         return req
+
+    def check_adapter(self, name: str) -> None:
+        """Load and validate adapter `name` now; raises `AdapterError` (a ValueError) if it
+        cannot be used with this model. Callers use it to fail before any model call."""
+        self.adapters.get(name, self._busy_adapters())
+
+    def _attach_adapter(self, req: Req, name: str) -> bool:
+        try:
+            req.extra["lora"] = self.adapters.get(name, self._busy_adapters())
+        except AdapterError as exc:
+            req.finish("error", str(exc), ErrorKind.BAD_REQUEST)
+            return False
+        return True
+
+    def _busy_adapters(self) -> set[str]:
+        # NOTE: called from callers' threads while the engine thread mutates the queues.
+        for _ in range(8):
+            try:
+                reqs = [*self.scheduler.running, *self.scheduler.waiting]
+                break
+            except RuntimeError:  # deque mutated during iteration
+                continue
+        else:
+            reqs = []
+        return {r.extra["lora"].fingerprint for r in reqs if r.extra.get("lora") is not None}
 
     def _account(self, req: Req) -> None:
         """Add a finished request to the totals (engine thread, or the caller for rejects)."""
@@ -214,8 +249,6 @@ def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int)
         return ErrorKind.CONTEXT_OVERFLOW, f"prompt has {len(ids)} tokens; the KV pool holds only {slots}"
     if request.choices is not None and not request.choices:
         return ErrorKind.BAD_REQUEST, "choices is empty"
-    if request.adapter is not None:
-        return ErrorKind.BAD_REQUEST, "LoRA adapters are not supported by the embedded engine yet"
     return None
 
 

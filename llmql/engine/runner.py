@@ -9,6 +9,8 @@ import torch
 
 from llmql.engine.context import ForwardBatch, forward_context
 from llmql.engine.kvcache.pool import KVPool
+from llmql.engine.lora.batch import LoraBatch
+from llmql.engine.lora.pool import AdapterPool
 from llmql.engine.scheduler.request import ScheduledBatch
 
 
@@ -17,9 +19,10 @@ class ModelRunner:
 
     def __init__(
         self, model: torch.nn.Module, pool: KVPool, device: str | torch.device,
-        *, packed_linears: bool = True,
+        *, packed_linears: bool = True, adapters: AdapterPool | None = None,
     ) -> None:
         self.model = model
+        self.adapters = adapters
         self.pool = pool
         self.device = torch.device(device)
         if packed_linears and self.device.type == "cpu":
@@ -62,9 +65,17 @@ class ModelRunner:
         forward_batch = ForwardBatch(
             positions=positions, qo_indptr=qo, kv_indptr=kv, kv_indices=kv_indices,
             out_cache_loc=out_loc, kv_pool=self.pool, is_decode=batch.is_decode,
-            logits_indices=rows,
+            logits_indices=rows, lora=self._lora(batch),
         )
         return ids, forward_batch
+
+    def _lora(self, batch: ScheduledBatch) -> LoraBatch | None:
+        """Segments and slots of the batch's adapters; None when every request is base."""
+        adapters = [req.extra.get("lora") for req in batch.reqs]
+        if self.adapters is None or all(a is None for a in adapters):
+            return None
+        slots = self.adapters.activate(adapters)
+        return LoraBatch.build(self.adapters, list(batch.extend_lens), slots)
 
 
 _ZERO = torch.zeros(1, dtype=torch.int64)

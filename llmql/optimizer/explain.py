@@ -42,6 +42,8 @@ def explain(sql: str, *, con: Any = None, dialect: str = "duckdb") -> str:
 
 def _describe(call: LLMCall, con: Any, sources: tuple[Source, ...], dialect: str) -> list[str]:
     flags = (" filter" if call.is_filter else "") + (f" after {', '.join(call.depends_on)}" if call.depends_on else "")
+    if call.options.get("adapter"):
+        flags += f" adapter={call.options['adapter']}"
     lines = [f"{call.id}: {call.function}({call.instruction!r}) fields=[{', '.join(call.fields)}]{flags}",
              f"  input: {_short(call.input_sql)}"]
     if con is None:

@@ -71,6 +71,9 @@ class BatchRunner:
         each answer as it completes (a kill loses only requests in flight). Ctrl-C (any
         exception) cancels the call's outstanding requests and re-raises."""
         engine = self._engine_factory()
+        check = getattr(engine, "check_adapter", None)
+        if self.spec.options.adapter is not None and check is not None:
+            check(self.spec.options.adapter)  # NOTE: a bad adapter fails the call before any model call
         window = min(self.spec.options.chunk_size, getattr(engine, "max_in_flight", 256))
         out: dict[str, str | None] = {}
         todo = iter(misses)

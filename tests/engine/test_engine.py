@@ -92,7 +92,7 @@ def test_bad_input_is_per_request(tiny) -> None:
     assert res[2].finish_reason == "error" and "KV pool" in res[2].error
     assert res[3].finish_reason == "error" and "empty prompt" in res[3].error
     assert res[4].finish_reason == "error" and "json_schema" in res[4].error
-    assert res[6].finish_reason == "error" and "LoRA" in res[6].error
+    assert res[6].finish_reason == "error" and "adapter 'sql-lora' not found" in res[6].error
     assert (res[5].finish_reason, res[5].text) == ("length", "")
     overflow, bad = ErrorKind.CONTEXT_OVERFLOW, ErrorKind.BAD_REQUEST
     assert [r.error_kind for r in res] == [None, overflow, overflow, bad, bad, None, bad]

@@ -115,7 +115,8 @@ def run_plan(
         )
         out.createOrReplaceTempView(call.result_table)
         seconds = time.perf_counter() - t0
-        result.report.add_call(call.id, call.function, accumulator.value, seconds)
+        result.report.add_call(call.id, call.function, accumulator.value, seconds,
+                               specs[call.id].options.adapter)
     result.df = result.report.timed("final_sql", lambda: spark.sql(plan.final_sql))
     return result
 

@@ -8,12 +8,16 @@ Ownership: slots handed to `insert` for tokens that were not cached yet belong t
 cache from then on (it frees them on eviction); slots of tokens that were already cached
 stay with the caller, who must free its duplicates. A request *locks* the node it matched
 so that its prefix cannot be evicted while it runs, and unlocks it when done.
+
+Namespaces: K/V depend on more than the tokens when a LoRA adapter is applied, so lookups and
+inserts take a `namespace` (the adapter's fingerprint; None for the base model) and never
+match across namespaces.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,18 +51,22 @@ class BasePrefixCache(ABC):
         self.page_size = page_size
 
     @abstractmethod
-    def match_prefix(self, token_ids: Sequence[int]) -> MatchResult:
+    def match_prefix(self, token_ids: Sequence[int], namespace: Hashable = None) -> MatchResult:
         """The longest cached prefix of `token_ids`, in whole pages; refreshes its LRU time.
 
         Args:
             token_ids: the sequence to look up.
+            namespace: only entries inserted under the same namespace match.
         Returns:
             MatchResult with the matched length, its slots and the node to lock.
         """
 
     @abstractmethod
-    def insert(self, token_ids: Sequence[int], slots: torch.Tensor) -> int:
-        """Cache the whole pages of `token_ids`, whose K/V sit in `slots` ([len] int64).
+    def insert(
+        self, token_ids: Sequence[int], slots: torch.Tensor, namespace: Hashable = None
+    ) -> int:
+        """Cache the whole pages of `token_ids`, whose K/V sit in `slots` ([len] int64),
+        under `namespace`.
 
         The cache takes ownership of the slots of the newly cached tokens only.
         Returns:
@@ -101,10 +109,12 @@ _EMPTY = torch.empty(0, dtype=torch.int64)
 class NoPrefixCache(BasePrefixCache):
     """The cache switched off: nothing matches, nothing is kept (callers own every slot)."""
 
-    def match_prefix(self, token_ids: Sequence[int]) -> MatchResult:
+    def match_prefix(self, token_ids: Sequence[int], namespace: Hashable = None) -> MatchResult:
         return MatchResult(0, _EMPTY)
 
-    def insert(self, token_ids: Sequence[int], slots: torch.Tensor) -> int:
+    def insert(
+        self, token_ids: Sequence[int], slots: torch.Tensor, namespace: Hashable = None
+    ) -> int:
         return 0
 
     def lock(self, node: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
@@ -35,20 +35,24 @@ class RadixPrefixCache(BasePrefixCache):
     """Radix tree of cached token pages; LRU eviction of unlocked leaves.
 
     Children are keyed by their first page, so page_size=1 is a plain token radix tree.
+    Each namespace (LoRA adapter) has its own root; `root` is the base model's.
     """
 
     def __init__(self, pool: KVPool, page_size: int = 1) -> None:
         super().__init__(pool, page_size)
-        self.root = _Node((), torch.empty(0, dtype=torch.int64), None)
-        self.root.lock_ref = 1  # NOTE: the root is never evicted
+        self.root = _new_root()
+        self.roots: dict[Hashable, _Node] = {None: self.root}
         self._clock = itertools.count(1)
         self._evictable = 0
         self._protected = 0
 
     # -- lookups ------------------------------------------------------------------------
-    def match_prefix(self, token_ids: Sequence[int]) -> MatchResult:
+    def match_prefix(self, token_ids: Sequence[int], namespace: Hashable = None) -> MatchResult:
         key = tuple(token_ids[: self.page_floor(len(token_ids))])
-        node, pos, parts = self.root, 0, []
+        root = self.roots.get(namespace)
+        if root is None:
+            return MatchResult(0, torch.empty(0, dtype=torch.int64))
+        node, pos, parts = root, 0, []
         now = next(self._clock)
         while pos < len(key):
             child = node.children.get(key[pos : pos + self.page_size])
@@ -61,12 +65,14 @@ class RadixPrefixCache(BasePrefixCache):
             parts.append(child.value)
             node, pos = child, pos + n
         slots = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-        return MatchResult(pos, slots, node if node is not self.root else None)
+        return MatchResult(pos, slots, node if node is not root else None)
 
-    def insert(self, token_ids: Sequence[int], slots: torch.Tensor) -> int:
+    def insert(
+        self, token_ids: Sequence[int], slots: torch.Tensor, namespace: Hashable = None
+    ) -> int:
         n_total = self.page_floor(min(len(token_ids), slots.numel()))
         key = tuple(token_ids[:n_total])
-        node, pos = self.root, 0
+        node, pos = self.roots.setdefault(namespace, _new_root()), 0
         now = next(self._clock)
         while pos < n_total:
             child = node.children.get(key[pos : pos + self.page_size])
@@ -82,7 +88,7 @@ class RadixPrefixCache(BasePrefixCache):
 
     # -- locking ------------------------------------------------------------------------
     def lock(self, node: Any) -> None:
-        while node is not None and node is not self.root:
+        while node is not None and node.parent is not None:
             if node.lock_ref == 0:
                 self._evictable -= len(node.key)
                 self._protected += len(node.key)
@@ -90,7 +96,7 @@ class RadixPrefixCache(BasePrefixCache):
             node = node.parent
 
     def unlock(self, node: Any) -> None:
-        while node is not None and node is not self.root:
+        while node is not None and node.parent is not None:
             assert node.lock_ref > 0, "unlock() without a matching lock()"
             node.lock_ref -= 1
             if node.lock_ref == 0:
@@ -111,7 +117,7 @@ class RadixPrefixCache(BasePrefixCache):
             parent = leaf.parent
             assert parent is not None
             del parent.children[leaf.key[: self.page_size]]
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+            if parent.parent is not None and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, parent)
         return freed
 
@@ -149,12 +155,18 @@ class RadixPrefixCache(BasePrefixCache):
         self._evictable += len(key)
 
     def _leaves(self) -> list[_Node]:
-        out, stack = [], [self.root]
+        out, stack = [], list(self.roots.values())
         while stack:
             node = stack.pop()
             if node.children:
                 stack.extend(node.children.values())
-            elif node is not self.root:
+            elif node.parent is not None:
                 out.append(node)
         return out
+
+
+def _new_root() -> _Node:
+    root = _Node((), torch.empty(0, dtype=torch.int64), None)
+    root.lock_ref = 1  # NOTE: roots are never evicted
+    return root
 

@@ -10,6 +10,7 @@ from llmql.engine.context import get_forward_batch
 from llmql.engine.layers.linear import Linear, QKVLinear
 from llmql.engine.layers.norm import RMSNorm
 from llmql.engine.layers.rotary import RotaryEmbedding
+from llmql.engine.lora.batch import add_lora
 from llmql.kernels.attention import paged_attention, store_kv
 
 
@@ -48,6 +49,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.layer_id = layer_id
         self.qkv_proj = QKVLinear(c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.qkv_bias)
         self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, c.o_bias)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.norm_offset) if c.qk_norm else None
@@ -62,12 +64,13 @@ class SelfAttention(nn.Module):
         """hidden [T, H] -> [T, H]."""
         t = hidden.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        qkv = add_lora(self.qkv_proj(hidden), hidden, self.layer_id, "qkv")
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v)
-        return self.o_proj(out.reshape(t, q_size))
+        out = self.attn(q, k, v).reshape(t, q_size)
+        return add_lora(self.o_proj(out), out, self.layer_id, "o")

@@ -30,7 +30,8 @@ class Gemma3DecoderLayer(nn.Module):
         self.self_attn = SelfAttention(c, layer_id)
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm()
-        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.mlp_bias)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.mlp_bias,
+                            layer_id=layer_id)
         self.post_feedforward_layernorm = norm()
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 
 from llmql.engine.kvcache.base import BasePrefixCache, MatchResult, NoPrefixCache
 from llmql.engine.kvcache.pool import KVPool
+from llmql.engine.lora.admission import adapter_key
 from llmql.engine.scheduler.request import Req
 
 _NO_SLOTS = torch.empty(0, dtype=torch.int64)
@@ -31,7 +32,7 @@ class CacheManager:
 
     def match(self, req: Req) -> MatchResult:
         """The cached prefix of `req`, leaving at least its last token to compute."""
-        return self.cache.match_prefix(req.token_ids[: req.seq_len - 1])
+        return self.cache.match_prefix(req.token_ids[: req.seq_len - 1], adapter_key(req))
 
     def attach(self, req: Req, match: MatchResult) -> None:
         """Start `req` on the matched prefix (locks it)."""
@@ -57,10 +58,10 @@ class CacheManager:
         if not self.caching:
             return
         ids, own = req.token_ids[: req.num_computed], req.slots[: req.num_computed]
-        existing = self.cache.insert(ids, own)
+        existing = self.cache.insert(ids, own, adapter_key(req))
         if existing > req.cached_len:  # NOTE: the cache kept its own copies of these tokens
             self.pool.free(own[req.cached_len : existing])
-        match = self.cache.match_prefix(ids)
+        match = self.cache.match_prefix(ids, adapter_key(req))
         self.cache.lock(match.node)
         self.cache.unlock(req.node)
         req.node, req.cached_len = match.node, match.length

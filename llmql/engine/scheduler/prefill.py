@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
 from llmql.engine.scheduler.cache import CacheManager
 from llmql.engine.scheduler.policy import SchedulingPolicy
 from llmql.engine.scheduler.request import Req
+
+
+class AdmissionCheck(Protocol):
+    """A veto the admitter consults besides the policy (e.g. `lora.AdapterAdmission`)."""
+
+    def allows(self, req: Req, picked: Sequence[Req], running: Sequence[Req]) -> bool: ...
 
 
 class PrefillAdmitter:
@@ -28,9 +36,11 @@ class PrefillAdmitter:
         chunk_size: int,
         max_running: int,
         defer_tokens: int = 16,
+        checks: Sequence[AdmissionCheck] = (),
     ) -> None:
         self.kv, self.policy = kv, policy
         self.chunk_size, self.max_running, self.defer_tokens = chunk_size, max_running, defer_tokens
+        self.checks = tuple(checks)
 
     def admit(self, waiting: deque[Req], running: list[Req], budget: int) -> list[tuple[Req, int]]:
         """Move admitted requests from `waiting` to `running`; returns (req, new tokens)."""
@@ -38,7 +48,8 @@ class PrefillAdmitter:
         for req in self.policy.order(waiting, self.kv):
             if budget <= 0 or len(running) + len(picked) >= self.max_running:
                 break
-            if not self.policy.admit(req, [r for r, _ in picked], running):
+            reqs = [r for r, _ in picked]
+            if not self.policy.admit(req, reqs, running) or not self._allowed(req, reqs, running):
                 continue
             n = self._try_start(req, picked, budget, len(running) + len(picked) + 1)
             if n is None:
@@ -52,6 +63,9 @@ class PrefillAdmitter:
             running.append(req)
             req.extra.setdefault("admitted", now)
         return picked
+
+    def _allowed(self, req: Req, picked: list[Req], running: list[Req]) -> bool:
+        return all(check.allows(req, picked, running) for check in self.checks)
 
     def _try_start(
         self, req: Req, picked: list[tuple[Req, int]], budget: int, decoders: int

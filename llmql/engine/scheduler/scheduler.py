@@ -4,11 +4,11 @@ ones (chunked, reusing cached prefixes), preempt when KV memory runs out."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from llmql.engine.scheduler.cache import CacheManager
 from llmql.engine.scheduler.policy import SchedulingPolicy
-from llmql.engine.scheduler.prefill import PrefillAdmitter
+from llmql.engine.scheduler.prefill import AdmissionCheck, PrefillAdmitter
 from llmql.engine.scheduler.request import Req, ScheduledBatch
 from llmql.engine.types import ErrorKind
 
@@ -30,13 +30,15 @@ class Scheduler:
         chunk_size: int = 512,
         max_batch_tokens: int = 2048,
         max_running: int = 64,
+        checks: Sequence[AdmissionCheck] = (),
     ) -> None:
         if min(chunk_size, max_batch_tokens, max_running) <= 0:
             raise ValueError("chunk_size, max_batch_tokens and max_running must be positive")
         self.kv, self.policy = kv, policy
         policy.bind(kv)
         self.chunk_size, self.max_batch_tokens = chunk_size, max_batch_tokens
-        self.admitter = PrefillAdmitter(kv, policy, chunk_size=chunk_size, max_running=max_running)
+        self.admitter = PrefillAdmitter(kv, policy, chunk_size=chunk_size, max_running=max_running,
+                                        checks=checks)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.preemptions = 0

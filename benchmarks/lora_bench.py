@@ -1,0 +1,230 @@
+"""Multi-LoRA benchmark: many adapters in one batch (S-LoRA / Punica) on the default model.
+
+Eight random PEFT adapters (ranks 8/16/32, all seven projections) on Gemma 3 270M, movie
+review prompts from ../shared/data, adapter popularity uniform and Zipf(1.0). Side by side,
+in one run: ours with one mixed batch; ours one adapter at a time; `peft`'s mixed-adapter
+batched `generate(adapter_names=...)`; ours base-only on the same prompts (LoRA overhead).
+
+Prints one JSON line per measurement, then a table. Usage:
+    .venv/bin/python benchmarks/lora_bench.py [--prompts 256] [--max-tokens 16] [--no-peft]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_bench import Timer, emit, load_prompts
+
+RANKS = (8, 16, 32)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def hf_default():
+    """transformers' Gemma 3 270M from the default GGUF, converted once and saved."""
+    from transformers import AutoModelForCausalLM
+
+    from llmql.engine.loader import default_gguf
+    from llmql.settings import get_settings
+
+    gguf = default_gguf(get_settings().cache_dir)
+    saved = get_settings().cache_dir / "hf" / gguf.stem
+    if not (saved / "complete").exists():
+        from safetensors.torch import save_model
+
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        saved.mkdir(parents=True, exist_ok=True)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (saved / "config.json").write_text(json.dumps(config, indent=1))
+        save_model(model, str(saved / "model.safetensors"))
+        (saved / "complete").write_text("ok")
+    return AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+
+
+def make_adapters(hf, root: Path, n: int, seed: int = 0):
+    """`n` random adapters a0..a{n-1} saved under `root`; returns the PeftModel holding them."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = None
+    for i in range(n):
+        r = RANKS[i % len(RANKS)]
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False)
+        if peft_model is None:
+            peft_model = get_peft_model(hf, cfg, adapter_name=f"a{i}")
+        else:
+            peft_model.add_adapter(f"a{i}", cfg)
+    with torch.no_grad():  # NOTE: small deltas, so answers stay close to the base model's
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.05)
+    peft_model.save_pretrained(root)
+    return peft_model.eval()
+
+
+def assign(n: int, adapters: int, popularity: str, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    weights = [1.0] * adapters if popularity == "uniform" else [1 / (i + 1) for i in range(adapters)]
+    return [f"a{i}" for i in rng.choices(range(adapters), weights=weights, k=n)]
+
+
+def run_ours(lm, config, ids, names, max_tokens: int) -> tuple[Timer, list]:
+    from llmql.engine.engine import EmbeddedEngine
+    from llmql.engine.types import GenerationRequest
+
+    engine = EmbeddedEngine(lm, config)
+    reqs = [GenerationRequest(x, max_tokens=max_tokens, adapter=a) for x, a in zip(ids, names)]
+    with Timer() as timer:
+        results = engine.generate(reqs, progress=False)
+    assert all(r.error is None for r in results), [r.error for r in results if r.error][:3]
+    return timer, results
+
+
+def run_sequential(lm, config, ids, names, max_tokens: int) -> tuple[Timer, int]:
+    """One engine batch per adapter, one after the other (same engine: a warm pool)."""
+    from llmql.engine.engine import EmbeddedEngine
+    from llmql.engine.types import GenerationRequest
+
+    engine = EmbeddedEngine(lm, config)
+    out = 0
+    with Timer() as timer:
+        for a in sorted(set(names), key=str):
+            reqs = [GenerationRequest(x, max_tokens=max_tokens, adapter=a)
+                    for x, b in zip(ids, names) if b == a]
+            out += sum(r.output_tokens for r in engine.generate(reqs, progress=False))
+    return timer, out
+
+
+def run_peft(model, ids, names, max_tokens: int, batch: int, pad: int, eos) -> tuple[Timer, int]:
+    """peft mixed-adapter batched greedy generate (left padding)."""
+    out = 0
+    with Timer() as timer, torch.inference_mode():
+        for i in range(0, len(ids), batch):
+            chunk, who = ids[i : i + batch], names[i : i + batch]
+            width = max(map(len, chunk))
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk])
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=who,
+                                 max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad)
+            out += sum(sum(1 for t in row if t != pad) for row in gen[:, width:].tolist())
+    return timer, out
+
+
+def gather_bmm_shrink(x, w, token_slots):
+    """The other CPU candidate: gather each row's A, then one batched matmul."""
+    return torch.bmm(w[token_slots], x.unsqueeze(2)).squeeze(2)
+
+
+def bench_cpu_paths(repeat: int = 20) -> None:
+    """Grouped per-adapter matmuls (our torch path) vs gather + bmm, on model-sized shapes."""
+    from llmql.kernels.lora_shrink import ref_lora_shrink, slot_groups
+
+    gen = torch.Generator().manual_seed(0)
+    k, stride, n_sub, slots = 640, 32, 3, 9
+    w = torch.randn(slots, n_sub * stride, k, generator=gen)
+    ranks = torch.tensor([0, 8, 16, 32, 8, 16, 32, 8, 16])
+    for what, lens in (("decode_64_rows", [1] * 64), ("prefill_8x128", [128] * 8)):
+        seg = torch.randint(1, slots, (len(lens),), generator=gen)
+        indptr = torch.tensor([0, *lens]).cumsum(0)
+        x = torch.randn(sum(lens), k, generator=gen)
+        token_slots = torch.repeat_interleave(seg, torch.tensor(lens))
+        groups = slot_groups(indptr, seg)
+        timings = {
+            "grouped": _time(repeat, ref_lora_shrink, x, w, indptr, seg, ranks, stride, groups=groups),
+            "gather_bmm": _time(repeat, gather_bmm_shrink, x, w, token_slots),
+        }
+        emit(dict(bench="lora_cpu_path", shape=what, grouped_ms=round(timings["grouped"], 3),
+                  gather_bmm_ms=round(timings["gather_bmm"], 3)))
+
+
+def _time(repeat: int, fn, *args, **kwargs) -> float:
+    """Milliseconds per call (after one warm-up call)."""
+    fn(*args, **kwargs)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn(*args, **kwargs)
+    return (time.perf_counter() - t0) / repeat * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--peft-batch", type=int, default=32)
+    ap.add_argument("--no-peft", action="store_true", help="skip the (slow) peft baseline")
+    ap.add_argument("--popularity", default="uniform,zipf")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--cpu-paths", action="store_true", help="only time the two CPU delta paths")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_paths:
+        bench_cpu_paths()
+        return
+    import tempfile
+
+    from llmql.engine import load
+    from llmql.settings import override
+
+    engine = load()
+    lm, config = engine.lm, engine.config
+    ids = [lm.tokenizer.encode(p) for p in load_prompts(args.prompts)]
+    root = Path(tempfile.mkdtemp(prefix="llmql-lora-bench-"))
+    hf = hf_default()
+    peft_model = make_adapters(hf, root, args.adapters)
+    common = dict(bench="lora", prompts=len(ids), max_tokens=args.max_tokens,
+                  adapters=args.adapters, device=config.device, threads=torch.get_num_threads())
+    rows = []
+    with override(adapters=root):
+        run_ours(lm, config, ids[:8], assign(8, args.adapters, "uniform", 1), 2)  # NOTE: warm-up
+        t_base, base_res = run_ours(lm, config, ids, [None] * len(ids), args.max_tokens)
+        rows.append(emit(dict(common, what="ours_base_only", seconds=round(t_base.wall, 2),
+                              output_tokens=sum(r.output_tokens for r in base_res))))
+        for pop in args.popularity.split(","):
+            rows += _one_popularity(args, common, lm, config, ids, pop, t_base, peft_model)
+    _table(rows)
+
+
+def _one_popularity(args, common, lm, config, ids, pop, t_base, peft_model) -> list[dict]:
+    names = assign(len(ids), args.adapters, pop, seed=0)
+    t_mixed, mixed = run_ours(lm, config, ids, names, args.max_tokens)
+    t_seq, seq_out = run_sequential(lm, config, ids, names, args.max_tokens)
+    c = dict(common, popularity=pop)
+    out = [emit(dict(c, what="ours_mixed", seconds=round(t_mixed.wall, 2),
+                     output_tokens=sum(r.output_tokens for r in mixed))),
+           emit(dict(c, what="ours_one_adapter_at_a_time", seconds=round(t_seq.wall, 2),
+                     output_tokens=seq_out)),
+           emit(dict(c, what="mixed_vs_sequential", speedup=round(t_seq.wall / t_mixed.wall, 2))),
+           emit(dict(c, what="lora_overhead_vs_base", overhead=round(t_mixed.wall / t_base.wall - 1, 3)))]
+    if not args.no_peft:
+        pad = lm.config.pad_token_id or 0
+        t0 = time.perf_counter()
+        t_peft, peft_out = run_peft(peft_model, ids, names, args.max_tokens, args.peft_batch, pad,
+                                    lm.tokenizer.eos_ids)
+        out.append(emit(dict(c, what="peft_mixed_generate", seconds=round(t_peft.wall, 2),
+                             output_tokens=peft_out, batch=args.peft_batch)))
+        out.append(emit(dict(c, what="ours_mixed_vs_peft", speedup=round(t_peft.wall / t_mixed.wall, 2),
+                             peft_wall=round(time.perf_counter() - t0, 2))))
+    return out
+
+
+def _table(rows: list[dict]) -> None:
+    print(f"\n{'popularity':<10} {'measurement':<28} {'value':>10}")
+    for r in rows:
+        value = r.get("seconds", r.get("speedup", r.get("overhead")))
+        unit = "s" if "seconds" in r else ("x" if "speedup" in r else "")
+        print(f"{r.get('popularity', '-'):<10} {r['what']:<28} {value:>9}{unit}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""LoRA shrink/expand (SGMV/BGMV): the torch path against a per-row oracle, and the Triton
+kernels against the torch path (TRITON_INTERPRET=1 on CPU, compiled on CUDA)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmql.kernels.lora_expand import ref_lora_expand
+from llmql.kernels.lora_shrink import ref_lora_shrink
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+# NOTE: (segment lengths, segment slots): prefill segments, decode rows (BGMV), base rows,
+# empty segments, one slot in several segments (non-contiguous rows).
+CASES = [
+    ([5, 3, 7], [1, 0, 2]),
+    ([1, 1, 1, 1, 1], [2, 0, 1, 2, 3]),
+    ([0, 4, 0, 2, 3], [1, 2, 3, 0, 1]),
+    ([17, 2], [3, 3]),
+    ([3], [0]),
+]
+
+
+def make_case(lens, slots, k=40, outs=(24, 8, 8), stride=8, ranks=(0, 4, 8, 2), seed=0,
+              device="cpu", dtype=torch.float32):
+    """x, stacked A/B with zero padding beyond each slot's rank, and the segment tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    n_sub, s = len(outs), len(ranks)
+    x = torch.randn(sum(lens), k, generator=gen)
+    a = torch.zeros(s, n_sub * stride, k)
+    b = torch.zeros(s, sum(outs), stride)
+    for slot, r in enumerate(ranks):
+        for i in range(n_sub):
+            a[slot, i * stride : i * stride + r] = torch.randn(r, k, generator=gen)
+        b[slot, :, :r] = torch.randn(sum(outs), r, generator=gen)
+    indptr = torch.tensor([0, *lens]).cumsum(0)
+    offsets = [0, *torch.tensor(outs).cumsum(0).tolist()]
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return (to(x), to(a), to(b), indptr.to(device), torch.tensor(slots, device=device),
+            torch.tensor(ranks, device=device), stride, offsets)
+
+
+def oracle(x, a, b, indptr, slots, ranks, stride, offsets):
+    """Row by row: (shrink output, delta) of every token."""
+    bounds = indptr.tolist()
+    xa = torch.zeros(x.shape[0], a.shape[1])
+    delta = torch.zeros(x.shape[0], b.shape[1])
+    for g, slot in enumerate(slots.tolist()):
+        for t in range(bounds[g], bounds[g + 1]):
+            xa[t] = a[slot] @ x[t]
+            for i in range(len(offsets) - 1):
+                lo, hi = offsets[i], offsets[i + 1]
+                delta[t, lo:hi] = b[slot, lo:hi] @ xa[t, i * stride : (i + 1) * stride]
+    return xa, delta
+
+
+@pytest.mark.parametrize("lens,slots", CASES)
+def test_torch_path_matches_oracle(lens, slots) -> None:
+    x, a, b, indptr, seg, ranks, stride, offsets = make_case(lens, slots)
+    want_xa, want_delta = oracle(x, a, b, indptr, seg, ranks, stride, offsets)
+    xa = ref_lora_shrink(x, a, indptr, seg, ranks, stride)
+    torch.testing.assert_close(xa, want_xa)
+    base = torch.randn(x.shape[0], b.shape[1])
+    out = ref_lora_expand(xa, b, base.clone(), indptr, seg, ranks, offsets)
+    torch.testing.assert_close(out, base + want_delta)
+    base_rows = torch.repeat_interleave(seg, indptr.diff()) == 0
+    assert torch.equal(out[base_rows], base[base_rows])  # NOTE: base rows untouched
+
+
+def _check_triton(device: str = "cpu", dtype=torch.float32, tol: float = 1e-4) -> None:
+    from llmql.kernels.lora_expand import lora_expand
+    from llmql.kernels.lora_shrink import lora_shrink
+
+    for lens, slots in CASES[:3]:
+        x, a, b, indptr, seg, ranks, stride, offsets = make_case(lens, slots, device=device,
+                                                                 dtype=dtype)
+        xa = lora_shrink(x, a, indptr, seg, ranks, stride)
+        want_xa = ref_lora_shrink(x.float().cpu(), a.float().cpu(), indptr.cpu(), seg.cpu(),
+                                  ranks.cpu(), stride)
+        torch.testing.assert_close(xa.float().cpu(), want_xa, atol=tol, rtol=tol)
+        base = torch.randn(x.shape[0], b.shape[1]).to(device, dtype)
+        got = lora_expand(xa, b, base.clone(), indptr, seg, ranks, offsets)
+        want = ref_lora_expand(xa.float().cpu(), b.float().cpu(), base.float().cpu(), indptr.cpu(),
+                               seg.cpu(), ranks.cpu(), offsets)
+        torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check is for CPU-only machines")
+def test_triton_interpreter_matches_torch_path() -> None:
+    """NOTE: run in a fresh process: TRITON_INTERPRET must be set before triton is imported."""
+    code = (
+        f"import importlib.util as u; s = u.spec_from_file_location('t', {__file__!r}); "
+        "m = u.module_from_spec(s); s.loader.exec_module(m); m._check_triton()"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_cuda_matches_torch_path(dtype) -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 set: the GPU check needs the compiled kernel")
+    _check_triton("cuda", dtype, tol=5e-2 if dtype == torch.bfloat16 else 1e-3)
+    # NOTE: model-sized shapes: 64 decode rows over 8 adapters, a long prefill segment
+    gen = torch.Generator().manual_seed(1)
+    for lens in ([1] * 64, [700, 1, 300]):
+        slots = torch.randint(0, 9, (len(lens),), generator=gen).tolist()
+        args = make_case(lens, slots, k=640, outs=(1024, 256, 256), stride=32,
+                         ranks=(0, 8, 16, 32, 8, 16, 32, 8, 16), device="cuda", dtype=dtype)
+        x, a, b, indptr, seg, ranks, stride, offsets = args
+        from llmql.kernels.lora_expand import lora_expand
+        from llmql.kernels.lora_shrink import lora_shrink
+
+        cpu = [t.cpu() if torch.is_tensor(t) else t for t in args]
+        cpu[:3] = [t.float() for t in cpu[:3]]
+        xa = lora_shrink(x, a, indptr, seg, ranks, stride)
+        want_xa = ref_lora_shrink(*cpu[:2], *cpu[3:7])
+        loose = dtype == torch.bfloat16
+        torch.testing.assert_close(xa.float().cpu(), want_xa, atol=0.5 if loose else 1e-2,
+                                   rtol=5e-2 if loose else 1e-3)
+        out = lora_expand(xa, b, torch.zeros(x.shape[0], b.shape[1], device="cuda", dtype=dtype),
+                          indptr, seg, ranks, offsets).float().cpu()
+        want = ref_lora_expand(xa.float().cpu(), cpu[2], torch.zeros(out.shape), *cpu[3:6], offsets)
+        torch.testing.assert_close(out, want, atol=0.5 if loose else 1e-2, rtol=5e-2 if loose else 1e-3)
