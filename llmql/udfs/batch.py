@@ -10,7 +10,7 @@ from llmql.engine.types import Engine, GenerationRequest, GenerationResult
 from llmql.settings import get_settings
 from llmql.udfs.functions import get_spec, max_tokens
 from llmql.udfs.result_cache import ResultCache
-from llmql.udfs.types import CallReport, CallSpec
+from llmql.udfs.types import CallReport, CallSpec, UDFError
 
 _OVERFLOW_WORDS = ("context", "too long", "exceeds", "max_model_len", "kv")
 
@@ -50,6 +50,7 @@ class BatchRunner:
         self._send_schema = spec.function == "llm_extract"
         self.null_prompt = null_prompt
         self._null_logprobs: dict[str, float] | None = None
+        self._chat = False
 
     def answer(self, pending: Sequence[PendingPrompt]) -> dict[str, str | None]:
         """Texts by key (None where the engine failed on that prompt)."""
@@ -66,6 +67,7 @@ class BatchRunner:
 
     def _generate(self, misses: Sequence[PendingPrompt]) -> dict[str, str | None]:
         engine = self._engine_factory()
+        self._chat = _use_chat(self.spec.options.chat, engine)
         size = self.spec.options.chunk_size
         out: dict[str, str | None] = {}
         bar = _progress_bar(len(misses), self.spec.function, self.progress and len(misses) > size)
@@ -126,6 +128,7 @@ class BatchRunner:
             stop=fn.stop,
             json_schema=o.json_schema if self._send_schema else None,
             adapter=o.adapter,
+            chat=self._chat,
         )
 
     def _account(self, result: GenerationResult) -> None:
@@ -154,6 +157,17 @@ def calibrated_choice(text: str, row: dict[str, float], null: dict[str, float]) 
     best = max(scores.values())
     tied = [c for c, score in scores.items() if score == best]
     return text if text in tied else tied[0]
+
+
+def _use_chat(option: bool | None, engine: Engine) -> bool:
+    """Whether prompts go through the chat template (`CallOptions.chat`; None: auto)."""
+    from llmql.engine.chat import has_chat_template
+
+    if option is None:
+        return has_chat_template(engine)
+    if option and getattr(engine, "lm", None) is not None and not has_chat_template(engine):
+        raise UDFError("chat := true, but the model has no chat template")
+    return option
 
 
 def _rejects_schema(result: GenerationResult) -> bool:
