@@ -1,15 +1,17 @@
-"""The embedded engine: `load()` and `EmbeddedEngine.generate`.
+"""The embedded engine: `load()` and `EmbeddedEngine` (submit / generate / cancel / close).
 
-Main path: generate → step (Scheduler.schedule → ModelRunner.run → Sampler.sample →
-Scheduler.postprocess) until every request finished.
+Main path: submit → the service's engine thread (`llmql.engine.service`) → step
+(Scheduler.schedule → ModelRunner.run → Sampler.sample → Scheduler.postprocess) →
+each finished request's future.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +24,16 @@ from llmql.engine.runner import ModelRunner
 from llmql.engine.sampler import OutputProcessor, Sampler
 from llmql.engine.scheduler.cache import CacheManager
 from llmql.engine.scheduler.policy import create_policy
-from llmql.engine.scheduler.request import Req
+from llmql.engine.scheduler.request import Req, ScheduledBatch
 from llmql.engine.scheduler.scheduler import Scheduler
-from llmql.engine.types import EngineStats, GenerationRequest, GenerationResult
+from llmql.engine.service import StepLoop, run_batch
+from llmql.engine.types import (
+    EngineStats,
+    ErrorKind,
+    GenerationRequest,
+    GenerationResult,
+    TextCallback,
+)
 from llmql.settings import get_settings
 
 
@@ -83,52 +92,61 @@ class EmbeddedEngine:
         self._ids = itertools.count()
         self.constraints = ConstraintBuilder(lm.tokenizer)
         self._stats = EngineStats()
+        self._stats_lock = threading.Lock()
+        self.service = StepLoop(self)
+
+    def submit(
+        self, request: GenerationRequest, *, on_text: TextCallback | None = None
+    ) -> Future[GenerationResult]:
+        """Queue one request (thread-safe); its future completes with its result.
+
+        The prompt is tokenized in the calling thread. `on_text` receives output text
+        deltas on the engine thread (it must not block).
+        """
+        return self.service.submit(self._make_reqs([request])[0], on_text)
 
     def generate(
-        self, requests: Sequence[GenerationRequest], *, progress: bool = True
+        self, requests: Sequence[GenerationRequest], *, progress: bool = False
     ) -> list[GenerationResult]:
-        """Complete every request; results in request order.
+        """Complete every request; results in request order (thread-safe).
 
         Bad requests do not stop the batch: an empty prompt, a prompt that does not fit the
         model context or the KV pool, or an unsupported option (a LoRA adapter, a json_schema
         outside the supported subset) gives that request `finish_reason="error"` with a
         message in `error`. `choices` ignore `max_tokens` (the answer is always whole).
+        A KeyboardInterrupt while waiting cancels these requests and is re-raised.
         """
-        from tqdm.auto import tqdm
+        futures = [self.service.submit(req) for req in self._make_reqs(requests)]
+        return self.service.wait(futures, progress=progress)
 
-        t0 = time.perf_counter()
-        texts = [r.prompt for r in requests if isinstance(r.prompt, str)]
-        encoded = iter(self.lm.tokenizer.encode_batch(texts) if texts else [])
-        reqs = [self._make_req(r, next(encoded) if isinstance(r.prompt, str) else list(r.prompt))
-                for r in requests]
-        for req in reqs:
-            if not req.finished:
-                self.scheduler.add(req)
-        bar = tqdm(total=len(reqs), disable=not progress, desc="llmql", unit="req")
-        bar.update(sum(r.finished for r in reqs))
-        computed0, shown = self._stats.computed_tokens, 0.0
-        with torch.inference_mode():
-            while self.scheduler.has_work:
-                bar.update(len(self.step()))
-                if progress and time.perf_counter() - shown > 0.5:
-                    shown = time.perf_counter()
-                    _postfix(bar, reqs, self._stats.computed_tokens - computed0, shown - t0)
-        bar.close()
-        self._account(reqs, time.perf_counter() - t0)
-        return [r.result() for r in reqs]
+    def cancel(self, futures: Iterable[Future]) -> None:
+        """Cancel requests by their futures; their KV memory and radix locks are freed."""
+        self.service.cancel(futures)
 
-    def step(self) -> list[Req]:
-        """One forward over the next batch; returns the requests that finished."""
-        batch, failed = self.scheduler.schedule()
+    def close(self) -> None:
+        """Cancel what is in flight and stop the engine thread."""
+        self.service.close()
+
+    def step(self, scheduler: Scheduler | None = None) -> list[Req]:
+        """One forward over the next batch; returns the requests that finished.
+
+        Called on the engine thread only. An exception after scheduling is raised as the
+        service's `_BatchFailed` naming the batch's requests (see `llmql.engine.service`).
+        """
+        scheduler = scheduler or self.scheduler
+        batch, failed = scheduler.schedule()
         if batch is None:
-            if not failed and self.scheduler.has_work:
+            if not failed and scheduler.has_work:
                 raise RuntimeError("scheduler made no progress (KV pool too small?)")
             return failed
-        logits = self.runner.run(batch)
-        tokens = self.sampler.sample(batch.sampled_reqs, logits)
-        done = self.scheduler.postprocess(batch, tokens, self.output)
+        done = run_batch(batch.reqs, lambda: self._forward(scheduler, batch), failed)
         self._stats.computed_tokens += batch.num_tokens
         return failed + done
+
+    def _forward(self, scheduler: Scheduler, batch: ScheduledBatch) -> list[Req]:
+        logits = self.runner.run(batch)
+        tokens = self.sampler.sample(batch.sampled_reqs, logits)
+        return scheduler.postprocess(batch, tokens, self.output)
 
     def stats(self) -> EngineStats:
         """Totals since the engine was created (a copy)."""
@@ -136,13 +154,20 @@ class EmbeddedEngine:
                  "kv_slots": self.pool.num_slots, "cached_size": self.kv.cache.cached_size}
         return dataclasses.replace(self._stats, extra=extra)
 
+    def _make_reqs(self, requests: Sequence[GenerationRequest]) -> list[Req]:
+        texts = [r.prompt for r in requests if isinstance(r.prompt, str)]
+        encoded = iter(self.lm.tokenizer.encode_batch(texts) if texts else [])
+        return [self._make_req(r, next(encoded) if isinstance(r.prompt, str) else list(r.prompt))
+                for r in requests]
+
     def _make_req(self, request: GenerationRequest, ids: list[int]) -> Req:
         max_ctx = self.lm.config.max_context
         room = max_ctx - len(ids)
         req = Req(next(self._ids), ids, request, min(request.max_tokens, room))
         error = _check(request, ids, max_ctx, self.pool.num_slots)
         if error:
-            req.finish("error", error)
+            req.finish("error", error, ErrorKind.CONTEXT_OVERFLOW if "tokens" in error
+                       else ErrorKind.BAD_REQUEST)
         elif request.choices is not None:
             req.max_new_tokens = room  # NOTE: choices ignore max_tokens: the answer is whole
             req.constraint = self.constraints.choices(request.choices)
@@ -152,24 +177,17 @@ class EmbeddedEngine:
             try:
                 req.constraint = self.constraints.json_schema(request.json_schema, req.max_new_tokens)
             except ValueError as exc:
-                req.finish("error", str(exc))
+                req.finish("error", str(exc), ErrorKind.BAD_REQUEST)
         return req
 
-    def _account(self, reqs: list[Req], seconds: float) -> None:
-        s = self._stats
-        s.requests += len(reqs)
-        s.prompt_tokens += sum(r.prompt_len for r in reqs if r.finish_reason != "error")
-        s.cached_tokens += sum(max(r.cached_tokens, 0) for r in reqs)
-        s.output_tokens += sum(len(r.output_ids) for r in reqs)
-        s.seconds += seconds
-
-
-def _postfix(bar, reqs: list[Req], computed: int, elapsed: float) -> None:
-    """Progress-bar postfix: computed tokens/s and the prefix-cache hit rate so far."""
-    started = [r for r in reqs if r.cached_tokens >= 0]
-    prompt = sum(r.prompt_len for r in started)
-    hit = sum(r.cached_tokens for r in started) / prompt if prompt else 0.0
-    bar.set_postfix(tok_s=f"{computed / max(elapsed, 1e-9):.0f}", hit=f"{hit:.0%}", refresh=False)
+    def _account(self, req: Req) -> None:
+        """Add a finished request to the totals (engine thread, or the caller for rejects)."""
+        with self._stats_lock:
+            s = self._stats
+            s.requests += 1
+            s.prompt_tokens += req.prompt_len if req.finish_reason != "error" else 0
+            s.cached_tokens += max(req.cached_tokens, 0)
+            s.output_tokens += len(req.output_ids)
 
 
 def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from llmql.engine.constrained import Constraint
-from llmql.engine.types import GenerationRequest, GenerationResult
+from llmql.engine.types import ErrorKind, GenerationRequest, GenerationResult
 
 _NO_SLOTS = torch.empty(0, dtype=torch.int64)
 
@@ -34,6 +34,7 @@ class Req:
     cached_tokens: int = -1  # prompt tokens served from the cache at first admission
     finish_reason: str | None = None
     error: str | None = None
+    error_kind: str | None = None
     text: str = ""
     constraint: Constraint | None = None
     generator: torch.Generator | None = None
@@ -62,8 +63,11 @@ class Req:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def finish(self, reason: str, error: str | None = None) -> None:
+    def finish(self, reason: str, error: str | None = None, kind: str | None = None) -> None:
+        """End the request; `kind` (an ErrorKind) defaults to internal for errors."""
         self.finish_reason, self.error = reason, error
+        if reason == "error":
+            self.error_kind = kind or ErrorKind.INTERNAL
 
     def result(self) -> GenerationResult:
         """The public result of a finished request."""
@@ -75,6 +79,7 @@ class Req:
             finish_reason=self.finish_reason or "error",
             error=self.error,
             choice_logprobs=self.choice_logprobs,
+            error_kind=self.error_kind if self.finish_reason in (None, "error") else None,
         )
 
 

@@ -10,6 +10,7 @@ from llmql.engine.scheduler.cache import CacheManager
 from llmql.engine.scheduler.policy import SchedulingPolicy
 from llmql.engine.scheduler.prefill import PrefillAdmitter
 from llmql.engine.scheduler.request import Req, ScheduledBatch
+from llmql.engine.types import ErrorKind
 
 OOM_MESSAGE = "KV pool exhausted: the sequence no longer fits in the KV memory"
 
@@ -108,5 +109,5 @@ class Scheduler:
     def _fail(self, req: Req) -> Req:
         self.kv.release(req, keep_prefix=False)
         self.running.remove(req)
-        req.finish("length" if req.output_ids else "error", OOM_MESSAGE)
+        req.finish("length" if req.output_ids else "error", OOM_MESSAGE, ErrorKind.CONTEXT_OVERFLOW)
         return req
