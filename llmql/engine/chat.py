@@ -37,12 +37,13 @@ def render_messages(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]])
 def resolve_chat(tokenizer: Tokenizer, request: GenerationRequest) -> GenerationRequest:
     """`request` with a chat prompt rendered to token ids (unchanged if `chat` is False).
 
-    Raises:
-        ValueError: `chat=True` on a model without a chat template, or a token-id prompt.
+    A request that cannot be rendered (no template, a token-id prompt, a template that
+    rejects it) comes back unchanged, `chat` still True: the engine fails it as a bad request.
     """
-    if not request.chat:
+    if not request.chat or not isinstance(request.prompt, str) or not tokenizer.chat_template:
         return request
-    if not isinstance(request.prompt, str):
-        raise ValueError("chat=True needs a text prompt, not token ids")
-    ids = render_messages(tokenizer, [{"role": "user", "content": request.prompt}])
+    try:
+        ids = render_messages(tokenizer, [{"role": "user", "content": request.prompt}])
+    except ValueError:
+        return request
     return dataclasses.replace(request, prompt=ids, chat=False)
