@@ -95,7 +95,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from llmql.engine.server import ServerConfig, run_server
+    from llmql.engine.server import ServerConfig
+    from llmql.engine.serving import run_server
 
     config = ServerConfig(api_key=args.api_key, max_queue=args.max_queue,
                           served_name=args.served_name)

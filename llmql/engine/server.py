@@ -243,20 +243,6 @@ class _Guard:
             self.server.counters.requests[(scope["path"], status[0])] += 1
 
 
-def run_server(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-               policy: str | None = None, config: ServerConfig | None = None) -> None:
-    """Load `model` (see `llmql.engine.load`) and serve it until interrupted."""
-    import uvicorn
-
-    from llmql.engine import load
-
-    engine = load(model, **({"policy": policy} if policy else {}))
-    try:
-        uvicorn.run(create_app(engine, config), host=host, port=port, log_level="info")
-    finally:
-        engine.close()
-
-
 def _check_key(config: ServerConfig, request: Request) -> None:
     if config.api_key is None or request.url.path == "/health":
         return

@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 
 from llmql.engine import load
 from llmql.engine.remote import RemoteConfig, RemoteEngine
+from llmql.engine.serving import running
 from llmql.engine.types import ErrorKind, GenerationRequest
-from tests.engine.http_server import running
 
 
 class FlakyServer:
@@ -75,7 +75,7 @@ def test_failures_after_last_retry_are_results() -> None:
 
 
 def test_unreachable_endpoint_fails_clearly() -> None:
-    from tests.engine.http_server import free_port
+    from llmql.engine.serving import free_port
 
     with pytest.raises(ConnectionError, match="cannot list the models"):
         load(f"http://127.0.0.1:{free_port()}/v1", retries=0)

@@ -17,8 +17,8 @@ import pytest
 from llmql.engine import load
 from llmql.engine.chat import render_messages
 from llmql.engine.server import ServerConfig, create_app
+from llmql.engine.serving import running
 from llmql.engine.types import GenerationRequest
-from tests.engine.http_server import running
 
 KEY = "secret"
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}w10 {{ m['content'] }} w11 {% endfor %}"
