@@ -202,3 +202,31 @@ def test_udfs_chat_option(engine, tiny_model_dir: Callable[[str], Path]) -> None
     failed = base.generate([GenerationRequest("w5", chat=True)])[0]
     base.close()
     assert failed.finish_reason == "error" and failed.error_kind == "bad_request"
+
+
+@pytest.mark.slow
+def test_default_model_served_equals_embedded() -> None:
+    """The issue's setting: the default model, 64 concurrent clients, and an LLM SQL query
+    through the remote backend, all equal to the embedded engine's greedy answers."""
+    import llmql
+
+    engine = load()
+    prompts = [f"Question {i}: what is {i % 9} plus {i % 5}? Answer:" for i in range(64)]
+    sql = ("SELECT t, llm('Name the colour of', t, max_tokens := 4) AS a, "
+           "llm_filter('Is this a fruit?', t) AS f FROM (VALUES ('banana'), ('sky'), ('grass'), "
+           "('cherry'), ('banana')) v(t) ORDER BY t")
+    with llmql.connect(engine=engine, result_cache=False) as con:
+        embedded = con.sql(sql).fetchall()
+    with running(create_app(engine)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        with ThreadPoolExecutor(64) as pool:
+            answers = list(pool.map(lambda p: client.completions.create(
+                model=engine.lm.name, prompt=p, max_tokens=6, temperature=0).choices[0].text,
+                prompts))
+        remote = load(f"{url}/v1")
+        with llmql.connect(engine=remote, result_cache=False) as con:
+            via_remote = con.sql(sql).fetchall()
+        remote.close()
+    assert answers == _greedy(engine, prompts, max_tokens=6)
+    assert via_remote == embedded
+    engine.close()
