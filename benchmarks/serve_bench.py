@@ -13,6 +13,7 @@
 
 Prints one JSON line per measurement, then a short table. CPU timings are noisy.
 Usage: python benchmarks/serve_bench.py [--clients 32] [--seconds 60] [--rows 64]
+The model is loaded once; each measurement gets a fresh engine (empty prefix cache) on it.
 Data: LLMQL_DATA_DIR or ../shared/data next to the repository.
 """
 
@@ -30,6 +31,8 @@ import duckdb
 
 import llmql
 from llmql.engine import load
+from llmql.engine.engine import EmbeddedEngine, EngineConfig
+from llmql.engine.models import LoadedModel, load_model
 from llmql.engine.server import ServerConfig, create_app
 from llmql.engine.serving import running
 from llmql.engine.types import GenerationRequest
@@ -51,12 +54,21 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--kv-tokens", type=int, default=16384, help="KV pool per engine")
     args = parser.parse_args()
-    movies = _movies(args.rows)
-    results = [_load_test(args, movies), *_sql_modes(args)]
-    for r in results:
-        print(json.dumps(r))
+    lm = load_model(args.model)
+    results = [_load_test(args, lm, _movies(args.rows)), *_sql_modes(args, lm)]
     _table(results)
+
+
+def _engine(args: argparse.Namespace, lm: LoadedModel) -> EmbeddedEngine:
+    """A fresh engine (empty prefix cache) over the already loaded weights."""
+    return EmbeddedEngine(lm, EngineConfig(kv_tokens=args.kv_tokens), model_name=lm.name)
+
+
+def _emit(record: dict) -> dict:
+    print(json.dumps(record), flush=True)
+    return record
 
 
 def _movies(rows: int) -> list[dict]:
@@ -66,10 +78,10 @@ def _movies(rows: int) -> list[dict]:
     return frame.to_dict("records")
 
 
-def _load_test(args: argparse.Namespace, movies: list[dict]) -> dict:
+def _load_test(args: argparse.Namespace, lm: LoadedModel, movies: list[dict]) -> dict:
     import openai
 
-    engine = load(args.model)
+    engine = _engine(args, lm)
     prompts = [f"{KIDS}\nmovie_title: {m['movie_title']}\nreview: {m['review_content']}\nAnswer:"
                for m in movies]
     latencies: list[float] = []
@@ -105,17 +117,17 @@ def _load_test(args: argparse.Namespace, movies: list[dict]) -> dict:
     stats = engine.stats()
     engine.close()
     latencies.sort()
-    return {"bench": "load", "clients": args.clients, "seconds": round(elapsed, 1),
+    return _emit({"bench": "load", "clients": args.clients, "seconds": round(elapsed, 1),
             "requests": len(latencies), "req_per_s": round(len(latencies) / elapsed, 2),
             "p50_s": round(statistics.median(latencies), 3) if latencies else None,
             "p99_s": round(latencies[int(0.99 * (len(latencies) - 1))], 3) if latencies else None,
-            "errors": errors[0], "prefix_hit_rate": round(stats.cache_hit_rate, 3)}
+            "errors": errors[0], "prefix_hit_rate": round(stats.cache_hit_rate, 3)})
 
 
-def _sql_modes(args: argparse.Namespace) -> list[dict]:
+def _sql_modes(args: argparse.Namespace, lm: LoadedModel) -> list[dict]:
     out, answers = [], {}
     for mode in ("embedded", "remote", "remote_orig"):
-        engine = load(args.model)
+        engine = _engine(args, lm)
         with override(progress=False), running(create_app(engine)) as url:
             t0 = time.perf_counter()
             answers[mode] = _run_mode(mode, engine, url, args.rows)
@@ -130,7 +142,7 @@ def _sql_modes(args: argparse.Namespace) -> list[dict]:
     for r in out:
         r["vs_embedded"] = round(r["seconds"] / base, 2)
     out[1]["same_answers_as_embedded"] = answers["remote"] == answers["embedded"]
-    return out
+    return [_emit(r) for r in out]
 
 
 def _run_mode(mode: str, engine, url: str, rows: int) -> list:
