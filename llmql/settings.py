@@ -16,6 +16,9 @@ Environment variables:
     LLMQL_RESULT_CACHE  "1" (default) to use the persistent result cache, "0" to disable.
     LLMQL_PROGRESS    "1" (default) to show progress bars on long runs, "0" to hide them.
     LLMQL_API_KEY     API key for a remote OpenAI-compatible endpoint (else OPENAI_API_KEY).
+    LLMQL_POLICY      the embedded engine's scheduling policy: "fair" (default: VTC across
+                      tenants, learned-length order inside each), "ltr" (learned-length
+                      shortest-first) or "fcfs" (arrival order).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = "default"
 _DEVICES = ("auto", "cpu", "cuda")
+_POLICIES = ("fair", "ltr", "fcfs", "lpm")
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,13 @@ class Settings:
     result_cache: bool = True
     progress: bool = True
     api_key: str | None = dataclasses.field(default=None, repr=False)
+    policy: str = "fair"
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
             raise ValueError(f"LLMQL_DEVICE must be one of {_DEVICES}, got {self.device!r}")
+        if self.policy not in _POLICIES:
+            raise ValueError(f"LLMQL_POLICY must be one of {_POLICIES}, got {self.policy!r}")
         if self.threads < 0 or self.kv_tokens < 0 or self.kv_gib <= 0:
             raise ValueError("threads and kv_tokens must be >= 0 and kv_gib > 0")
 
@@ -67,6 +74,7 @@ class Settings:
             result_cache=_bool(env, "LLMQL_RESULT_CACHE", base.result_cache),
             progress=_bool(env, "LLMQL_PROGRESS", base.progress),
             api_key=env.get("LLMQL_API_KEY") or env.get("OPENAI_API_KEY") or None,
+            policy=(env.get("LLMQL_POLICY") or base.policy).lower(),
         )
 
     def resolved_device(self) -> str:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from llmql.engine.types import Engine
 from llmql.udfs.aggregate import run_agg
 from llmql.udfs.executor import run_call
-from llmql.udfs.types import CallOptions, CallReport, CallSpec, UDFError
+from llmql.udfs.types import CallOptions, CallReport, CallSpec, UDFError, new_tenant
 
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 _LAST: list[CallReport] = [CallReport()]
@@ -59,6 +59,7 @@ def call(
 ) -> pa.Array:
     """Run one row function over `table`; the values, aligned with its rows."""
     instruction, fields = resolve_columns(table.column_names, instruction, columns)
+    options = {"tenant": new_tenant("call"), **options}  # NOTE: one tenant per call unless set
     spec = CallSpec(function, instruction, fields, CallOptions.from_dict(options))
     out = run_call(spec, table, engine=engine)
     _LAST[0] = out.report

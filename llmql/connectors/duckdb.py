@@ -20,8 +20,10 @@ import pyarrow as pa
 
 from llmql.engine.types import Engine
 from llmql.udfs.aggregate import run_spec
+from llmql.udfs.batch import predicted_tokens
+from llmql.udfs.engines import loaded_engine
 from llmql.udfs.report import QueryReport
-from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport, CallSpec
+from llmql.udfs.types import FUNCTIONS, CallOptions, CallReport, CallSpec, new_tenant
 from llmql.udfs.vectorized import SQL_TYPES, ReportCollector, make_udf
 
 __all__ = ["LLMConnection", "Registration", "connect", "register"]
@@ -101,6 +103,7 @@ class LLMConnection:
         self.options = dict(options or {})
         self.registration = register(con, engine=engine, **self.options)
         self._report = QueryReport()
+        self._tenant = new_tenant()
 
     def sql(self, query: str, **kwargs: Any) -> duckdb.DuckDBPyRelation:
         """Run `query` (LLM calls planned, batched and cached) and return a DuckDB relation."""
@@ -121,12 +124,24 @@ class LLMConnection:
         return self
 
     def explain(self, query: str) -> str:
-        """The optimiser's EXPLAIN of `query` (calls, input relations, prefix reuse)."""
+        """The optimiser's EXPLAIN of `query` (calls, input relations, prefix reuse), and the
+        engine's predicted output tokens per call once its length predictor has data."""
         try:
             from llmql.optimizer import explain
         except ImportError:
             return _describe_plan(_plan(query, self.con))
-        return str(explain(query, con=self.con))
+        return str(explain(query, con=self.con)) + self._predictions(_plan(query, self.con))
+
+    def _predictions(self, plan: Any) -> str:
+        lines = []
+        for call in plan.calls if plan is not None else []:
+            options = CallOptions.from_dict(call.call_options(self.options))
+            engine = self.engine or loaded_engine(options.model)
+            spec = CallSpec(call.function, call.instruction, tuple(call.fields), options)
+            tokens = predicted_tokens(spec, engine) if engine is not None else None
+            if tokens is not None:
+                lines.append(f"{call.id}: predicted output tokens per row ~ {tokens:.1f}")
+        return "".join(f"\n{line}" for line in lines)
 
     def last_report(self) -> QueryReport:
         """The report of the previous `sql()`/`execute()` (UDF calls run at fetch time are
@@ -152,6 +167,7 @@ class LLMConnection:
     def _prepare(self, query: str) -> str:
         """Plan `query`, run its LLM calls, register their result tables; the SQL to run."""
         self._report = QueryReport()
+        self._tenant = new_tenant()
         self.registration.collector.take()
         plan = self._timed("plan", lambda: _plan(query, self.con))
         if plan is None or not plan.calls:
@@ -164,7 +180,7 @@ class LLMConnection:
 
     def _run_call(self, call: Any) -> None:
         inputs = self._timed("input_sql", lambda: _arrow(self.con.sql(call.input_sql)))
-        options = CallOptions.from_dict(call.call_options(self.options))
+        options = CallOptions.from_dict({"tenant": self._tenant, **call.call_options(self.options)})
         spec = CallSpec(call.function, call.instruction, tuple(call.fields), options)
         t0 = time.perf_counter()
         out = run_spec(spec, inputs, engine=self.engine)

@@ -18,7 +18,7 @@ from llmql.connectors.spark_udf import make_spec, register
 from llmql.connectors.spark_worker import EngineFactory, WorkerContext
 from llmql.optimizer.types import LLMCall, LLMPlan
 from llmql.udfs.report import QueryReport
-from llmql.udfs.types import CallSpec, UDFError
+from llmql.udfs.types import CallSpec, UDFError, new_tenant
 
 __all__ = ["SparkQueryResult", "register", "run", "run_plan", "sql"]
 
@@ -98,7 +98,8 @@ def run_plan(
     """
     workers = spark.sparkContext.defaultParallelism
     ctx = WorkerContext.capture(engine_factory, workers=workers, **(settings or {}))
-    specs = {call.id: _spec(call, options) for call in plan.calls}
+    job = {"tenant": new_tenant("job"), **options}  # NOTE: one tenant per job unless set
+    specs = {call.id: _spec(call, job) for call in plan.calls}
     check_plan(spark, plan, specs)
     result = SparkQueryResult(df=None, plan=plan)
     for source in plan.sources:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import pyarrow as pa
 from llmql.engine.types import Engine, EngineStats, GenerationRequest, GenerationResult
 from llmql.settings import Settings, get_settings, override
 from llmql.udfs.aggregate import run_spec
+from llmql.udfs.batch import submit_request
 from llmql.udfs.types import CallOutput, CallReport, CallSpec
 
 EngineFactory = Callable[[], Engine]
@@ -119,6 +121,14 @@ class _LazyEngine:
         self, requests: Sequence[GenerationRequest], *, progress: bool = False
     ) -> list[GenerationResult]:
         return get_engine(self._ctx).generate(requests, progress=progress)
+
+    def submit(self, request: GenerationRequest, *, on_text=None) -> Future[GenerationResult]:
+        return submit_request(get_engine(self._ctx), request)
+
+    def cancel(self, futures: Iterable[Future]) -> None:
+        engine = get_engine(self._ctx)
+        if hasattr(engine, "cancel"):
+            engine.cancel(futures)
 
     def stats(self) -> EngineStats:
         return get_engine(self._ctx).stats()

@@ -11,10 +11,11 @@ if TYPE_CHECKING:
     from llmql.engine.remote import RemoteEngine
 
 
-def load(model: str | None = None, **settings: object) -> EmbeddedEngine | RemoteEngine:
+def load(model: str | None = None, *, policy: str | None = None,
+         **settings: object) -> EmbeddedEngine | RemoteEngine:
     """Load `model` into the embedded engine (see `llmql.engine.engine.load`), or connect
     to an OpenAI-compatible endpoint when `model` (else LLMQL_MODEL) is an "http(s)://" URL
-    (see `llmql.engine.remote.load_remote`)."""
+    (see `llmql.engine.remote.load_remote`; `policy` is then the server's business)."""
     from llmql.settings import get_settings
 
     source = model or get_settings().model
@@ -24,7 +25,7 @@ def load(model: str | None = None, **settings: object) -> EmbeddedEngine | Remot
         return load_remote(source, **settings)
     from llmql.engine.engine import load as _load
 
-    return _load(model, **settings)
+    return _load(model, policy=policy, **settings)
 
 
 def is_remote(model: str | None) -> bool:

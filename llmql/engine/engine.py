@@ -25,6 +25,7 @@ from llmql.engine.runner import ModelRunner
 from llmql.engine.sampler import OutputProcessor, Sampler
 from llmql.engine.scheduler.cache import CacheManager
 from llmql.engine.scheduler.policy import create_policy
+from llmql.engine.scheduler.predictor import template_key
 from llmql.engine.scheduler.request import Req, ScheduledBatch
 from llmql.engine.scheduler.scheduler import Scheduler
 from llmql.engine.service import StepLoop, run_batch
@@ -51,7 +52,7 @@ class EngineConfig:
     chunk_size: int = 512
     max_batch_tokens: int = 2048
     max_running: int = 64
-    policy: str = "fcfs"
+    policy: str = "fair"
     threads: int = 0
     packed_linears: bool = True  # CPU float32: oneDNN GEMMs on pre-packed weights
 
@@ -95,6 +96,12 @@ class EmbeddedEngine:
         self._stats = EngineStats()
         self._stats_lock = threading.Lock()
         self.service = StepLoop(self)
+
+    @property
+    def max_in_flight(self) -> int:
+        """How many requests a streaming caller should keep submitted (4x max_running):
+        enough waiting work for the policy to choose from, little to cancel on Ctrl-C."""
+        return 4 * self.config.max_running
 
     def submit(
         self, request: GenerationRequest, *, on_text: TextCallback | None = None
@@ -148,6 +155,12 @@ class EmbeddedEngine:
         logits = self.runner.run(batch)
         tokens = self.sampler.sample(batch.sampled_reqs, logits)
         return scheduler.postprocess(batch, tokens, self.output)
+
+    def predicted_tokens(self, request: GenerationRequest) -> float | None:
+        """Mean predicted output tokens of requests of `request`'s call template (None: the
+        policy has no predictor or too little data for that template)."""
+        ids = [] if isinstance(request.prompt, str) else list(request.prompt)
+        return self.scheduler.policy.predicted_tokens(template_key(request, ids))
 
     def stats(self) -> EngineStats:
         """Totals since the engine was created (a copy)."""
@@ -209,16 +222,20 @@ def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int)
     return None
 
 
-def load(model: str | None = None, **settings: object) -> EmbeddedEngine:
+def load(model: str | None = None, *, policy: str | None = None,
+         **settings: object) -> EmbeddedEngine:
     """Load `model` (None: LLMQL_MODEL, "default": Gemma 3 270M) into an embedded engine.
 
     Args:
         model: "default", a GGUF file or a Hugging Face model directory.
+        policy: scheduling policy: "fair" (VTC across tenants, learned-length order inside
+            each), "ltr" (learned-length shortest first), "fcfs"; None = LLMQL_POLICY.
         **settings: EngineConfig fields (device, dtype, kv_tokens, kv_gib, page_size,
-            prefix_cache, chunk_size, max_batch_tokens, max_running, policy, threads);
+            prefix_cache, chunk_size, max_batch_tokens, max_running, threads);
             unset ones come from `llmql.settings.get_settings()`.
     """
     base = get_settings()
+    settings["policy"] = policy or base.policy
     device = str(settings.pop("device", base.resolved_device()))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

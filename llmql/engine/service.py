@@ -66,6 +66,7 @@ class StepLoop:
         """Queue `req`; its future completes with its `GenerationResult`."""
         future: Future = Future()
         ticket = _Ticket(req, future, on_text)
+        req.extra["submitted"] = time.perf_counter()
         if req.finished:  # rejected before scheduling (bad request, zero budget)
             self.engine._account(req)
             _resolve(ticket)
@@ -263,6 +264,10 @@ def _reset(scheduler: Scheduler, req: Req) -> None:
 
 
 def _resolve(ticket: _Ticket) -> None:
+    """Complete the future; `future.queue_s` = seconds from submit to first admission."""
+    extra = ticket.req.extra
+    if "admitted" in extra:
+        ticket.future.queue_s = extra["admitted"] - extra["submitted"]  # type: ignore[attr-defined]
     with contextlib.suppress(InvalidStateError):  # NOTE: cancelled by its caller meanwhile
         ticket.future.set_result(ticket.req.result())
 

@@ -1,12 +1,14 @@
-"""Submit rendered prompts to the engine in chunks, through the persistent result cache."""
+"""Stream rendered prompts to the engine (bounded in flight), through the persistent result cache."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
-from llmql.engine.types import Engine, GenerationRequest, GenerationResult
+from llmql.engine.types import Engine, ErrorKind, GenerationRequest, GenerationResult
 from llmql.settings import get_settings
 from llmql.udfs.functions import get_spec, max_tokens
 from llmql.udfs.result_cache import ResultCache
@@ -24,7 +26,7 @@ class PendingPrompt:
 
 
 class BatchRunner:
-    """Answers prompts for one call: cache lookup, then chunked generation, caching each chunk.
+    """Answers prompts for one call: cache lookup, then streamed generation, caching each answer.
 
     The engine is resolved lazily, so a fully cached call never loads a model. With a
     `null_prompt` (a calibrated call, see `CallOptions.calibrate`), answers with
@@ -51,6 +53,8 @@ class BatchRunner:
         self.null_prompt = null_prompt
         self._null_logprobs: dict[str, float] | None = None
         self._chat = False
+        self._resent: set[str] = set()
+        self._first_admit = float("inf")
 
     def answer(self, pending: Sequence[PendingPrompt]) -> dict[str, str | None]:
         """Texts by key (None where the engine failed on that prompt)."""
@@ -66,42 +70,74 @@ class BatchRunner:
         return answers
 
     def _generate(self, misses: Sequence[PendingPrompt]) -> dict[str, str | None]:
+        """Stream `misses` to the engine in send order, at most `window` in flight; cache
+        each answer as it completes (a kill loses only requests in flight). Ctrl-C (any
+        exception) cancels the call's outstanding requests and re-raises."""
         engine = self._engine_factory()
         self._chat = _use_chat(self.spec.options.chat, engine)
-        size = self.spec.options.chunk_size
+        window = min(self.spec.options.chunk_size, getattr(engine, "max_in_flight", 256))
         out: dict[str, str | None] = {}
-        bar = _progress_bar(len(misses), self.spec.function, self.progress and len(misses) > size)
+        todo = iter(misses)
+        inflight: dict[Future, PendingPrompt] = {}
+        bar = _progress_bar(len(misses), self.spec.function, self.progress and len(misses) > 64)
+        t0 = time.perf_counter()
         try:
-            # NOTE: one chunk is one engine batch in send order; the engine's scheduler lets
-            # prompts admitted together share a prefix, so no leaders-first split is needed.
-            for i in range(0, len(misses), size):
-                chunk = misses[i : i + size]
-                out.update(self._run_chunk(engine, chunk))
-                bar.update(len(chunk))
+            while True:
+                for p in itertools.islice(todo, max(window - len(inflight), 0)):
+                    inflight[self._submit(engine, p)] = p
+                if not inflight:
+                    break
+                done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+                finished = [(inflight.pop(f), _outcome(f)) for f in done]
+                out.update(self._finish(engine, finished, inflight))
+                bar.update(len(done))
+        except BaseException:
+            if hasattr(engine, "cancel"):
+                engine.cancel(list(inflight))
+            raise
         finally:
             bar.close()
+            self.report.add_time("generate", time.perf_counter() - t0)
+            if self._first_admit < float("inf"):
+                self.report.add_time("queue", max(self._first_admit - t0, 0.0))
         return out
 
-    def _run_chunk(self, engine: Engine, chunk: Sequence[PendingPrompt]) -> dict[str, str | None]:
+    def _submit(self, engine: Engine, pending: PendingPrompt) -> Future:
+        """Submit one prompt; a submit that raises gives an already failed future."""
         t0 = time.perf_counter()
-        requests = [self._request(p.prompt) for p in chunk]
-        results = _generate_isolated(engine, requests)
-        if self._send_schema and any(_rejects_schema(r) for r in results):
-            # NOTE: engines without json_schema decoding get a JSON prompt; we parse it ourselves.
-            self._send_schema = False
-            results = _generate_isolated(engine, [self._request(p.prompt) for p in chunk])
-        self.report.add_time("generate", time.perf_counter() - t0)
+        future = submit_request(engine, self._request(pending.prompt))
+        future.add_done_callback(lambda f: self._note_queue(f, t0))
+        return future
+
+    def _note_queue(self, future: Future, submitted: float) -> None:
+        """The call's queue wait: until the engine first admitted one of its requests
+        (engines that report it set `future.queue_s`)."""
+        queued = getattr(future, "queue_s", None)
+        if queued is not None:
+            self._first_admit = min(self._first_admit, submitted + queued)
+
+    def _finish(
+        self, engine: Engine, finished: list[tuple[PendingPrompt, GenerationResult]],
+        inflight: dict[Future, PendingPrompt],
+    ) -> dict[str, str | None]:
+        """Account, select and cache the answers of `finished` (a schema-less engine's
+        rejections are submitted again with a JSON prompt)."""
         texts: dict[str, str | None] = {}
         good: list[tuple[str, str]] = []
-        for pending, result in zip(chunk, results):
+        for pending, result in finished:
+            if _rejects_schema(result) and pending.key not in self._resent:
+                # NOTE: engines without json_schema decoding get a JSON prompt; we parse it ourselves.
+                self._send_schema = False
+                self._resent.add(pending.key)
+                inflight[self._submit(engine, pending)] = pending
+                continue
             self._account(result)
             if result.finish_reason == "error" or result.error:
                 texts[pending.key] = None
                 continue
-            text = self._select(engine, result)
-            texts[pending.key] = text
+            texts[pending.key] = text = self._select(engine, result)
             good.append((pending.key, text))
-        if self.cache is not None:
+        if self.cache is not None and good:
             t1 = time.perf_counter()
             self.cache.put_many(good)
             self.report.add_time("cache", time.perf_counter() - t1)
@@ -118,18 +154,7 @@ class BatchRunner:
         return calibrated_choice(result.text, result.choice_logprobs, self._null_logprobs)
 
     def _request(self, prompt: str) -> GenerationRequest:
-        o = self.spec.options
-        fn = get_spec(self.spec.function)
-        return GenerationRequest(
-            prompt=prompt,
-            max_tokens=max_tokens(self.spec),
-            temperature=float(o.temperature),
-            choices=fn.choices(o),
-            stop=fn.stop,
-            json_schema=o.json_schema if self._send_schema else None,
-            adapter=o.adapter,
-            chat=self._chat,
-        )
+        return build_request(self.spec, prompt, send_schema=self._send_schema, chat=self._chat)
 
     def _account(self, result: GenerationResult) -> None:
         r = self.report
@@ -143,6 +168,33 @@ class BatchRunner:
                 r.context_overflows += 1
             else:
                 r.errors += 1
+
+
+def build_request(spec: CallSpec, prompt: str, *, send_schema: bool = True,
+                  chat: bool = False) -> GenerationRequest:
+    """The engine request of one rendered prompt of `spec` (`chat`: through the template)."""
+    o = spec.options
+    fn = get_spec(spec.function)
+    return GenerationRequest(
+        prompt=prompt,
+        max_tokens=max_tokens(spec),
+        temperature=float(o.temperature),
+        choices=fn.choices(o),
+        stop=fn.stop,
+        json_schema=o.json_schema if send_schema else None,
+        adapter=o.adapter,
+        tenant=o.tenant,
+        chat=chat,
+    )
+
+
+def predicted_tokens(spec: CallSpec, engine: Engine | None) -> float | None:
+    """The engine's predicted output tokens for the rows of `spec` (None: the engine has no
+    length predictor, or too little data for this call template yet)."""
+    from llmql.udfs.prompts import null_prompt
+
+    predict = getattr(engine, "predicted_tokens", None)
+    return predict(build_request(spec, null_prompt(spec))) if predict is not None else None
 
 
 def calibrated_choice(text: str, row: dict[str, float], null: dict[str, float]) -> str:
@@ -178,21 +230,37 @@ def _generate_isolated(engine: Engine, requests: list[GenerationRequest]) -> lis
     """One engine call; if it raises, retry one by one so one bad prompt fails alone."""
     try:
         return list(engine.generate(requests, progress=False))
-    except Exception:
+    except Exception as exc:
         if len(requests) == 1:
-            return [_failed(requests[0], _last_error())]
+            return [_failed(f"{type(exc).__name__}: {exc}")]
     return [_generate_isolated(engine, [r])[0] for r in requests]
 
 
-def _last_error() -> str:
-    import sys
+def submit_request(engine: Engine, request: GenerationRequest) -> Future:
+    """`engine.submit(request)`; engines offering only `generate` answer at once. A submit
+    that raises gives an already failed future (so one bad prompt fails alone)."""
+    try:
+        if hasattr(engine, "submit"):
+            return engine.submit(request)
+        result = engine.generate([request], progress=False)[0]
+    except Exception as exc:
+        result = _failed(f"{type(exc).__name__}: {exc}")
+    future: Future = Future()
+    future.set_result(result)
+    return future
 
-    exc = sys.exc_info()[1]
-    return f"{type(exc).__name__}: {exc}"
+
+def _failed(error: str) -> GenerationResult:
+    return GenerationResult("", 0, 0, 0, "error", error, error_kind=ErrorKind.INTERNAL)
 
 
-def _failed(request: GenerationRequest, error: str) -> GenerationResult:
-    return GenerationResult("", 0, 0, 0, "error", error)
+def _outcome(future: Future) -> GenerationResult:
+    """The future's result; a cancelled or raising future is a failed result."""
+    if future.cancelled():
+        return GenerationResult("", 0, 0, 0, "error", "cancelled", error_kind=ErrorKind.CANCELLED)
+    exc = future.exception()
+    return _failed(f"{type(exc).__name__}: {exc}") if exc else future.result()
+
 
 
 class _NoBar:

@@ -25,6 +25,12 @@ def get_engine(model: str | None = None) -> Engine:
         return _ENGINES[name]
 
 
+def loaded_engine(model: str | None = None) -> Engine | None:
+    """The process's engine for `model` if it is already loaded (never loads one)."""
+    with _LOCK:
+        return _ENGINES.get(model or get_settings().model)
+
+
 def _load(model: str | None) -> Engine:
     try:
         from llmql.engine import load

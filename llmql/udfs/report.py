@@ -71,7 +71,7 @@ class QueryReport:
             return f"no LLM calls; stages: {stages or '-'}"
         lines = [
             f"{'call':<8} {'function':<13} {'rows':>6} {'distinct':>8} {'cached':>6} "
-            f"{'llm':>5} {'prompt_tok':>10} {'prefix_hit':>10} {'bad':>4} {'secs':>7}"
+            f"{'llm':>5} {'prompt_tok':>10} {'prefix_hit':>10} {'bad':>4} {'secs':>7} {'queue':>6}"
         ]
         for c in self.calls:
             lines.append(_row(c.id, c.function, c.report, c.seconds))
@@ -90,4 +90,5 @@ def _row(name: str, function: str, r: CallReport, seconds: float) -> str:
     return (
         f"{name:<8} {function:<13} {r.rows:>6} {r.distinct_inputs:>8} {r.cache_hits:>6} "
         f"{r.llm_calls:>5} {r.prompt_tokens:>10} {r.prefix_hit_rate:>10.1%} {bad:>4} {seconds:>7.2f}"
+        f" {r.seconds.get('queue', 0.0):>6.2f}"  # NOTE: wait until the engine first admitted the call
     )

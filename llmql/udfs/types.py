@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,9 +38,13 @@ class CallOptions:
         json_schema: llm_extract's schema (a dict).
         on_error: "null" (unparseable answer → NULL + count) or "raise".
         result_cache: None = settings.result_cache; False disables the persistent cache.
-        chunk_size: requests per engine call; results are cached after each chunk, so a crash
-            loses at most one chunk.
+        chunk_size: most requests of one call in flight at once (also bounded by the
+            engine's `max_in_flight`); each answer is cached as it completes, so a crash
+            loses only requests in flight.
         context_tokens: llm_agg's token budget per reduce prompt.
+        tenant: the fairness group of the call's requests in the engine (the `fair` policy
+            shares the engine between tenants). Connectors default it to one id per query
+            (`con.sql` call, Spark job); set it (`tenant := 'name'`) to group queries.
         calibrate: with choices (llm_filter, llm_classify, llm_score) at temperature 0, pick
             the answer by contextual calibration (Zhao et al., 2021): each choice's
             first-token log-probability minus the one the same prompt gets with every field
@@ -62,8 +68,9 @@ class CallOptions:
     json_schema: dict | None = None
     on_error: str = "null"
     result_cache: bool | None = None
-    chunk_size: int = 64
+    chunk_size: int = 256
     context_tokens: int = 1536
+    tenant: str | None = None
     calibrate: bool = True
     reorder_fields: bool = True
     chat: bool | None = None
@@ -98,6 +105,14 @@ class CallOptions:
         if options.get("labels") is not None:
             options["labels"] = tuple(options["labels"])
         return cls(**{k: v for k, v in options.items() if v is not None or k == "result_cache"})
+
+
+_QUERY_IDS = itertools.count(1)
+
+
+def new_tenant(kind: str = "query") -> str:
+    """A fresh tenant id for one query or job (unique in this process)."""
+    return f"{kind}-{os.getpid()}-{next(_QUERY_IDS)}"
 
 
 @dataclass(frozen=True)

@@ -156,3 +156,33 @@ def test_interrupted_caller_leaves_engine_healthy(tiny) -> None:
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit(reqs[0])
+
+
+@pytest.mark.parametrize("policy", ["ltr", "fair"])
+def test_policies_keep_greedy_answers(tiny, policy) -> None:
+    prompts = _word_prompts(24, seed=9)
+    reqs = [GenerationRequest(p, max_tokens=2 + 9 * (i % 3 == 0), tenant=f"t{i % 2}")
+            for i, p in enumerate(prompts)]
+    expected = _answers(_engine(tiny, policy="fcfs").generate(reqs))
+    engine = _engine(tiny, policy=policy, max_running=4)
+    assert _answers(engine.generate(reqs)) == expected
+    assert _answers(engine.generate(reqs[::-1])) == expected[::-1]  # now with predictions
+    assert _idle(engine)
+
+
+def test_explain_predicts_tokens_report_shows_queue_wait_tenants(tiny) -> None:
+    import llmql
+
+    engine = _engine(tiny, policy="fair")
+    con = llmql.connect(engine=engine, max_tokens=6, result_cache=False)
+    con.execute("CREATE TABLE t AS SELECT 'w' || (i % 90 + 4) || ' w' || (i % 7 + 4) AS a "
+                "FROM range(40) r(i)")
+    query = "SELECT llm('w5 w6', a) FROM t"
+    assert "predicted output tokens" not in con.explain(query)
+    assert all(v is not None for (v,) in con.sql(query).fetchall())
+    report = con.last_report()
+    assert "queue" in report.calls[0].report.seconds and "queue" in str(report)
+    assert "predicted output tokens per row" in con.explain(query)
+    con.sql("SELECT llm('w7', a, tenant := 'alice') FROM t LIMIT 2").fetchall()
+    assert "alice" in engine.scheduler.policy.counters
+    assert sum(t.startswith("query-") for t in engine.scheduler.policy.counters) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 from llmql.engine.types import EngineStats, GenerationRequest, GenerationResult
 
@@ -18,10 +19,22 @@ class FakeEngine:
         self.prompts: list[str] = []
         self.batches: list[int] = []
         self._stats = EngineStats()
+        self.submitted = 0
+        self.cancelled: list[Future] = []
 
     def generate(self, requests: Sequence[GenerationRequest], *, progress: bool = False):
         self.batches.append(len(requests))
         return [self._one(r) for r in requests]
+
+    def submit(self, request: GenerationRequest, *, on_text=None) -> Future:
+        """Answered at once (through `generate`, so tests may patch that)."""
+        self.submitted += 1
+        future: Future = Future()
+        future.set_result(self.generate([request])[0])
+        return future
+
+    def cancel(self, futures) -> None:
+        self.cancelled += [f for f in futures if not f.done()]
 
     def _one(self, request: GenerationRequest) -> GenerationResult:
         prompt = request.prompt

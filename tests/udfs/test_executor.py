@@ -58,13 +58,24 @@ def test_an_explicit_engine_keys_results_by_its_own_model(cache):
     assert out.values.to_pylist() == ["other", "other", "other", None, "other"]
 
 
-def test_chunks_are_cached_as_they_finish(cache):
+def test_answers_are_cached_as_they_finish_and_ctrl_c_keeps_them(cache):
     table = pa.table({"t": [str(i) for i in range(10)]})
     engine = FakeEngine()
-    run_call(
-        CallSpec("llm", "Say", ("t",), CallOptions(chunk_size=4)), table, engine=engine, cache=cache
-    )
-    assert engine.batches == [4, 4, 2] and len(cache) == 10
+    original = engine.generate
+
+    def generate(requests, *, progress=False):
+        if engine.submitted > 7:
+            raise KeyboardInterrupt
+        return original(requests, progress=progress)
+
+    engine.generate = generate
+    spec = CallSpec("llm", "Say", ("t",), CallOptions(chunk_size=4))
+    with pytest.raises(KeyboardInterrupt):
+        run_call(spec, table, engine=engine, cache=cache)
+    assert len(cache) == 4  # the first window's answers; the second's were in flight
+    engine.generate = original
+    out = run_call(spec, table, engine=engine, cache=cache)
+    assert out.report.cache_hits == 4 and len(cache) == 10
 
 
 def test_unparseable_answers_are_null_and_counted(cache):
@@ -145,7 +156,7 @@ def test_prompts_go_in_one_batch_grouped_by_their_shared_prefix(cache):
     engine = FakeEngine()
     table = pa.table({"movie": ["m1", "m2", "m1", "m2", "m1"], "review": list("abcde")})
     run_call(CallSpec("llm", "Say", ("movie", "review")), table, engine=engine, cache=cache)
-    assert engine.batches == [5]
+    assert engine.submitted == 5
     movies = [p.split("\n")[1] for p in engine.prompts]
     assert movies in (["movie: m1"] * 3 + ["movie: m2"] * 2, ["movie: m2"] * 2 + ["movie: m1"] * 3)
 

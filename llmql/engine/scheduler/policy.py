@@ -1,7 +1,10 @@
 """Scheduling policies: the order in which waiting requests are admitted.
 
-The prefill admitter consults a `SchedulingPolicy`; new policies (LoRA-aware admission,
-learned-length SJF, fair share) plug in here rather than as branches in the loop.
+The prefill admitter consults a `SchedulingPolicy`; policies plug in here rather than as
+branches in the loop: `fcfs`, `lpm` (longest cached prefix), `ltr` (learned-length SJF,
+`ltr.py`) and `fair` (VTC across tenants, `fair.py`). The scheduler tells the policy what
+happens through hooks (`on_add`, `on_step`, `on_finish`) and asks it for a preemption
+`victim`.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 from llmql.engine.scheduler.cache import CacheManager
-from llmql.engine.scheduler.request import Req
+from llmql.engine.scheduler.request import Req, ScheduledBatch
 
 
 class SchedulingPolicy(ABC):
@@ -30,6 +33,30 @@ class SchedulingPolicy(ABC):
     def admit(self, req: Req, picked: Sequence[Req], running: Sequence[Req]) -> bool:
         """Whether `req` may join this step (after `picked`, next to `running`)."""
         return True
+
+    def bind(self, kv: CacheManager) -> None:
+        """Called once by the scheduler that owns this policy."""
+        self.kv = kv
+
+    def on_add(self, req: Req, waiting: Sequence[Req], running: Sequence[Req]) -> None:
+        """`req` joins the waiting queue (before it is appended)."""
+        return None
+
+    def on_step(self, batch: ScheduledBatch, waiting: Sequence[Req]) -> None:
+        """A step ran over `batch`; `waiting` are the requests that did not run."""
+        return None
+
+    def on_finish(self, req: Req) -> None:
+        """`req` finished (stop, length or error)."""
+        return None
+
+    def victim(self, candidates: Sequence[Req]) -> Req:
+        """Which running request to preempt when memory runs out (default: the newest)."""
+        return candidates[-1]
+
+    def predicted_tokens(self, template: str) -> float | None:
+        """Mean predicted output tokens of a call template (None: no prediction)."""
+        return None
 
 
 class FCFSPolicy(SchedulingPolicy):
@@ -56,10 +83,25 @@ class LongestPrefixPolicy(SchedulingPolicy):
         return sorted(waiting, key=lambda r: -lengths[r.rid])
 
 
+def _ltr() -> SchedulingPolicy:
+    from llmql.engine.scheduler.ltr import LTRPolicy
+
+    return LTRPolicy()
+
+
+def _fair() -> SchedulingPolicy:
+    from llmql.engine.scheduler.fair import FairPolicy
+
+    return FairPolicy()
+
+
 _POLICIES: dict[str, Callable[[], SchedulingPolicy]] = {
     "fcfs": FCFSPolicy,
     "lpm": LongestPrefixPolicy,
+    "ltr": _ltr,
+    "fair": _fair,
 }
+POLICIES = tuple(_POLICIES)
 
 
 def create_policy(name: str | SchedulingPolicy) -> SchedulingPolicy:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import numpy as np
@@ -45,9 +46,11 @@ class PrefillAdmitter:
             if n:
                 picked.append((req, n))
                 budget -= n
+        now = time.perf_counter()
         for req, _ in picked:
             waiting.remove(req)
             running.append(req)
+            req.extra.setdefault("admitted", now)
         return picked
 
     def _try_start(

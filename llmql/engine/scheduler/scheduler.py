@@ -33,7 +33,8 @@ class Scheduler:
     ) -> None:
         if min(chunk_size, max_batch_tokens, max_running) <= 0:
             raise ValueError("chunk_size, max_batch_tokens and max_running must be positive")
-        self.kv = kv
+        self.kv, self.policy = kv, policy
+        policy.bind(kv)
         self.chunk_size, self.max_batch_tokens = chunk_size, max_batch_tokens
         self.admitter = PrefillAdmitter(kv, policy, chunk_size=chunk_size, max_running=max_running)
         self.waiting: deque[Req] = deque()
@@ -41,6 +42,7 @@ class Scheduler:
         self.preemptions = 0
 
     def add(self, req: Req) -> None:
+        self.policy.on_add(req, self.waiting, self.running)
         self.waiting.append(req)
 
     @property
@@ -75,6 +77,7 @@ class Scheduler:
         self, batch: ScheduledBatch, tokens: list[int], on_token: Callable[[Req, int], None]
     ) -> list[Req]:
         """Advance the batch by its forward and sampled `tokens`; returns finished requests."""
+        self.policy.on_step(batch, self.waiting)
         for req, n in zip(batch.reqs, batch.extend_lens):
             req.num_computed += n
         for req, tok in zip(batch.sampled_reqs, tokens):
@@ -85,6 +88,7 @@ class Scheduler:
                 self.kv.release(req)
                 self.running.remove(req)
                 done.append(req)
+                self.policy.on_finish(req)
             elif n > 1:
                 self.kv.cache_prefix(req)
         return done
@@ -95,7 +99,7 @@ class Scheduler:
             victims = [r for r in self.running if r is not req and r not in scheduled]
             if not victims:
                 return False
-            self._preempt(victims[-1])
+            self._preempt(self.policy.victim(victims))
         return True
 
     def _preempt(self, req: Req) -> None:

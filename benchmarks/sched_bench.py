@@ -1,0 +1,238 @@
+"""Scheduling benchmark: policies of the engine service side by side on real workloads
+(movies.csv) with the default model.
+
+(a) mixed lengths: long free-text answers, one-sentence summaries, one-word answers and
+    yes/no classifications, shuffled and submitted at once (after a warm-up of the same
+    templates on other rows, so the length predictor has data): fcfs vs ltr.
+(b) fairness: a large llm_filter query starts on one DuckDB connection, a small llm()
+    query on another connection 1 s later: fcfs vs fair (one tenant per query).
+(c) two different queries on two connections at once vs one after the other (fair).
+
+Prints one JSON line per policy and scenario, then the ratios. Usage:
+    .venv/bin/python benchmarks/sched_bench.py [--quick] [--only a,b,c]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+
+TEMPLATES = [  # (instruction, max_tokens, choices, stop)
+    ("Write a detailed paragraph about the movie and what the review says about it.", 48, None, ()),
+    ("Summarise the review in one short sentence.", 48, None, ("\n",)),
+    ("Name the genre of the movie in one word.", 48, None, ("\n",)),
+    ("Is the review positive?", 8, ("yes", "no"), ()),
+]
+
+
+def data_dir() -> Path:
+    """LLMQL_DATA_DIR, else the nearest `shared/data` above this checkout."""
+    env = os.environ.get("LLMQL_DATA_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    return next((p / "shared" / "data" for p in here.parents if (p / "shared" / "data").is_dir()),
+                here.parents[2] / "shared" / "data")
+
+
+def movies() -> list[dict]:
+    with open(data_dir() / "movies.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r["review_content"]]
+
+
+def _prompt(instruction: str, row: dict) -> str:
+    return f"{instruction}\nmovie_title: {row['movie_title']}\nreview_content: {row['review_content']}\nAnswer:"
+
+
+def mixed_requests(rows: list[dict], n: int, seed: int):
+    from llmql.engine.types import GenerationRequest
+
+    out = []
+    for i in range(n):
+        instruction, max_tokens, choices, stop = TEMPLATES[i % len(TEMPLATES)]
+        out.append(GenerationRequest(_prompt(instruction, rows[i // len(TEMPLATES)]),
+                                     max_tokens=max_tokens, choices=choices, stop=stop))
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def kendall_tau(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-b (ties in either list handled)."""
+    a, b = np.asarray(x, float), np.asarray(y, float)
+    sa, sb = np.sign(a[:, None] - a[None, :]), np.sign(b[:, None] - b[None, :])
+    concord = float((sa * sb).sum())
+    denom = float(np.sqrt(np.abs(sa).sum() * np.abs(sb).sum()))
+    return concord / denom if denom else 0.0
+
+
+def run_mixed(lm, policy: str, n: int, warmup: int, max_running: int) -> dict:
+    from llmql.engine.engine import EmbeddedEngine, EngineConfig
+
+    rows = movies()
+    engine = EmbeddedEngine(lm, EngineConfig(policy=policy, max_running=max_running))
+    engine.generate(mixed_requests(rows[n:], warmup * len(TEMPLATES), seed=1))
+    history = getattr(engine.scheduler.policy, "history", None)
+    seen = len(history) if history is not None else 0
+    requests = mixed_requests(rows, n, seed=0)
+    done: list[float] = [0.0] * n
+    t0 = time.perf_counter()
+    futures: list[Future] = []
+    for i, r in enumerate(requests):
+        f = engine.submit(r)
+        f.add_done_callback(lambda _, i=i: done.__setitem__(i, time.perf_counter()))
+        futures.append(f)
+    results = [f.result() for f in futures]
+    latencies = np.asarray(done) - t0
+    out = {"scenario": "mixed", "policy": policy, "rows": n,
+           "mean_latency_s": round(float(latencies.mean()), 3),
+           "p90_latency_s": round(float(np.percentile(latencies, 90)), 3),
+           "throughput_rows_s": round(n / float(latencies.max()), 3),
+           "output_tokens": sum(r.output_tokens for r in results),
+           "errors": sum(r.finish_reason == "error" for r in results)}
+    if history is not None:
+        pairs = list(history)[seen:]
+        out["kendall_tau"] = round(kendall_tau([p for p, _ in pairs], [a for _, a in pairs]), 3)
+        out["predicted_requests"] = len(pairs)
+    engine.close()
+    return out
+
+
+def _connection(engine, table: str, rows: int, offset: int = 0):
+    import llmql
+
+    con = llmql.connect(engine=engine, result_cache=False)
+    con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_csv_auto('{data_dir() / 'movies.csv'}') "
+                f"WHERE review_content IS NOT NULL ORDER BY id LIMIT {rows} OFFSET {offset}")
+    return con
+
+
+BIG = "SELECT count(*) FROM big WHERE llm_filter('Is the review positive?', movie_title, review_content)"
+SMALL = "SELECT llm('Name the genre of the movie in one word.', movie_title) FROM small"
+
+
+def _timed_query(con, sql: str, out: dict, key: str, t0: float) -> None:
+    start = time.perf_counter()
+    rows = con.sql(sql).fetchall()
+    out[key] = (start - t0, time.perf_counter() - t0, len(rows))
+
+
+def run_fair(lm, policy: str, big: int, small: int, delay: float) -> dict:
+    from llmql.engine.engine import EmbeddedEngine, EngineConfig
+
+    engine = EmbeddedEngine(lm, EngineConfig(policy=policy))
+    cons = {"big": _connection(engine, "big", big), "small": _connection(engine, "small", small, big)}
+    times: dict = {}
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=_timed_query, args=(cons["big"], BIG, times, "big", t0))]
+    threads[0].start()
+    time.sleep(delay)
+    threads.append(threading.Thread(target=_timed_query, args=(cons["small"], SMALL, times, "small", t0)))
+    threads[1].start()
+    for t in threads:
+        t.join()
+    makespan = max(end for _, end, _ in times.values())
+    durations = [end - start for start, end, _ in times.values()]
+    engine.close()
+    return {"scenario": "fairness", "policy": policy, "rows": big + small,
+            "small_tenant_finish_s": round(times["small"][1] - times["small"][0], 3),
+            "big_finish_s": round(times["big"][1], 3),
+            "mean_latency_s": round(float(np.mean(durations)), 3),
+            "p90_latency_s": round(float(np.max(durations)), 3),
+            "throughput_rows_s": round((big + small) / makespan, 3)}
+
+
+def run_concurrent(lm, rows: int, concurrent: bool) -> dict:
+    from llmql.engine.engine import EmbeddedEngine, EngineConfig
+
+    engine = EmbeddedEngine(lm, EngineConfig(policy="fair"))
+    queries = [(_connection(engine, "big", rows), BIG),
+               (_connection(engine, "small", rows, rows), SMALL)]
+    times: dict = {}
+    t0 = time.perf_counter()
+    if concurrent:
+        threads = [threading.Thread(target=_timed_query, args=(c, q, times, str(i), t0))
+                   for i, (c, q) in enumerate(queries)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for i, (c, q) in enumerate(queries):
+            _timed_query(c, q, times, str(i), t0)
+    makespan = max(end for _, end, _ in times.values())
+    durations = [end - start for start, end, _ in times.values()]
+    engine.close()
+    return {"scenario": "two_queries", "policy": "fair",
+            "mode": "concurrent" if concurrent else "sequential", "rows": 2 * rows,
+            "mean_latency_s": round(float(np.mean(durations)), 3),
+            "p90_latency_s": round(float(np.max(durations)), 3),
+            "throughput_rows_s": round(2 * rows / makespan, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller workloads")
+    parser.add_argument("--only", default="a,b,c", help="scenarios to run (a,b,c)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args()
+    import torch
+
+    from llmql.engine.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model()
+    only = set(args.only.split(","))
+    lines: list[dict] = []
+
+    def emit(line: dict) -> None:
+        lines.append(line)
+        print(json.dumps(line), flush=True)
+
+    if "a" in only:
+        n, warmup, running = (96, 16, 16) if args.quick else (240, 20, 32)
+        for policy in ("fcfs", "ltr"):
+            emit(run_mixed(lm, policy, n, warmup, running))
+    if "b" in only:
+        big, small = (160, 12) if args.quick else (400, 20)
+        for policy in ("fcfs", "fair"):
+            emit(run_fair(lm, policy, big, small, delay=1.0))
+    if "c" in only:
+        rows = 40 if args.quick else 100
+        for concurrent in (False, True):
+            emit(run_concurrent(lm, rows, concurrent))
+    emit(ratios(lines))
+
+
+def ratios(lines: list[dict]) -> dict:
+    """The side-by-side ratios the issue's targets are stated in."""
+    by = {(d["scenario"], d["policy"], d.get("mode")): d for d in lines}
+    out: dict = {"scenario": "ratios"}
+    fcfs, ltr = by.get(("mixed", "fcfs", None)), by.get(("mixed", "ltr", None))
+    if fcfs and ltr:
+        out["mixed_ltr_latency_x_fcfs"] = round(ltr["mean_latency_s"] / fcfs["mean_latency_s"], 3)
+        out["mixed_ltr_throughput_x_fcfs"] = round(ltr["throughput_rows_s"] / fcfs["throughput_rows_s"], 3)
+        out["mixed_ltr_kendall_tau"] = ltr.get("kendall_tau")
+    f_fcfs, f_fair = by.get(("fairness", "fcfs", None)), by.get(("fairness", "fair", None))
+    if f_fcfs and f_fair:
+        out["fair_small_finish_speedup"] = round(
+            f_fcfs["small_tenant_finish_s"] / f_fair["small_tenant_finish_s"], 3)
+        out["fair_throughput_x_fcfs"] = round(f_fair["throughput_rows_s"] / f_fcfs["throughput_rows_s"], 3)
+    seq, conc = by.get(("two_queries", "fair", "sequential")), by.get(("two_queries", "fair", "concurrent"))
+    if seq and conc:
+        out["concurrent_throughput_x_sequential"] = round(
+            conc["throughput_rows_s"] / seq["throughput_rows_s"], 3)
+    return out
+
+
+if __name__ == "__main__":
+    main()
