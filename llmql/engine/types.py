@@ -35,6 +35,10 @@ class GenerationRequest:
         json_schema: if set, the output is constrained to JSON matching the schema.
         adapter: LoRA adapter name.
         tenant: fairness group (query or user).
+        top_p: nucleus sampling mass (with temperature > 0).
+        seed: sampling seed (None: unseeded).
+        chat: render a text prompt as one user turn through the model's chat template
+            (`llmql.engine.chat`; the remote backend uses the chat endpoint instead).
     """
 
     prompt: str | list[int]
@@ -47,6 +51,7 @@ class GenerationRequest:
     tenant: str | None = None
     top_p: float = 1.0
     seed: int | None = None
+    chat: bool = False
 
 
 @dataclass

@@ -12,7 +12,7 @@ from llmql.engine.types import Engine, ErrorKind, GenerationRequest, GenerationR
 from llmql.settings import get_settings
 from llmql.udfs.call import CallSpec
 from llmql.udfs.result_cache import ResultCache
-from llmql.udfs.types import CallReport
+from llmql.udfs.types import CallReport, UDFError
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class BatchRunner:
         self._send_schema = spec.function == "llm_extract"
         self.null_prompt = null_prompt
         self._null_logprobs: dict[str, float] | None = None
+        self._chat = False
         self._resent: set[str] = set()
         self._first_admit = float("inf")
 
@@ -74,6 +75,7 @@ class BatchRunner:
         check = getattr(engine, "check_adapter", None)
         if self.spec.options.adapter is not None and check is not None:
             check(self.spec.options.adapter)  # NOTE: a bad adapter fails the call before any model call
+        self._chat = _use_chat(self.spec.options.chat, engine)
         window = min(self.spec.options.chunk_size, getattr(engine, "max_in_flight", 256))
         out: dict[str, str | None] = {}
         todo = iter(misses)
@@ -153,7 +155,7 @@ class BatchRunner:
         return calibrated_choice(result.text, result.choice_logprobs, self._null_logprobs)
 
     def _request(self, prompt: str) -> GenerationRequest:
-        return self.spec.request(prompt, json_schema=self._send_schema)
+        return self.spec.request(prompt, json_schema=self._send_schema, chat=self._chat)
 
     def _account(self, result: GenerationResult) -> None:
         r = self.report
@@ -187,6 +189,17 @@ def calibrated_choice(text: str, row: dict[str, float], null: dict[str, float]) 
     best = max(scores.values())
     tied = [c for c, score in scores.items() if score == best]
     return text if text in tied else tied[0]
+
+
+def _use_chat(option: bool | None, engine: Engine) -> bool:
+    """Whether prompts go through the chat template (`CallOptions.chat`; None: auto)."""
+    from llmql.engine.chat import has_chat_template
+
+    if option is None:
+        return has_chat_template(engine)
+    if option and getattr(engine, "lm", None) is not None and not has_chat_template(engine):
+        raise UDFError("chat := true, but the model has no chat template")
+    return option
 
 
 def _rejects_schema(result: GenerationResult) -> bool:

@@ -70,8 +70,9 @@ class CallSpec:
         """The content-free prompt calibration compares against (every field "N/A")."""
         return prompts.null_prompt(self)
 
-    def request(self, prompt: str, *, json_schema: bool = True) -> GenerationRequest:
-        """The engine request for a rendered prompt (`json_schema=False`: parse JSON ourselves)."""
+    def request(self, prompt: str, *, json_schema: bool = True, chat: bool = False) -> GenerationRequest:
+        """The engine request for a rendered prompt (`json_schema=False`: parse JSON ourselves;
+        `chat`: the engine renders it through the model's chat template)."""
         o = self.options
         fn = functions.get_spec(self.function)
         return GenerationRequest(
@@ -84,6 +85,7 @@ class CallSpec:
             adapter=o.adapter,
             tenant=o.tenant,
             seed=o.seed,
+            chat=chat,
         )
 
     def parse(self, text: str) -> Any:

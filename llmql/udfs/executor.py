@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from llmql.engine import is_remote
 from llmql.engine.types import Engine
 from llmql.ordering import reorder
 from llmql.ordering.render import render_value
@@ -104,11 +105,13 @@ def key_model(spec: CallSpec, engine: Engine | None = None) -> str:
     (`llmql.udfs.fingerprint`), so replaced weights miss.
 
     NOTE: an engine passed explicitly (e.g. `connect(engine=load(path))`) must key its own
-    results, or answers of one model would be served for another.
+    results, or answers of one model would be served for another. A remote endpoint is
+    keyed by its URL and served model id (asked of the server once).
     """
     name = getattr(engine, "model_name", None)
     if not (isinstance(name, str) and name):
-        name = spec.options.model or get_settings().model
+        model = spec.options.model or get_settings().model
+        name = get_engine(model).model_name if is_remote(model) else model
     return f"{name}|{model_fingerprint(name)}"
 
 

@@ -45,6 +45,8 @@ def output_signature(spec: CallSpec) -> dict[str, Any]:
         signature["seed"] = o.seed  # NOTE: greedy answers do not depend on the seed
     if get_spec(spec.function).choices(o):
         signature["calibrated"] = calibrates(spec)  # NOTE: old (uncalibrated) answers miss
+    if o.chat is not None:
+        signature["chat"] = o.chat  # NOTE: auto (None) is keyed by the model alone
     if not o.reorder_fields:
         signature["fields_as_written"] = True  # NOTE: never mixed with reordered answers
     if get_spec(spec.function).stop:

@@ -56,6 +56,9 @@ class CallOptions:
             reuse; the order, and so possibly the answer, depends on the other rows of the
             batch or partition). False keeps the fields as written for every row (rows are
             still sorted for reuse): answers that do not depend on batching or partitioning.
+        chat: None (auto) renders each prompt as one user turn through the model's chat
+            template when the (embedded) model has one, else sends it plain; True always
+            does (a remote endpoint gets it on its chat endpoint); False never does.
     """
 
     model: str | None = None
@@ -74,6 +77,7 @@ class CallOptions:
     tenant: str | None = None
     calibrate: bool = True
     reorder_fields: bool = True
+    chat: bool | None = None
 
     def __post_init__(self) -> None:
         if self.on_error not in _ON_ERROR:
@@ -89,6 +93,8 @@ class CallOptions:
         for flag in ("calibrate", "reorder_fields"):
             if not isinstance(getattr(self, flag), bool):
                 raise UDFError(f"{flag} must be a boolean, got {getattr(self, flag)!r}")
+        if self.chat is not None and not isinstance(self.chat, bool):
+            raise UDFError(f"chat must be a boolean (or NULL for auto), got {self.chat!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise UDFError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
 
