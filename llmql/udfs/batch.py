@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from llmql.engine.types import Engine, GenerationRequest, GenerationResult
 from llmql.settings import get_settings
 from llmql.udfs.functions import get_spec, max_tokens
+from llmql.udfs.progress import open_progress
 from llmql.udfs.result_cache import ResultCache
 from llmql.udfs.types import CallReport, CallSpec
 
@@ -68,14 +69,15 @@ class BatchRunner:
         engine = self._engine_factory()
         size = self.spec.options.chunk_size
         out: dict[str, str | None] = {}
-        bar = _progress_bar(len(misses), self.spec.function, self.progress and len(misses) > size)
+        bar = open_progress(self.spec.function, len(misses), show=self.progress,
+                            long=len(misses) > size)
         try:
             # NOTE: one chunk is one engine batch in send order; the engine's scheduler lets
             # prompts admitted together share a prefix, so no leaders-first split is needed.
             for i in range(0, len(misses), size):
                 chunk = misses[i : i + size]
                 out.update(self._run_chunk(engine, chunk))
-                bar.update(len(chunk))
+                bar.advance(len(chunk), self.report)
         finally:
             bar.close()
         return out
@@ -179,19 +181,3 @@ def _last_error() -> str:
 
 def _failed(request: GenerationRequest, error: str) -> GenerationResult:
     return GenerationResult("", 0, 0, 0, "error", error)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-def _progress_bar(total: int, desc: str, show: bool):
-    if not show:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="prompt", leave=False)
