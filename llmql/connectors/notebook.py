@@ -5,7 +5,8 @@
     SELECT movie_title FROM movies
     WHERE llm_filter('Is this movie suitable for kids?', movie_info) AND year > {min_year}
 
-Options (before the SQL): `-o NAME` keeps the result DataFrame in NAME; `--con NAME` runs
+Options (before the SQL): `-o NAME` keeps the result DataFrame in NAME (its query report in
+`NAME.attrs["llmql_report"]`); `--con NAME` runs
 on the connection NAME (alone, `%llmql --con NAME` makes it the notebook's connection;
 default: one `llmql.connect()` shared by the notebook); `--spark` runs with
 `llmql.spark.run` on the namespace's `spark` session (else a local one); `--no-report`
@@ -103,6 +104,8 @@ class LLMQLMagics(Magics):
 
     def _show(self, args: CellArgs, frame: Any, report: Any) -> None:
         if args.out:
+            if report is not None and hasattr(frame, "attrs"):
+                frame.attrs["llmql_report"] = report
             self.shell.user_ns[args.out] = frame
         display(frame)
         if report is not None and getattr(report, "calls", True) and not args.no_report:

@@ -113,6 +113,7 @@ def test_cell_returns_table_keeps_it_and_shows_the_report(shell):
     expected = shell.user_ns["con"].sql(sql).df()  # NOTE: now from the result cache
     pd.testing.assert_frame_equal(out, expected)
     assert out["a"].iloc[0] == out["a"].iloc[2]
+    assert out.attrs["llmql_report"].calls[0].report.distinct_inputs == 2
     table, report = _texts(captured)
     assert "w5 w6" in table
     assert "llm_0" in report and "prefix_hit" in report and "distinct" in report
@@ -214,3 +215,13 @@ def test_interrupt_stops_cleanly_and_the_engine_stays_healthy(shell, engine, cac
     pd.testing.assert_frame_equal(shell.user_ns["out"], expected)
     report = con.last_report().total
     assert report.cache_hits == done and report.llm_calls == 12 - done
+
+
+def test_progress_bar_shows_hit_rate_and_tokens_per_second(shell):
+    from llmql.settings import override
+
+    with override(progress=True):
+        result, captured = _run(shell, "%llmql SELECT llm('w12 w13', name) FROM t")
+    assert result.success, captured.stdout
+    assert "llm: 100%" in captured.stderr and "2/2" in captured.stderr
+    assert "prefix hit" in captured.stderr and "tok/s" in captured.stderr
