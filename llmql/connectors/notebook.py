@@ -58,6 +58,14 @@ class CellArgs:
 
 def load_ipython_extension(ipython: Any) -> None:
     """`%load_ext llmql`: register the `%llmql` / `%%llmql` magics."""
+    import warnings
+
+    from tqdm import TqdmWarning
+
+    with warnings.catch_warnings():
+        # NOTE: without ipywidgets, tqdm.auto warns on import in a kernel; we pick the text bar.
+        warnings.simplefilter("ignore", TqdmWarning)
+        import tqdm.auto  # noqa: F401
     ipython.register_magics(LLMQLMagics(ipython))
 
 
@@ -244,13 +252,20 @@ def _explain(con: Any, args: CellArgs) -> str:
     return con.explain(sql) if hasattr(con, "explain") else str(con.sql(f"EXPLAIN {sql}"))
 
 
-def _guarded(run: Any) -> Any:
-    """`run()` with live progress and clean interrupts; user errors as one-line messages."""
+def _guarded(run: Any, *, spark: bool = False) -> Any:
+    """`run()` with live progress and clean interrupts; user errors as one-line messages.
+
+    NOTE: on Spark, pyspark's own SIGINT handler stays: it cancels the running jobs.
+    """
     guard = InterruptGuard()
     try:
+        if spark:
+            return run()
         with guard, use_progress(guard.progress):
             return run()
     except KeyboardInterrupt:
+        if spark:
+            raise NotebookError("interrupted: the Spark jobs were cancelled") from None
         raise NotebookError(
             f"interrupted: {guard.done} of {guard.total} prompts finished and are cached; "
             "run the cell again to resume"

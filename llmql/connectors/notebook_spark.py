@@ -20,9 +20,9 @@ def run_spark(args: Any, namespace: dict[str, Any]) -> tuple[Any, Any]:
         if args.explain:
             from llmql.optimizer import explain
 
-            display(_Text(_guarded(lambda: explain(args.sql, dialect="spark"))))
+            display(_Text(_guarded(lambda: explain(args.sql, dialect="spark"), spark=True)))
             return None, None
-        return _guarded(lambda: _run(spark, args.sql))
+        return _guarded(lambda: _run(spark, args.sql), spark=True)
     finally:
         for name in views:
             spark.catalog.dropTempView(name)
