@@ -40,7 +40,7 @@ def test_duckdb_quickstart_executes(monkeypatch):
     assert sum("prefix_hit" in t for t in texts) >= 4  # a report under every LLM query
     assert any("llm_0: llm('Name the product type.')" in t for t in texts)  # EXPLAIN
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot
-    table = next(t for t in texts if "table order" in t and "reordered" in t)
+    table = next(t for t in texts if "previous prompt only" in t)
     counts = {m[0]: [int(x) for x in m[1:]]
               for m in re.findall(r"(table order|reordered)\s+(\d+)\s+(\d+)\s+(\d+)", table)}
     for total, engine, previous_only in counts.values():
