@@ -26,3 +26,10 @@ def register(con: duckdb.DuckDBPyConnection, **kwargs: Any) -> Any:
     from llmql.connectors.duckdb import register as _register
 
     return _register(con, **kwargs)
+
+
+def load_ipython_extension(ipython: object) -> None:
+    """`%load_ext llmql`: the `%llmql` / `%%llmql` magics (see `llmql.connectors.notebook`)."""
+    from llmql.connectors.notebook import load_ipython_extension as _load
+
+    _load(ipython)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from llmql.engine.types import Engine, ErrorKind, GenerationRequest, GenerationResult
 from llmql.settings import get_settings
 from llmql.udfs.call import CallSpec
+from llmql.udfs.progress import open_progress
 from llmql.udfs.result_cache import ResultCache
 from llmql.udfs.types import CallReport, UDFError
 
@@ -80,7 +81,8 @@ class BatchRunner:
         out: dict[str, str | None] = {}
         todo = iter(misses)
         inflight: dict[Future, PendingPrompt] = {}
-        bar = _progress_bar(len(misses), self.spec.function, self.progress and len(misses) > 64)
+        bar = open_progress(self.spec.function, len(misses), show=self.progress,
+                            long=len(misses) > 64)
         t0 = time.perf_counter()
         try:
             while True:
@@ -91,7 +93,7 @@ class BatchRunner:
                 done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
                 finished = [(inflight.pop(f), _outcome(f)) for f in done]
                 out.update(self._finish(engine, finished, inflight))
-                bar.update(len(done))
+                bar.advance(len(done), self.report)
         except BaseException:
             if hasattr(engine, "cancel"):
                 engine.cancel(list(inflight))
@@ -243,18 +245,3 @@ def _outcome(future: Future) -> GenerationResult:
     return _failed(f"{type(exc).__name__}: {exc}") if exc else future.result()
 
 
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-def _progress_bar(total: int, desc: str, show: bool):
-    if not show:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="prompt", leave=False)
