@@ -14,6 +14,8 @@ Environment variables:
     LLMQL_KV_GIB      KV pool size in GiB when LLMQL_KV_TOKENS is 0 (default 1.0).
     LLMQL_RESULT_CACHE  "1" (default) to use the persistent result cache, "0" to disable.
     LLMQL_PROGRESS    "1" (default) to show progress bars on long runs, "0" to hide them.
+    LLMQL_QUANTIZATION  "auto" (default: a GGUF's quantized tensors stay quantized),
+                      "none" (float weights), "int8" or "int4" (quantize float weights at load).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = "default"
 _DEVICES = ("auto", "cpu", "cuda")
+_QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,11 @@ class Settings:
     kv_gib: float = 1.0
     result_cache: bool = True
     progress: bool = True
+    quantization: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.quantization not in _QUANTIZATIONS:
+            raise ValueError(f"LLMQL_QUANTIZATION must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
         if self.device not in _DEVICES:
             raise ValueError(f"LLMQL_DEVICE must be one of {_DEVICES}, got {self.device!r}")
         if self.threads < 0 or self.kv_tokens < 0 or self.kv_gib <= 0:
@@ -63,6 +69,7 @@ class Settings:
             kv_gib=float(env.get("LLMQL_KV_GIB", base.kv_gib)),
             result_cache=_bool(env, "LLMQL_RESULT_CACHE", base.result_cache),
             progress=_bool(env, "LLMQL_PROGRESS", base.progress),
+            quantization=env.get("LLMQL_QUANTIZATION", base.quantization).lower() or base.quantization,
         )
 
     def resolved_device(self) -> str:

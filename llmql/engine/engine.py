@@ -192,7 +192,9 @@ def load(model: str | None = None, **settings: object) -> EmbeddedEngine:
 
     Args:
         model: "default", a GGUF file or a Hugging Face model directory.
-        **settings: EngineConfig fields (device, dtype, kv_tokens, kv_gib, page_size,
+        **settings: `quantization` ("auto" | "none" | "int8" | "int4"; default
+            LLMQL_QUANTIZATION, see `llmql.engine.models.load_model`), and
+            EngineConfig fields (device, dtype, kv_tokens, kv_gib, page_size,
             prefix_cache, chunk_size, max_batch_tokens, max_running, policy, threads);
             unset ones come from `llmql.settings.get_settings()`.
     """
@@ -201,6 +203,7 @@ def load(model: str | None = None, **settings: object) -> EmbeddedEngine:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = settings.pop("dtype", torch.bfloat16 if device == "cuda" else torch.float32)
+    quantization = str(settings.pop("quantization", base.quantization))
     config = EngineConfig(device=device, dtype=dtype,  # type: ignore[arg-type]
                           kv_tokens=int(settings.pop("kv_tokens", base.kv_tokens)),  # type: ignore[call-overload]
                           kv_gib=float(settings.pop("kv_gib", base.kv_gib)),  # type: ignore[arg-type]
@@ -209,7 +212,8 @@ def load(model: str | None = None, **settings: object) -> EmbeddedEngine:
     if config.threads:
         torch.set_num_threads(config.threads)
     source = model or base.model
-    lm = load_model(source, dtype=config.dtype, device=device, cache_dir=base.cache_dir)
+    lm = load_model(source, dtype=config.dtype, device=device, cache_dir=base.cache_dir,
+                    quantization=quantization)
     # NOTE: the same identity the udfs use for `model := ...` and LLMQL_MODEL, so results
     # cached through either path are found through the other.
     return EmbeddedEngine(lm, config, model_name=source)

@@ -29,17 +29,26 @@ _DEFAULT_DTYPE_LOCK = threading.Lock()
 
 
 def load(
-    source: str | None, *, dtype: torch.dtype, device: str, cache_dir: Path | None
+    source: str | None, *, dtype: torch.dtype, device: str, cache_dir: Path | None,
+    quantization: str = "none",
 ) -> LoadedModel:
     """See `llmql.engine.models.load_model`."""
+    from llmql.engine.weights.gguf_quant import QUANTIZATIONS
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     cache = _cache_root(cache_dir)
     if source in (None, "", "default"):
         path = default_gguf(cache)
     else:
         path = Path(str(source)).expanduser()
     if path.is_dir():
-        return load_dir(path, name=path.name, dtype=dtype, device=device)
+        return load_dir(path, name=path.name, dtype=dtype, device=device, quantization=quantization)
     if path.is_file() and path.suffix == ".gguf":
+        if quantization != "none":
+            from llmql.engine.quantized import load_gguf
+
+            return load_gguf(path, cache, dtype=dtype, device=device, quantization=quantization)
         return load_dir(gguf_cache(path, cache), name=path.stem.lower(), dtype=dtype, device=device)
     raise FileNotFoundError(
         f"model {source!r}: not a .gguf file or a model directory (or 'default')"
@@ -59,15 +68,23 @@ def default_gguf(cache: Path) -> Path:
     return target
 
 
-def load_dir(directory: Path, *, name: str, dtype: torch.dtype, device: str) -> LoadedModel:
-    """Load a HF model directory (or one of our cache directories)."""
+def load_dir(
+    directory: Path, *, name: str, dtype: torch.dtype, device: str, quantization: str = "none"
+) -> LoadedModel:
+    """Load a HF model directory (or one of our cache directories); "int8"/"int4" quantize
+    its 2-D weights as they stream in ("auto" keeps the checkpoint's values)."""
     start = time.perf_counter()
     config = read_config(directory)
     if not (directory / "tokenizer.json").exists():
         raise FileNotFoundError(f"{directory} has no tokenizer.json (needed to run the model)")
     tokenizer = Tokenizer.from_dir(directory, config.eos_token_ids)
     model = build_model(config, dtype=dtype, device=device)
-    model.load_weights(iter_safetensors(directory))
+    if quantization in ("int8", "int4"):
+        from llmql.engine.quantized import load_quantized_weights
+
+        load_quantized_weights(model, iter_safetensors(directory), quantization)
+    else:
+        model.load_weights(iter_safetensors(directory))
     log.info("loaded %s in %.1fs", name, time.perf_counter() - start)
     return LoadedModel(model=model.eval(), config=config, tokenizer=tokenizer, name=name)
 

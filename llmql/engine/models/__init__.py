@@ -36,6 +36,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     cache_dir: Path | None = None,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Load a model.
 
@@ -45,14 +46,18 @@ def load_model(
         dtype: parameter dtype.
         device: "cpu" or "cuda".
         cache_dir: root of the model cache (default: settings' cache_dir); GGUF files are
-            dequantised once into `<cache_dir>/models/<name>-<hash>/`.
+            dequantised once into `<cache_dir>/models/<name>-<hash>/` (quantization "none").
+        quantization: "none" (float weights), "auto" (a GGUF's quantized tensors stay
+            quantized, see `llmql.engine.weights.quant`; other checkpoints keep their
+            values), "int8" (per-channel) or "int4" (group-wise) quantization of float
+            2-D weights at load.
 
     Raises:
         FileNotFoundError: `source` does not exist; ValueError: unsupported architecture.
     """
     from llmql.engine.loader import load
 
-    return load(source, dtype=dtype, device=device, cache_dir=cache_dir)
+    return load(source, dtype=dtype, device=device, cache_dir=cache_dir, quantization=quantization)
 
 
 __all__ = ["LoadedModel", "get_model_class", "load_model", "supported_architectures"]
