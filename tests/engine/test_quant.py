@@ -84,9 +84,10 @@ def _logits(lm) -> torch.Tensor:
     return last_logits(lm, [1, 5, 17, 33, 60, 8, 91, 44, 70, 12, 55, 23])
 
 
-@pytest.mark.parametrize("mode,atol,agree", [("int8", 0.05, 0.9), ("int4", 0.5, 0.6)])
-def test_tiny_model_quantized_at_load(tiny_model_dir, mode, atol, agree) -> None:
-    """A tiny random Llama quantized at load vs its float version."""
+@pytest.mark.parametrize("mode,atol,cosine", [("int8", 0.05, 0.999), ("int4", 0.5, 0.9)])
+def test_tiny_model_quantized_at_load(tiny_model_dir, mode, atol, cosine) -> None:
+    """A tiny random Llama quantized at load vs its float version (its logits are near-tied,
+    so per-position cosine similarity is the measure, not top-1 agreement)."""
     path = tiny_model_dir("llama")
     ref = _logits(load_model(str(path)))
     lm = load_model(str(path), quantization=mode)
@@ -95,7 +96,7 @@ def test_tiny_model_quantized_at_load(tiny_model_dir, mode, atol, agree) -> None
     got = _logits(lm)
     scale = ref.abs().max()
     assert (got - ref).abs().max() <= atol * scale
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= agree
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min() >= cosine
 
 
 @pytest.mark.parametrize("family,qtype", [("llama", T.Q4_0), ("gemma3", T.Q8_0)])
