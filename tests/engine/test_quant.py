@@ -115,3 +115,13 @@ def test_quantized_gguf_matches_float_load(tiny_model_dir, tiny_hf_model, tmp_pa
 def test_bad_quantization_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="quantization"):
         load_model("default", quantization="int3", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["none", "int8"])
+def test_lm_head_computes_only_requested_rows(tiny_model_dir, mode) -> None:
+    """`compute_logits(hidden, rows)` (the `choices` path) == the full logits at `rows`."""
+    lm = load_model(str(tiny_model_dir("gemma3")), quantization=mode)
+    hidden = torch.randn(3, lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([50, 4, 17, 95])
+    full = lm.model.compute_logits(hidden)
+    torch.testing.assert_close(lm.model.compute_logits(hidden, rows), full[:, rows], atol=1e-5, rtol=1e-5)

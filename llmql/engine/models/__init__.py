@@ -5,7 +5,8 @@
         runs inside `llmql.engine.context.forward_context(batch)`; writes each layer's K/V into
         `batch.kv_pool` at `batch.out_cache_loc`. R = len(batch.logits_indices) when that is
         set (the rows it names, in order), else R = T.
-    model.compute_logits(hidden [R, H]) -> logits [R, vocab] float32 (final soft-capping applied)
+    model.compute_logits(hidden [R, H], rows=None) -> logits [R, vocab] float32 (final soft-capping
+        applied), or [R, len(rows)] for the vocabulary entries `rows` only
 """
 
 from __future__ import annotations
