@@ -125,3 +125,27 @@ def test_lm_head_computes_only_requested_rows(tiny_model_dir, mode) -> None:
     rows = torch.tensor([50, 4, 17, 95])
     full = lm.model.compute_logits(hidden)
     torch.testing.assert_close(lm.model.compute_logits(hidden, rows), full[:, rows], atol=1e-5, rtol=1e-5)
+
+
+_ITEMS = ["a rainy weekend in Lisbon", "the new phone's battery", "our quarterly revenue report",
+          "a cat that ignores everyone", "the 1998 World Cup final", "a bowl of cold ramen",
+          "the late train to Leeds", "a forgotten password"]
+_TASKS = ["Describe {} in one sentence:", "Is {} good news? Answer yes or no, then explain:",
+          "Write a short SQL comment about {}:", "Summarize the mood of {}:"]
+
+
+@pytest.mark.slow
+def test_default_model_auto_greedy_parity() -> None:
+    """The default model, "auto" (quantized) vs "none" (float32): identical greedy outputs
+    (16 tokens) on >= 90% of 32 prompts (the arithmetic differs only in summation order)."""
+    from llmql.engine.engine import load
+    from llmql.engine.types import GenerationRequest
+
+    prompts = [t.format(i) for t in _TASKS for i in _ITEMS]
+    reqs = [GenerationRequest(p, max_tokens=16) for p in prompts]
+    texts = {}
+    for mode in ("none", "auto"):
+        engine = load("default", quantization=mode, kv_tokens=8192)
+        texts[mode] = [r.text for r in engine.generate(reqs, progress=False)]
+    same = sum(a == b for a, b in zip(texts["none"], texts["auto"]))
+    assert same >= 0.9 * len(prompts), (same, texts)
