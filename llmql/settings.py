@@ -23,6 +23,8 @@ Environment variables:
                       shortest-first) or "fcfs" (arrival order).
     LLMQL_ADAPTERS    a folder of LoRA adapter folders (PEFT format): `adapter := 'name'`
                       names one of them (a path to an adapter folder works without it).
+    LLMQL_QUANTIZATION  "auto" (default: a GGUF's quantized tensors stay quantized),
+                      "none" (float weights), "int8" or "int4" (quantize float weights at load).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pathlib import Path
 DEFAULT_MODEL = "default"
 _DEVICES = ("auto", "cpu", "cuda")
 _POLICIES = ("fair", "ltr", "fcfs", "lpm")
+_QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,11 @@ class Settings:
     policy: str = "fair"
     expert_cache_gib: float | None = None
     adapters: Path | None = None
+    quantization: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.quantization not in _QUANTIZATIONS:
+            raise ValueError(f"LLMQL_QUANTIZATION must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
         if self.device not in _DEVICES:
             raise ValueError(f"LLMQL_DEVICE must be one of {_DEVICES}, got {self.device!r}")
         if self.policy not in _POLICIES:
@@ -85,6 +91,7 @@ class Settings:
             policy=(env.get("LLMQL_POLICY") or base.policy).lower(),
             expert_cache_gib=_float_or_none(env, "LLMQL_EXPERT_CACHE_GIB"),
             adapters=Path(env["LLMQL_ADAPTERS"]).expanduser() if env.get("LLMQL_ADAPTERS") else None,
+            quantization=env.get("LLMQL_QUANTIZATION", base.quantization).lower() or base.quantization,
         )
 
     def resolved_device(self) -> str:

@@ -95,9 +95,17 @@ class ChoiceState:
         """The choice reached (None until one is)."""
         return self.node.choice
 
-    def first_token_logprobs(self, logprobs: torch.Tensor) -> dict[str, float]:
-        """Per choice, the entry of `logprobs` [vocab] at its first token."""
-        return {c: float(logprobs[t]) for c, t in self.trie.first_tokens.items()}
+    def first_token_logprobs(self, logits: torch.Tensor) -> dict[str, float]:
+        """Per choice, the log-softmax of `logits` [vocab] over the choices' distinct first
+        tokens, at its first token."""
+        import torch
+
+        tokens = sorted(set(self.trie.first_tokens.values()))
+        if not tokens:
+            return {}
+        logprobs = torch.log_softmax(logits[tokens].float(), dim=-1)
+        at = {t: float(v) for t, v in zip(tokens, logprobs)}
+        return {c: at[t] for c, t in self.trie.first_tokens.items()}
 
     def finish_now(self) -> str:
         """Complete to a choice without the model (greedy on the first branch)."""

@@ -270,7 +270,8 @@ def load(
         expert_cache_gib: MoE models: GiB of experts kept in fast memory, the rest memory-mapped
             from the model files (None: LLMQL_EXPERT_CACHE_GIB, unset = all resident; 0: no
             cache, each expert loaded when used). `expert_prefetch=False` turns prefetch off.
-        **settings: EngineConfig fields (device, dtype, kv_tokens, kv_gib, page_size,
+        **settings: `quantization` ("auto" | "none" | "int8" | "int4"; default
+            LLMQL_QUANTIZATION, see `llmql.engine.models.load_model`), and EngineConfig fields (device, dtype, kv_tokens, kv_gib, page_size,
             prefix_cache, chunk_size, max_batch_tokens, max_running, threads);
             unset ones come from `llmql.settings.get_settings()`.
     """
@@ -281,6 +282,7 @@ def load(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = settings.pop("dtype", torch.bfloat16 if device == "cuda" else torch.float32)
+    quantization = str(settings.pop("quantization", base.quantization))
     config = EngineConfig(device=device, dtype=dtype,  # type: ignore[arg-type]
                           kv_tokens=int(settings.pop("kv_tokens", base.kv_tokens)),  # type: ignore[call-overload]
                           kv_gib=float(settings.pop("kv_gib", base.kv_gib)),  # type: ignore[arg-type]
@@ -291,7 +293,7 @@ def load(
     source = model or base.model
     gib = base.expert_cache_gib if expert_cache_gib is None else expert_cache_gib
     lm = load_model(source, dtype=config.dtype, device=device, cache_dir=base.cache_dir,
-                    expert_cache_gib=gib, expert_prefetch=bool(prefetch))
+                    expert_cache_gib=gib, expert_prefetch=bool(prefetch), quantization=quantization)
     # NOTE: the same identity the udfs use for `model := ...` and LLMQL_MODEL, so results
     # cached through either path are found through the other.
     return EmbeddedEngine(lm, config, model_name=source)

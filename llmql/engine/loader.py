@@ -31,8 +31,13 @@ _DEFAULT_DTYPE_LOCK = threading.Lock()
 def load(
     source: str | None, *, dtype: torch.dtype, device: str, cache_dir: Path | None,
     expert_cache_gib: float | None = None, expert_prefetch: bool = True,
+    quantization: str = "none",
 ) -> LoadedModel:
     """See `llmql.engine.models.load_model`."""
+    from llmql.engine.weights.gguf_quant import QUANTIZATIONS
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     cache = _cache_root(cache_dir)
     if source in (None, "", "default"):
         path = default_gguf(cache)
@@ -40,8 +45,14 @@ def load(
         path = Path(str(source)).expanduser()
     experts = {"expert_cache_gib": expert_cache_gib, "expert_prefetch": expert_prefetch}
     if path.is_dir():
-        return load_dir(path, name=path.name, dtype=dtype, device=device, **experts)
+        return load_dir(path, name=path.name, dtype=dtype, device=device, quantization=quantization,
+                        **experts)
     if path.is_file() and path.suffix == ".gguf":
+        if quantization != "none" and not _is_moe_gguf(path):
+            from llmql.engine.quantized import load_gguf
+
+            return load_gguf(path, cache, dtype=dtype, device=device, quantization=quantization)
+        # NOTE: MoE GGUFs go through the float cache, whose experts the expert cache memory-maps.
         return load_dir(gguf_cache(path, cache), name=path.stem.lower(), dtype=dtype, device=device,
                         **experts)
     raise FileNotFoundError(
@@ -63,11 +74,13 @@ def default_gguf(cache: Path) -> Path:
 
 
 def load_dir(
-    directory: Path, *, name: str, dtype: torch.dtype, device: str,
+    directory: Path, *, name: str, dtype: torch.dtype, device: str, quantization: str = "none",
     expert_cache_gib: float | None = None, expert_prefetch: bool = True,
 ) -> LoadedModel:
     """Load a HF model directory (or one of our cache directories). With `expert_cache_gib`
-    set, a MoE model's experts stay memory-mapped behind an expert cache of that many GiB."""
+    set, a MoE model's experts stay memory-mapped behind an expert cache of that many GiB;
+    "int8"/"int4" quantize its 2-D weights as they stream in ("auto" keeps the checkpoint's
+    values)."""
     start = time.perf_counter()
     config = read_config(directory)
     if not (directory / "tokenizer.json").exists():
@@ -81,7 +94,12 @@ def load_dir(
         offload_experts(model, directory, config, budget_gib=expert_cache_gib, dtype=dtype,
                         device=device, prefetch=expert_prefetch)
         keep = lambda name: not is_expert_tensor(name)  # noqa: E731
-    model.load_weights(iter_safetensors(directory, keep))
+    if quantization in ("int8", "int4"):
+        from llmql.engine.quantized import load_quantized_weights
+
+        load_quantized_weights(model, iter_safetensors(directory, keep), quantization)
+    else:
+        model.load_weights(iter_safetensors(directory, keep))
     log.info("loaded %s in %.1fs", name, time.perf_counter() - start)
     return LoadedModel(model=model.eval(), config=config, tokenizer=tokenizer, name=name)
 
@@ -160,3 +178,9 @@ def _cache_root(cache_dir: Path | None) -> Path:
     from llmql.settings import get_settings
 
     return get_settings().cache_dir
+
+
+def _is_moe_gguf(path: Path) -> bool:
+    from llmql.engine.weights.gguf import GGUFFile
+
+    return bool(GGUFFile(path).config().num_experts)

@@ -37,7 +37,17 @@ class ModelRunner:
         input_ids, forward_batch = self.prepare(batch)
         with forward_context(forward_batch):
             hidden = self.model(input_ids, forward_batch.positions)
-        return self.model.compute_logits(hidden)
+        rows = _choice_tokens(batch)
+        if rows is None:
+            return self.model.compute_logits(hidden)
+        # NOTE: every sampled request is a `choices` one: only the logits of the tokens their
+        # constraints allow are computed (the LM head is a third of a decode step); the
+        # others are -inf, which the sampler's masks would give them anyway.
+        index = torch.tensor(rows, dtype=torch.int64, device=hidden.device)
+        logits = torch.full((hidden.shape[0], self.model.config.vocab_size), float("-inf"),
+                            device=hidden.device)
+        logits[:, index] = self.model.compute_logits(hidden, index)
+        return logits
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardBatch]:
         """Flatten the batch (layout in `llmql.engine.context`).
@@ -89,3 +99,13 @@ def _to_device(parts: list[torch.Tensor], device: torch.device) -> list[torch.Te
     if torch.cuda.is_available():
         flat = flat.pin_memory()
     return list(flat.to(device, non_blocking=True).split([p.numel() for p in parts]))
+
+
+def _choice_tokens(batch: ScheduledBatch) -> list[int] | None:
+    """The union of allowed tokens when every sampled request is a `choices` request."""
+    from llmql.engine.constrained import ChoiceState
+
+    sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
+    if not sampled or not all(isinstance(r.constraint, ChoiceState) for r in sampled):
+        return None
+    return sorted({t for r in sampled for t in r.constraint.allowed()})  # type: ignore[union-attr]

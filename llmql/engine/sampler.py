@@ -32,15 +32,17 @@ class Sampler:
 
 
 def _record_choice_logprobs(reqs: list[Req], logits: torch.Tensor, rows: list[int]) -> None:
-    """First step of a `choices` request: keep each choice's first-token log-probability.
+    """First step of a `choices` request: keep each choice's first-token log-probability,
+    a log-softmax over the distinct first tokens of the request's choices.
 
-    NOTE: taken from the unmasked logits, so the values are comparable across prompts
-    (contextual calibration subtracts those of a content-free prompt).
+    NOTE: only those tokens' logits are needed, so the runner may compute no others
+    (`ModelRunner.run`); contextual calibration subtracts a content-free prompt's values,
+    which a per-prompt normaliser does not change.
     """
     for i in rows:
         state = reqs[i].constraint
         if isinstance(state, ChoiceState) and reqs[i].choice_logprobs is None and not reqs[i].output_ids:
-            reqs[i].choice_logprobs = state.first_token_logprobs(torch.log_softmax(logits[i], dim=-1))
+            reqs[i].choice_logprobs = state.first_token_logprobs(logits[i])
 
 
 def _mask(row: torch.Tensor, allowed: list[int] | torch.Tensor) -> torch.Tensor:

@@ -59,9 +59,10 @@ class GenerationResult:
     """The completion of one request, with per-request token accounting.
 
     `choice_logprobs` (requests with `choices` only): per choice, the log-probability of its
-    first token at the first decoding step, a log-softmax over the full vocabulary of the
-    unmasked logits (before the choices mask and temperature). Choices whose first token is
-    the same share the value. None for other requests and for requests that failed.
+    first token at the first decoding step, a log-softmax over the distinct first tokens of
+    the request's choices only (renormalised over them: the engine computes no other
+    logits for `choices` batches), before temperature. Choices whose first token is the
+    same share the value. None for other requests and for requests that failed.
     """
 
     text: str

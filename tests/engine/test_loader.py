@@ -63,8 +63,10 @@ def _llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def write_gguf(hf_model, path: Path, arch: str, quantize: bool = False) -> Path:
-    """Write `hf_model` as llama.cpp would (Gemma norms + 1, Llama Q/K permuted)."""
+def write_gguf(hf_model, path: Path, arch: str, quantize: bool = False,
+               qtype: int = gguf.GGMLQuantizationType.Q8_0) -> Path:
+    """Write `hf_model` as llama.cpp would (Gemma norms + 1, Llama Q/K permuted); with
+    `quantize`, 2-D tensors as `qtype`."""
     cfg, gemma = hf_model.config, arch == "gemma3"
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}")
@@ -103,7 +105,6 @@ def write_gguf(hf_model, path: Path, arch: str, quantize: bool = False) -> Path:
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             data = _permute(data, heads)
         if quantize and data.ndim == 2:
-            qtype = gguf.GGMLQuantizationType.Q8_0
             w.add_tensor(_gguf_name(name, gemma), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(_gguf_name(name, gemma), data)

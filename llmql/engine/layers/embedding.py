@@ -7,6 +7,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmql.engine.layers.linear import default_weight_loader
+from llmql.engine.layers.quant_linear import QuantParts, load_quant
+from llmql.engine.weights.quant import QuantWeight
+
+
+def _loader(module: nn.Module):
+    """The weight loader of an embedding / LM head: quantized or float."""
+
+    def load(param: nn.Parameter, loaded: torch.Tensor | QuantWeight) -> None:
+        if isinstance(loaded, QuantWeight):
+            load_quant(module, loaded)
+        else:
+            default_weight_loader(param, loaded)
+
+    return load
 
 
 class VocabEmbedding(nn.Module):
@@ -15,11 +29,16 @@ class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden: int, scale: float | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden), requires_grad=False)
-        self.weight.weight_loader = default_weight_loader
+        self.weight.weight_loader = _loader(self)
         self.scale = scale
 
+    quant: QuantParts | None = None  # quantized weight (layers/quant_linear.py)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = F.embedding(input_ids, self.weight)
+        if self.quant is not None:
+            h = self.quant.rows(input_ids).to(self.weight.dtype)
+        else:
+            h = F.embedding(input_ids, self.weight)
         if self.scale is None:
             return h
         # NOTE: the scale is rounded to the weight dtype first, as transformers does.
@@ -32,11 +51,19 @@ class LMHead(nn.Module):
     def __init__(self, vocab_size: int, hidden: int, softcap: float | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden), requires_grad=False)
-        self.weight.weight_loader = default_weight_loader
+        self.weight.weight_loader = _loader(self)
         self.softcap = softcap
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight if weight is None else weight).float()
+    quant: QuantParts | None = None  # quantized weight (layers/quant_linear.py)
+
+    def forward(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [T, H] -> logits [T, vocab] float32, or [T, len(rows)]: only the vocabulary
+        entries `rows` (token ids)."""
+        if self.quant is not None:
+            logits = self.quant.matmul(hidden, rows)
+        else:
+            weight = self.weight if rows is None else self.weight[rows]
+            logits = F.linear(hidden, weight).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmql.engine.layers.quant_linear import QuantParts, load_quant
+from llmql.engine.weights.quant import QuantWeight
 from llmql.kernels.linear import cpu_packed_linear, onednn_available, pack_linear_weight
 
 
@@ -35,12 +37,19 @@ class Linear(nn.Module):
         if self.bias is not None:
             self.bias.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor | QuantWeight) -> None:
+        if isinstance(loaded, QuantWeight):
+            load_quant(self, loaded)
+            return
         default_weight_loader(param, loaded)
 
     packed: torch.Tensor | None = None  # oneDNN-packed weight (CPU float32), set by `pack()`
+    quant: QuantParts | None = None  # quantized weight (layers/quant_linear.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            y = self.quant.matmul(x).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         if self.packed is not None:
             return cpu_packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -51,7 +60,7 @@ class Linear(nn.Module):
         NOTE: the packed copy is taken from the loaded weight; call after loading.
         """
         w = self.weight
-        if w.dtype != torch.float32 or w.is_cuda or not onednn_available():
+        if self.quant is not None or w.dtype != torch.float32 or w.is_cuda or not onednn_available():
             return False
         if self.packed is None:
             self.packed = pack_linear_weight(w)
@@ -79,12 +88,15 @@ class MergedLinear(Linear):
         return sum(self.out_sizes[:index]), self.out_sizes[index]
 
     def weight_loader(
-        self, param: nn.Parameter, loaded: torch.Tensor, shard: int | str | None = None
+        self, param: nn.Parameter, loaded: torch.Tensor | QuantWeight, shard: int | str | None = None
     ) -> None:
         if shard is None:
-            default_weight_loader(param, loaded)
+            super().weight_loader(param, loaded)
             return
         start, size = self.shard_rows(shard)
+        if isinstance(loaded, QuantWeight):
+            load_quant(self, loaded, start)
+            return
         default_weight_loader(param.data.narrow(0, start, size), loaded)
 
 

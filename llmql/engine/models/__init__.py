@@ -5,7 +5,8 @@
         runs inside `llmql.engine.context.forward_context(batch)`; writes each layer's K/V into
         `batch.kv_pool` at `batch.out_cache_loc`. R = len(batch.logits_indices) when that is
         set (the rows it names, in order), else R = T.
-    model.compute_logits(hidden [R, H]) -> logits [R, vocab] float32 (final soft-capping applied)
+    model.compute_logits(hidden [R, H], rows=None) -> logits [R, vocab] float32 (final soft-capping
+        applied), or [R, len(rows)] for the vocabulary entries `rows` only
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def load_model(
     cache_dir: Path | None = None,
     expert_cache_gib: float | None = None,
     expert_prefetch: bool = True,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Load a model.
 
@@ -52,13 +54,17 @@ def load_model(
             the experts memory-mapped behind an expert cache of that many GiB (0: no cache,
             each expert loaded when used).
         expert_prefetch: with an expert cache, predict and load the next layer's experts early.
+        quantization: "none" (float weights), "auto" (a GGUF's quantized tensors stay
+            quantized, see `llmql.engine.weights.quant`; other checkpoints keep their
+            values), "int8" (per-channel) or "int4" (group-wise) quantization of float
+            2-D weights at load.
 
     Raises:
         FileNotFoundError: `source` does not exist; ValueError: unsupported architecture.
     """
     from llmql.engine.loader import load
 
-    return load(source, dtype=dtype, device=device, cache_dir=cache_dir,
+    return load(source, dtype=dtype, device=device, cache_dir=cache_dir, quantization=quantization,
                 expert_cache_gib=expert_cache_gib, expert_prefetch=expert_prefetch)
 
 

@@ -66,9 +66,10 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T', H] -> logits [T', vocab] float32 (final soft-capping applied)."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [T', H] -> logits [T', vocab] float32 (final soft-capping applied), or
+        [T', len(rows)]: only the vocabulary entries `rows`."""
+        return self.lm_head(hidden, rows)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors through each parameter's `weight_loader`.

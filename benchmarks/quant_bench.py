@@ -1,0 +1,216 @@
+"""Quantized weights benchmark: peak RSS and rows/s of the default model loaded with
+quantization "none", "auto" and "int8" (and llama.cpp's Python binding when `llama_cpp` is
+importable), on the same prompts, each side in a fresh process (so peak RSS is its own).
+
+Workloads: "prefill" (a one-word SQL classification batch, max_tokens 2) and "decode"
+(the same prompts, 32 output tokens). `--synthetic-1b` also writes a random 1.1B-parameter
+Llama as a Q4_0 GGUF and reports its load + generate peak RSS.
+
+Prints one JSON line per measurement, then a table. Usage:
+    .venv/bin/python benchmarks/quant_bench.py [--rows 60] [--threads 2] [--synthetic-1b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIDES = ("none", "auto", "int8")
+WORKLOADS = {"prefill": 2, "decode": 32}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_side(side: str, rows: int, threads: int, model: str | None) -> dict:
+    """In this process: load `side`, run every workload; returns the measurements."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from engine_bench import load_prompts
+
+    prompts = load_prompts(rows)
+    t0 = time.perf_counter()
+    if side == "llama_cpp":
+        return _run_llama_cpp(prompts, threads, model)
+    import torch
+
+    from llmql.engine import load
+    from llmql.engine.types import GenerationRequest
+
+    torch.set_num_threads(threads)
+    engine = load(model or "default", quantization=side, kv_tokens=16384, threads=threads)
+    out: dict = {"side": side, "load_s": round(time.perf_counter() - t0, 1),
+                 "rss_loaded_mib": round(peak_rss_mib())}
+    for name, max_tokens in WORKLOADS.items():
+        reqs = [GenerationRequest(p, max_tokens=max_tokens) for p in prompts]
+        start = time.perf_counter()
+        results = engine.generate(reqs, progress=False)
+        seconds = time.perf_counter() - start
+        out[name] = {"rows_per_s": round(len(prompts) / seconds, 3), "seconds": round(seconds, 2),
+                     "texts": [r.text for r in results]}
+    out["peak_rss_mib"] = round(peak_rss_mib())
+    return out
+
+
+def _run_llama_cpp(prompts: list[str], threads: int, model: str | None) -> dict:
+    from llama_cpp import Llama
+
+    from llmql.engine.loader import default_gguf
+    from llmql.settings import get_settings
+
+    path = model or str(default_gguf(get_settings().cache_dir))
+    t0 = time.perf_counter()
+    llm = Llama(path, n_ctx=2048, n_threads=threads, verbose=False)
+    out: dict = {"side": "llama_cpp", "load_s": round(time.perf_counter() - t0, 1)}
+    for name, max_tokens in WORKLOADS.items():
+        start = time.perf_counter()
+        texts = [llm(p, max_tokens=max_tokens, temperature=0.0)["choices"][0]["text"] for p in prompts]
+        seconds = time.perf_counter() - start
+        out[name] = {"rows_per_s": round(len(prompts) / seconds, 3), "seconds": round(seconds, 2),
+                     "texts": texts}
+    out["peak_rss_mib"] = round(peak_rss_mib())
+    return out
+
+
+def synthetic_1b(path: Path, threads: int) -> dict:
+    """Write a random Llama (hidden 2048, 16 layers, MLP 8192, vocab 32000) as Q4_0, load it
+    with "auto", generate; peak RSS of this process."""
+    write_llama_q4_0(path)
+    import torch
+
+    from llmql.engine import load
+    from llmql.engine.types import GenerationRequest
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    engine = load(str(path), quantization="auto", kv_tokens=2048, threads=threads)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = engine.generate([GenerationRequest("w5 w17 w33", max_tokens=8)], progress=False)[0]
+    return {"side": "synthetic_1b_q4_0", "file_gib": round(path.stat().st_size / 2**30, 2),
+            "params_b": round(_llama_params() / 1e9, 2), "load_s": round(load_s, 1),
+            "generate_s": round(time.perf_counter() - t0, 1), "output_tokens": result.output_tokens,
+            "peak_rss_mib": round(peak_rss_mib())}
+
+
+_LLAMA = dict(hidden=2048, layers=16, ffn=8192, heads=32, kv_heads=8, vocab=32000)
+
+
+def _llama_params() -> int:
+    h, f, v, hd = _LLAMA["hidden"], _LLAMA["ffn"], _LLAMA["vocab"], _LLAMA["hidden"] // _LLAMA["heads"]
+    per_layer = h * h * 2 + 2 * h * _LLAMA["kv_heads"] * hd + 3 * h * f
+    return _LLAMA["layers"] * per_layer + 2 * v * h
+
+
+def write_llama_q4_0(path: Path) -> None:
+    """Random Q4_0 blocks (scales ~ N(0, 1)/sqrt(in)/4), written tensor by tensor."""
+    import gguf
+    import numpy as np
+
+    c, rng = _LLAMA, np.random.default_rng(0)
+    h, hd = c["hidden"], c["hidden"] // c["heads"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in [("block_count", c["layers"]), ("context_length", 2048),
+                       ("embedding_length", h), ("feed_forward_length", c["ffn"])]:
+        getattr(w, f"add_{key}")(value)
+    w.add_head_count(c["heads"])
+    w.add_head_count_kv(c["kv_heads"])
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(5e5)
+    w.add_tokenizer_model("llama")
+    tokens = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"\u2581w{i}" for i in range(4, c["vocab"])]
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 4 + [-float(i) for i in range(4, c["vocab"])])
+    w.add_token_types([3, 3, 3, 2] + [1] * (c["vocab"] - 4))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    shapes = {"token_embd.weight": (c["vocab"], h), "output.weight": (c["vocab"], h),
+              "output_norm.weight": (h,)}
+    for i in range(c["layers"]):
+        shapes |= {f"blk.{i}.attn_q.weight": (h, h), f"blk.{i}.attn_k.weight": (c["kv_heads"] * hd, h),
+                   f"blk.{i}.attn_v.weight": (c["kv_heads"] * hd, h),
+                   f"blk.{i}.attn_output.weight": (h, h), f"blk.{i}.ffn_gate.weight": (c["ffn"], h),
+                   f"blk.{i}.ffn_up.weight": (c["ffn"], h), f"blk.{i}.ffn_down.weight": (h, c["ffn"]),
+                   f"blk.{i}.attn_norm.weight": (h,), f"blk.{i}.ffn_norm.weight": (h,)}
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            w.add_tensor(name, np.ones(shape, dtype=np.float32))
+            continue
+        n, k = shape
+        blocks = rng.integers(0, 256, (n * k // 32, 18), dtype=np.uint8)
+        d = (np.abs(rng.standard_normal(n * k // 32)) / np.sqrt(k) / 4).astype(np.float16)
+        blocks[:, :2] = d.view(np.uint8).reshape(-1, 2)
+        w.add_tensor(name, blocks.reshape(n, -1), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _child(args: list[str]) -> dict:
+    """Run one side in a fresh process (this checkout's llmql first on the path)."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--synthetic-1b", action="store_true")
+    parser.add_argument("--synthetic-path", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        print(json.dumps(run_side(args.side, args.rows, args.threads, args.model)))
+        return
+    if args.synthetic_path:
+        print(json.dumps(synthetic_1b(Path(args.synthetic_path), args.threads)))
+        return
+    sides = list(SIDES) + (["llama_cpp"] if importlib.util.find_spec("llama_cpp") else [])
+    common = ["--rows", str(args.rows), "--threads", str(args.threads)]
+    common += ["--model", args.model] if args.model else []
+    results = {s: _child([*common, "--side", s]) for s in sides}
+    if "llama_cpp" not in results:
+        print(json.dumps({"side": "llama_cpp", "measured": False, "reason": "llama_cpp not importable"}))
+    for r in results.values():
+        print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "texts"} if isinstance(v, dict) else v)
+                          for k, v in r.items()}))
+    if args.synthetic_1b:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "synthetic-llama-1b-q4_0.gguf"
+            print(json.dumps(_child(["--threads", str(args.threads), "--synthetic-path", str(path)])))
+    summarize(results)
+
+
+def summarize(results: dict) -> None:
+    base = results.get("none", {})
+    print(f"{'side':10} {'peak RSS MiB':>12} " + " ".join(f"{w + ' rows/s':>16}" for w in WORKLOADS)
+          + " " + " ".join(f"{w + ' vs none':>16}" for w in WORKLOADS) + "  greedy = none")
+    for side, r in results.items():
+        if "error" in r:
+            print(f"{side:10} error: {r['error'][-200:]}")
+            continue
+        rates = [r[w]["rows_per_s"] for w in WORKLOADS]
+        ratios = [r[w]["rows_per_s"] / base[w]["rows_per_s"] if w in base else float("nan") for w in WORKLOADS]
+        same = sum(a == b for a, b in zip(r["decode"]["texts"], base.get("decode", {}).get("texts", [])))
+        print(f"{side:10} {r['peak_rss_mib']:>12} " + " ".join(f"{x:>16.2f}" for x in rates)
+              + " " + " ".join(f"{x:>15.2f}x" for x in ratios) + f"  {same}/{len(r['decode']['texts'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Loading models with quantized weights (`quantization` "auto", "int8", "int4").
+
+A GGUF file is read in place: its quantized tensors become `QuantWeight`s one at a time
+(no float32 copy on disk or in memory); only the config and tokenizer are cached, in
+`<cache>/models/<name>-<key>-meta/`. Float checkpoints are quantized as they stream in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from llmql.engine.layers.quant_linear import finalize_quantized, quantized_nbytes
+from llmql.engine.models import LoadedModel
+from llmql.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def load_gguf(path: Path, cache: Path, *, dtype: torch.dtype, device: str, quantization: str) -> LoadedModel:
+    """A GGUF model with its quantized tensors kept quantized (see the module docstring)."""
+    from llmql.engine.loader import build_model, read_config
+    from llmql.engine.weights.gguf import GGUFFile
+    from llmql.engine.weights.gguf_quant import iter_gguf
+
+    start = time.perf_counter()
+    gguf = GGUFFile(path)
+    meta_dir = _meta_cache(path, cache, gguf)
+    config = read_config(meta_dir)
+    tokenizer = Tokenizer.from_dir(meta_dir, config.eos_token_ids)
+    model = build_model(config, dtype=dtype, device=device)
+    model.load_weights(iter_gguf(gguf, config, quantization))
+    layers = finalize_quantized(model)
+    log.info("loaded %s (%d quantized layers, %.0f MiB) in %.1fs", path.name, layers,
+             quantized_nbytes(model) / 2**20, time.perf_counter() - start)
+    return LoadedModel(model=model.eval(), config=config, tokenizer=tokenizer, name=path.stem.lower())
+
+
+def load_quantized_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
+                           mode: str) -> None:
+    """Load a float checkpoint stream, quantizing its 2-D weights ("int8"/"int4")."""
+    from llmql.engine.weights.gguf_quant import quantize_stream
+
+    model.load_weights(quantize_stream(tensors, mode))  # type: ignore[operator]
+    finalize_quantized(model)
+
+
+def _meta_cache(path: Path, cache: Path, gguf: object) -> Path:
+    """Config and tokenizer of a GGUF file, written once (atomically) under `cache`."""
+    from llmql.engine.loader import CONFIG_FILE, _file_key
+
+    target = cache / "models" / f"{path.stem.lower()}-{_file_key(path)}-meta"
+    if (target / CONFIG_FILE).exists():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    Tokenizer.from_gguf(gguf.metadata).save(tmp)  # type: ignore[attr-defined]
+    (tmp / CONFIG_FILE).write_text(json.dumps(gguf.config().to_dict(), indent=1))  # type: ignore[attr-defined]
+    try:
+        tmp.rename(target)
+    except OSError:  # NOTE: another process wrote the same files first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

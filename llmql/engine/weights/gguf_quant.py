@@ -1,0 +1,118 @@
+"""GGUF tensors as the engine keeps them: quantized types as `QuantWeight` (no float32 copy),
+float types as tensors; and the load-time quantization of float checkpoints.
+
+Tensors are converted one at a time (streamed), and each tensor's file pages are handed
+back to the OS after conversion, so peak memory during a load stays near the final size.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from llmql.engine.config import ModelConfig
+from llmql.engine.weights.gguf import _ROPE_FREQS, GGUFFile, _dequantise, _undo_llama_cpp, hf_name
+from llmql.engine.weights.gguf_reader import TensorInfo
+from llmql.engine.weights.quant import QuantWeight, from_gguf, quantize
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+Loaded = torch.Tensor | QuantWeight
+
+
+def iter_gguf(gguf: GGUFFile, config: ModelConfig, mode: str = "auto") -> Iterator[tuple[str, Loaded]]:
+    """Yield (HF name, tensor or QuantWeight) for every tensor of `gguf`.
+
+    2-D tensors of a type in `SUPPORTED_GGUF_TYPES` stay quantized; others are dequantised
+    to float32 (and, with `mode` "int8"/"int4", 2-D ones quantized to that).
+    """
+    for t in gguf._tensors:
+        if t.name == _ROPE_FREQS:
+            continue
+        name = hf_name(t.name, config)
+        weight = _quantized(t, config) if len(t.dims) == 2 else None
+        if weight is None:
+            tensor = torch.from_numpy(_undo_llama_cpp(_dequantise(t), t.name, config))
+            weight = quantize(tensor, mode) if mode in ("int8", "int4") and tensor.dim() == 2 else tensor
+        _release(t)
+        yield name, weight
+
+
+def quantize_stream(tensors: Iterable[tuple[str, torch.Tensor]], mode: str) -> Iterator[tuple[str, Loaded]]:
+    """Quantize every 2-D float tensor of a checkpoint stream ("int8"/"int4"); pass the rest."""
+    for name, tensor in tensors:
+        if mode in ("int8", "int4") and tensor.dim() == 2 and tensor.is_floating_point():
+            yield name, quantize(tensor, mode)
+        else:
+            yield name, tensor
+
+
+def _quantized(t: TensorInfo, config: ModelConfig) -> QuantWeight | None:
+    shape = t.shape
+    weight = _convert_rows(t, shape[0], shape[1])
+    if weight is None:
+        return None
+    if config.model_type in ("llama", "mistral") and (".attn_q." in t.name or ".attn_k." in t.name):
+        # NOTE: undo llama.cpp's Q/K row permutation by permuting whole rows.
+        heads = config.num_heads if ".attn_q." in t.name else config.num_kv_heads
+        index = np.arange(shape[0])
+        half = shape[0] // heads // 2
+        order = index.reshape(heads, half, 2).swapaxes(1, 2).reshape(-1)
+        weight = weight.select_rows(torch.from_numpy(order))
+    return weight
+
+
+def _convert_rows(t: TensorInfo, n: int, k: int, chunk_bytes: int = 16 << 20) -> QuantWeight | None:
+    """`from_gguf` over chunks of rows written into the final tensors (no transient copy of
+    a large tensor such as a 262k-row embedding); file pages are released chunk by chunk."""
+    rows = max(1, chunk_bytes // max(1, t.data.shape[1]))
+    if rows >= n:
+        return from_gguf(t.data, t.ggml_type, (n, k))
+    first = from_gguf(t.data[:rows], t.ggml_type, (rows, k))
+    if first is None:
+        return None
+    out = QuantWeight(_grow(first.qweight, n), _grow(first.scales, n),
+                      None if first.zeros is None else _grow(first.zeros, n),
+                      first.bits, first.group, first.offset)
+    for start in range(rows, n, rows):
+        end = min(n, start + rows)
+        part = from_gguf(t.data[start:end], t.ggml_type, (end - start, k))
+        assert part is not None
+        out.qweight[start:end] = part.qweight
+        out.scales[start:end] = part.scales
+        if out.zeros is not None and part.zeros is not None:
+            out.zeros[start:end] = part.zeros
+        _release_array(t.data[start:end])
+    return out
+
+
+def _grow(first: torch.Tensor, n: int) -> torch.Tensor:
+    out = torch.empty((n, *first.shape[1:]), dtype=first.dtype)
+    out[: first.shape[0]] = first
+    return out
+
+
+def _release(t: TensorInfo) -> None:
+    """Drop the resident file pages of a converted tensor (they are re-read if needed)."""
+    _release_array(t.data)
+
+
+def _release_array(data: np.ndarray) -> None:
+    root = data
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    mapped = getattr(root, "_mmap", None)
+    if mapped is None or not hasattr(mapped, "madvise") or data.size == 0:
+        return
+    page = mmap.PAGESIZE
+    start = data.ctypes.data - root.ctypes.data
+    begin = start // page * page
+    try:
+        mapped.madvise(mmap.MADV_DONTNEED, begin, start + data.nbytes - begin)
+    except (OSError, ValueError):  # NOTE: advice only; a platform may refuse it
+        log.debug("madvise refused")

@@ -1,0 +1,171 @@
+"""Dequantising matmul y = x W^T for group-wise integer weights (`QuantWeight`).
+
+Shapes: x [M, K] float, qweight int8 [N, K] (bits 8) or uint8 [N, K // 2] (bits 4, two
+values per byte, low nibble first), scales [N, K // group], zeros [N, K // group] or None
+-> y [M, N] float32, with W[n, k] = scales[n, g] * (q[n, k] - offset) + zeros[n, g].
+
+`ref_quant_matmul` is the torch reference and the CPU path: it dequantises `chunk` output
+rows at a time into a float32 tile and multiplies it (so the float32 copy of the weight
+never exists at once; the tile stays in cache). On this repository's CPUs (AVX2) torch's
+weight-only ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) ran slower than
+this for every shape measured (benchmarks/quant_bench.py), and they are per-channel or
+need a 32+ group, so they are not used. `triton_quant_matmul` is the GPU kernel: one
+program computes a BLOCK_M x BLOCK_N tile of y, loading integer tiles of BLOCK_K = group
+columns and dequantising them in registers before `tl.dot`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def ref_quant_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    *,
+    bits: int,
+    group: int,
+    offset: int = 0,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Torch reference / CPU path (see the module docstring)."""
+    n = qweight.shape[0]
+    k = x.shape[-1]
+    rows = chunk or _chunk_rows(x.shape[0], k)
+    if rows >= n:
+        return F.linear(x, dequantize(qweight, scales, zeros, bits=bits, group=group, offset=offset))
+    y = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+    for start in range(0, n, rows):
+        end = min(n, start + rows)
+        z = None if zeros is None else zeros[start:end]
+        w = dequantize(qweight[start:end], scales[start:end], z, bits=bits, group=group, offset=offset)
+        torch.matmul(x, w.t(), out=y[:, start:end])
+    return y
+
+
+def dequantize(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, *,
+    bits: int, group: int, offset: int = 0,
+) -> torch.Tensor:
+    """float32 W [N, K] of a group-wise integer weight."""
+    if bits == 4:
+        qweight = torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
+    n, k = qweight.shape
+    w = qweight.view(n, k // group, group).float()
+    if offset:
+        w = w.sub_(offset)
+    w = w.mul_(scales.float().unsqueeze(-1))
+    if zeros is not None:
+        w = w.add_(zeros.float().unsqueeze(-1))
+    return w.view(n, k)
+
+
+def _chunk_rows(m: int, k: int) -> int:
+    """Output rows per dequantised tile: ~1 MiB of float32 for decode-sized x (cache
+    resident), larger tiles when many rows share each tile (prefill)."""
+    budget = (1 << 18) if m <= 16 else (1 << 21)
+    return max(16, budget // k)
+
+
+@functools.cache
+def _kernel():
+    """Build the jitted kernel on first use (triton is imported lazily)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quant_matmul_kernel(
+        X, Q, S, Z, Y, M, N, K,
+        stride_xm, stride_qn, stride_sn, stride_ym,
+        BITS: tl.constexpr, OFFSET: tl.constexpr, HAS_Z: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for g in range(0, tl.cdiv(K, BLOCK_K)):
+            offs_k = g * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_mask[:, None], other=0.0).to(tl.float32)
+            if BITS == 4:
+                byte = tl.load(Q + offs_n[:, None] * stride_qn + (offs_k // 2)[None, :],
+                               mask=n_mask[:, None], other=0)
+                q = (byte.to(tl.int32) >> ((offs_k % 2) * 4)[None, :]) & 15
+            else:
+                q = tl.load(Q + offs_n[:, None] * stride_qn + offs_k[None, :],
+                            mask=n_mask[:, None], other=0).to(tl.int32)
+            s = tl.load(S + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+            w = (q - OFFSET).to(tl.float32) * s[:, None]
+            if HAS_Z:
+                z = tl.load(Z + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+                w = w + z[:, None]
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+
+    return quant_matmul_kernel
+
+
+def triton_quant_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    *,
+    bits: int,
+    group: int,
+    offset: int = 0,
+    block_m: int = 16,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Launcher: checks shapes and strides, then runs the kernel (see the module docstring)."""
+    import triton
+
+    assert x.dim() == 2 and x.stride(1) == 1, (x.shape, x.stride())
+    m, k = x.shape
+    n = qweight.shape[0]
+    assert bits in (4, 8) and qweight.stride(1) == 1
+    assert qweight.shape[1] * (2 if bits == 4 else 1) == k, (qweight.shape, k, bits)
+    assert group >= 16 and group & (group - 1) == 0 and k % group == 0, (group, k)
+    assert scales.shape == (n, k // group) and scales.is_contiguous()
+    assert zeros is None or (zeros.shape == scales.shape and zeros.is_contiguous())
+    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _kernel()[grid](
+        x, qweight, scales, scales if zeros is None else zeros, y, m, n, k,
+        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        BITS=bits, OFFSET=offset, HAS_Z=zeros is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=group,
+    )
+    return y
+
+
+def quant_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    *,
+    bits: int,
+    group: int,
+    offset: int = 0,
+) -> torch.Tensor:
+    """x [..., K] -> [..., N] float32: the Triton kernel on CUDA, the reference on CPU."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.is_cuda and group >= 16 and group & (group - 1) == 0:
+        y = triton_quant_matmul(flat.contiguous(), qweight, scales, zeros,
+                                bits=bits, group=group, offset=offset)
+    else:
+        y = ref_quant_matmul(flat.float(), qweight, scales, zeros, bits=bits, group=group, offset=offset)
+    return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -1,0 +1,151 @@
+"""Quantized weights: each GGUF type's runtime format against gguf's own dequantisation,
+load-time int8/int4 error bounds, and quantized models against their float loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from test_loader import last_logits, write_gguf
+
+from llmql.engine.layers.quant_linear import QuantParts
+from llmql.engine.models import load_model
+from llmql.engine.weights.gguf_reader import read_gguf
+from llmql.engine.weights.quant import QuantWeight, from_gguf, quantize_int4, quantize_int8
+
+T = gguf.GGMLQuantizationType
+
+
+def _check_exact(raw: np.ndarray, qtype: int, n: int, k: int) -> QuantWeight:
+    """Dequantising our format == gguf's dequantisation; our matmul == dequantise-then-matmul."""
+    w = from_gguf(raw, qtype, (n, k))
+    assert w is not None
+    want = torch.from_numpy(np.asarray(gguf.quants.dequantize(raw, qtype)).reshape(n, k))
+    torch.testing.assert_close(w.dequantize(), want, atol=0, rtol=0)
+    parts = QuantParts((n, k))
+    parts.add(0, w)
+    parts.finalize()
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(parts.matmul(x), x @ want.T, atol=1e-4, rtol=1e-4)
+    return w
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0])
+def test_gguf_written_types_match(qtype) -> None:
+    data = np.random.default_rng(0).standard_normal((24, 96)).astype(np.float32)
+    _check_exact(gguf.quants.quantize(data, qtype), qtype, 24, 96)
+
+
+@pytest.fixture(scope="module")
+def default_tensors() -> dict[str, object]:
+    from llmql.engine.loader import default_gguf
+    from llmql.settings import get_settings
+
+    _, tensors = read_gguf(default_gguf(get_settings().cache_dir))
+    found: dict[str, object] = {}
+    for t in tensors:
+        found.setdefault(T(t.ggml_type).name, t)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q8_0"])
+def test_default_model_types_match(default_tensors, kind) -> None:
+    """K-quants from the default model's file (first 48 rows of its first tensor of a type)."""
+    t = default_tensors[kind]
+    _check_exact(t.data[:48], t.ggml_type, 48, t.dims[0])
+
+
+def test_q5_k_blocks_match() -> None:
+    """Q5_K from random raw blocks (sane float16 d/dmin; every other byte random)."""
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, (8, 176), dtype=np.uint8)
+    blocks[:, 0:4] = rng.uniform(0.001, 0.05, (8, 2)).astype(np.float16).view(np.uint8)
+    w = _check_exact(blocks.reshape(4, -1), T.Q5_K, 4, 512)
+    assert (w.bits, w.group) == (8, 32)
+
+
+def test_load_time_quantization_error_bounds() -> None:
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
+    q8 = quantize_int8(w)
+    bound8 = w.abs().amax(dim=1, keepdim=True) / 254 + 1e-6
+    assert q8.qweight.dtype == torch.int8 and ((q8.dequantize() - w).abs() <= bound8).all()
+    q4 = quantize_int4(w, group=64)
+    g = w.reshape(48, 4, 64)
+    bound4 = ((g.amax(-1) - g.amin(-1)) / 30 + 1e-6).repeat_interleave(64, dim=1)
+    assert q4.group == 64 and q4.qweight.shape == (48, 128)
+    assert ((q4.dequantize() - w).abs() <= bound4).all()
+    assert q4.nbytes < w.nbytes / 4
+
+
+def _logits(lm) -> torch.Tensor:
+    return last_logits(lm, [1, 5, 17, 33, 60, 8, 91, 44, 70, 12, 55, 23])
+
+
+@pytest.mark.parametrize("mode,atol,cosine", [("int8", 0.05, 0.999), ("int4", 0.5, 0.9)])
+def test_tiny_model_quantized_at_load(tiny_model_dir, mode, atol, cosine) -> None:
+    """A tiny random Llama quantized at load vs its float version (its logits are near-tied,
+    so per-position cosine similarity is the measure, not top-1 agreement)."""
+    path = tiny_model_dir("llama")
+    ref = _logits(load_model(str(path)))
+    lm = load_model(str(path), quantization=mode)
+    assert lm.model.model.layers[0].mlp.down_proj.quant is not None
+    assert lm.model.lm_head.quant is not None
+    got = _logits(lm)
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() <= atol * scale
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min() >= cosine
+
+
+@pytest.mark.parametrize("family,qtype", [("llama", T.Q4_0), ("gemma3", T.Q8_0)])
+def test_quantized_gguf_matches_float_load(tiny_model_dir, tiny_hf_model, tmp_path, family, qtype) -> None:
+    """"auto" keeps a GGUF quantized (Llama's Q/K row permutation undone on quantized rows) and
+    gives the float load's logits; it writes no dequantised weights."""
+    hf = tiny_hf_model(tiny_model_dir(family))
+    path = write_gguf(hf, tmp_path / f"{family}.gguf", family, quantize=True, qtype=qtype)
+    auto = load_model(str(path), quantization="auto", cache_dir=tmp_path / "c1")
+    assert not list((tmp_path / "c1").rglob("*.safetensors"))
+    assert auto.model.model.layers[0].self_attn.qkv_proj.weight.is_meta
+    none = load_model(str(path), quantization="none", cache_dir=tmp_path / "c2")
+    torch.testing.assert_close(_logits(auto), _logits(none), atol=1e-4, rtol=1e-4)
+
+
+def test_bad_quantization_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="quantization"):
+        load_model("default", quantization="int3", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["none", "int8"])
+def test_lm_head_computes_only_requested_rows(tiny_model_dir, mode) -> None:
+    """`compute_logits(hidden, rows)` (the `choices` path) == the full logits at `rows`."""
+    lm = load_model(str(tiny_model_dir("gemma3")), quantization=mode)
+    hidden = torch.randn(3, lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([50, 4, 17, 95])
+    full = lm.model.compute_logits(hidden)
+    torch.testing.assert_close(lm.model.compute_logits(hidden, rows), full[:, rows], atol=1e-5, rtol=1e-5)
+
+
+_ITEMS = ["a rainy weekend in Lisbon", "the new phone's battery", "our quarterly revenue report",
+          "a cat that ignores everyone", "the 1998 World Cup final", "a bowl of cold ramen",
+          "the late train to Leeds", "a forgotten password"]
+_TASKS = ["Describe {} in one sentence:", "Is {} good news? Answer yes or no, then explain:",
+          "Write a short SQL comment about {}:", "Summarize the mood of {}:"]
+
+
+@pytest.mark.slow
+def test_default_model_auto_greedy_parity() -> None:
+    """The default model, "auto" (quantized) vs "none" (float32): identical greedy outputs
+    (16 tokens) on >= 90% of 32 prompts (the arithmetic differs only in summation order)."""
+    from llmql.engine.engine import load
+    from llmql.engine.types import GenerationRequest
+
+    prompts = [t.format(i) for t in _TASKS for i in _ITEMS]
+    reqs = [GenerationRequest(p, max_tokens=16) for p in prompts]
+    texts = {}
+    for mode in ("none", "auto"):
+        engine = load("default", quantization=mode, kv_tokens=8192)
+        texts[mode] = [r.text for r in engine.generate(reqs, progress=False)]
+    same = sum(a == b for a, b in zip(texts["none"], texts["auto"]))
+    assert same >= 0.9 * len(prompts), (same, texts)
