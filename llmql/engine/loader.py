@@ -48,7 +48,7 @@ def load(
         return load_dir(path, name=path.name, dtype=dtype, device=device, quantization=quantization,
                         **experts)
     if path.is_file() and path.suffix == ".gguf":
-        if quantization != "none" and not _is_moe_gguf(path):
+        if _keep_quantized(path, quantization):
             from llmql.engine.quantized import load_gguf
 
             return load_gguf(path, cache, dtype=dtype, device=device, quantization=quantization)
@@ -180,7 +180,29 @@ def _cache_root(cache_dir: Path | None) -> Path:
     return get_settings().cache_dir
 
 
-def _is_moe_gguf(path: Path) -> bool:
+def _keep_quantized(path: Path, quantization: str) -> bool:
+    """Whether a GGUF loads with its tensors kept quantized.
+
+    "auto" keeps them quantized when a float32 copy would take more than a quarter of the
+    machine's memory, and otherwise uses the float32 copy: on CPU it is the faster one
+    (measured on the default model, 2 threads: quantized decode 2.4x and prefill 1.2x slower,
+    docs/benchmarks.md), so quantization pays only where memory is what limits. MoE GGUFs
+    always use the float copy, whose experts the expert cache memory-maps.
+    """
     from llmql.engine.weights.gguf import GGUFFile
 
-    return bool(GGUFFile(path).config().num_experts)
+    if quantization == "none":
+        return False
+    gguf = GGUFFile(path)
+    if gguf.config().num_experts:
+        return False
+    if quantization != "auto":
+        return True
+    return gguf.float32_bytes() > _physical_memory() // 4
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30

@@ -4,6 +4,7 @@ conversions undone (transformers' GGUF loader does the same; the tests compare w
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,10 @@ class GGUFFile:
         self.path = path
         self.metadata, self._tensors = read_gguf(path)
         self.tensor_names = {t.name for t in self._tensors}
+
+    def float32_bytes(self) -> int:
+        """Bytes of every tensor of the file as float32."""
+        return 4 * sum(math.prod(t.shape) for t in self._tensors)
 
     def config(self) -> ModelConfig:
         """The model configuration this file's metadata describes."""
