@@ -15,6 +15,19 @@ os.environ.setdefault(
 os.environ.setdefault("LLMQL_PROGRESS", "0")
 
 
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# NOTE: Triton kernels run in its interpreter on CPU-only machines. This must be set before
+# any test module imports triton or defines a kernel, or `@triton.jit` builds compiled
+# (CUDA-only) functions for the rest of the session.
+if _no_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

@@ -121,9 +121,9 @@ class LLMQLMagics(Magics):
 
     def _default_connection(self) -> Any:
         if self.connection is None:
-            import llmql
+            from llmql.connectors.duckdb import connect
 
-            self.connection = llmql.connect()
+            self.connection = connect()
         return self.connection
 
     def _lookup(self, name: str) -> Any:
@@ -280,10 +280,9 @@ def _is_user_error(err: Exception) -> bool:
     import duckdb
 
     from llmql.optimizer.errors import PlanError
-    from llmql.udfs.engines import EngineUnavailable
     from llmql.udfs.types import OutputParseError, UDFError
 
-    user = (duckdb.Error, PlanError, UDFError, OutputParseError, EngineUnavailable)
+    user = (duckdb.Error, PlanError, UDFError, OutputParseError, FileNotFoundError)
     return isinstance(err, user) or type(err).__module__.startswith("pyspark")
 
 

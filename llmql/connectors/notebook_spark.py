@@ -33,17 +33,17 @@ def spark_session(namespace: dict[str, Any]) -> Any:
     candidate = namespace.get("spark")
     if type(candidate).__name__ == "SparkSession":
         return candidate
-    import llmql.spark
+    from llmql.connectors.spark.session import local_session
 
-    spark = llmql.spark.local_session()
+    spark = local_session()
     namespace["spark"] = spark
     return spark
 
 
 def _run(spark: Any, sql: str) -> tuple[Any, Any]:
-    import llmql.spark
+    from llmql.connectors.spark.plan import run
 
-    result = llmql.spark.run(spark, sql)
+    result = run(spark, sql)
     return result.df.toPandas(), result.report
 
 
