@@ -117,3 +117,19 @@ def _table():
     import pyarrow as pa
 
     return pa.table({"Varietal": ["Merlot"], "Description": ["Plum."]})
+
+
+def test_pandas_takes_the_same_examples():
+    import pandas as pd
+
+    from llmql.connectors.pandas import register_accessor
+
+    register_accessor()
+    engine = FakeEngine(answer=lambda prompt: "earthy")
+    df = pd.DataFrame({"Varietal": ["Syrah"], "Description": ["Smoke."]})
+    out = df.llm.classify("Style?", ["fruity", "earthy"], "Varietal", "Description",
+                          examples=WINE, engine=engine, result_cache=False)
+    assert out.iloc[0, -1] == "earthy"
+    assert engine.prompts[0].count("Answer with one of fruity, earthy: fruity\n") == 1
+    with pytest.raises(UDFError, match="missing"):
+        df.llm.map("Style?", "Varietal", examples=WINE, engine=engine)
