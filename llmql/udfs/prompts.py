@@ -24,11 +24,18 @@ def render_prompt(spec: CallSpec, row: Mapping[str, Any], field_order: Sequence[
     NOTE: everything before the row's first field line is the same for every row of a call,
     so it is a prefix the engine's cache shares across the whole batch.
     """
+    lines = [shared_prefix(spec)]
+    lines.extend(render_field(name, row[name]) for name in field_order)
+    lines.append(get_spec(spec.function).cue(spec.options))
+    return "\n".join(lines)
+
+
+def shared_prefix(spec: CallSpec) -> str:
+    """The text every prompt of a call starts with, up to the newline before the row's first
+    field: the instruction and the rendered few-shot examples."""
     cue = get_spec(spec.function).cue(spec.options)
     lines = [spec.instruction.strip()]
     lines.extend(examples.render(spec.options.examples, spec.function, spec.fields, cue))
-    lines.extend(render_field(name, row[name]) for name in field_order)
-    lines.append(cue)
     return "\n".join(lines)
 
 

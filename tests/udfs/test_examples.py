@@ -36,6 +36,7 @@ def test_examples_come_after_the_instruction_in_written_order_before_the_row():
     prefix = written[: written.index("Varietal: Merlot")]
     assert spec.render(row, ["Description", "Varietal"]).startswith(prefix)
     assert prefix.endswith("Answer: earthy\n\n")
+    assert prefix == spec.shared_prefix() + "\n"  # NOTE: what explain's prefix metrics measure
 
 
 def test_examples_are_part_of_the_cache_key():
