@@ -27,7 +27,16 @@ DEMO_QUERIES = (
     (
         "projection",
         "SELECT DISTINCT movie_title, llm('Name the genre of the movie in one or two words.', "
-        "movie_title, movie_info, max_tokens := 6) AS genre FROM movies ORDER BY movie_title",
+        "movie_title, movie_info, max_tokens := 6, examples := ["
+        "{'movie_title': 'Boyhood', 'movie_info': 'A boy grows up in Texas, from his first day "
+        "at school to his first day at college.', 'answer': 'coming-of-age drama'}, "
+        "{'movie_title': 'Toy Story', 'movie_info': 'A cowboy doll feels threatened when a new "
+        "space toy becomes the favourite of the boy who owns them.', 'answer': 'animation'}, "
+        "{'movie_title': 'Pride and Prejudice', 'movie_info': 'A spirited young woman clashes "
+        "with a proud wealthy gentleman in Georgian England.', 'answer': 'romance'}, "
+        "{'movie_title': 'The Conjuring', 'movie_info': 'Paranormal investigators help a family "
+        "terrorised by a dark presence in their farmhouse.', 'answer': 'horror'}]) AS genre "
+        "FROM movies ORDER BY movie_title",
     ),
     (
         "aggregation (a score per review, averaged per movie)",

@@ -17,7 +17,7 @@ from llmql.optimizer.errors import PlanError
 
 LLM_FUNCTIONS = ("llm", "llm_filter", "llm_classify", "llm_score", "llm_extract", "llm_agg")
 OPTION_NAMES = ("model", "adapter", "max_tokens", "temperature", "seed", "calibrate", "reorder_fields",
-                "tenant")
+                "tenant", "examples")
 # NOTE: cheaper / more selective functions first; used to order LLM filters.
 FUNCTION_COST = {"llm_filter": 0, "llm_classify": 1, "llm_score": 2, "llm": 3, "llm_extract": 4}
 _QUERY_TYPES = (exp.Select, exp.SetOperation)
@@ -232,5 +232,23 @@ def _named_options(function: str, named: list) -> dict[str, Any]:
         key = arg.this.name.lower()
         if key not in OPTION_NAMES:
             raise PlanError(f"{function}: unknown option {key!r}; expected one of {OPTION_NAMES}")
-        options[key] = literal_value(arg.expression)
+        options[key] = _examples(function, arg.expression) if key == "examples" else literal_value(arg.expression)
     return options
+
+
+def _examples(function: str, node: exp.Expression) -> list[dict[str, Any]]:
+    """`examples := [{'field': value, ..., 'answer': value}, ...]` (Spark: `array(named_struct(
+    ...))`) as a list of dicts of literals."""
+    if not isinstance(node, exp.Array) or not all(isinstance(e, exp.Struct) for e in node.expressions):
+        raise PlanError(f"{function}: examples must be a list of struct literals "
+                        f"[{{'field': value, ..., 'answer': value}}, ...], got {node.sql()}")
+    out = []
+    for struct in node.expressions:
+        example = {}
+        for item in struct.expressions:
+            if not isinstance(item, (exp.PropertyEQ, exp.Slice)):
+                raise PlanError(f"{function}: an example must name its values, got {struct.sql()}")
+            key = item.this
+            example[key.name] = literal_value(item.expression) if not isinstance(item.expression, exp.Null) else None
+        out.append(example)
+    return out

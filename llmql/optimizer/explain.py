@@ -54,8 +54,11 @@ def _describe(call: LLMCall, con: Any, sources: tuple[Source, ...], dialect: str
     table = con.sql(input_sql).to_arrow_table()
     rows = con.execute(f"SELECT COUNT(*) FROM ({_all_rows(input_sql)})").fetchall()[0][0]
     fields = list(call.fields)
-    before = measure(table, instruction=call.instruction, fields=fields)
-    after = measure(table, reorder(table, fields), instruction=call.instruction, fields=fields)
+    spec = call.spec()
+    spec.validate()
+    prefix = spec.shared_prefix()  # NOTE: the instruction and any few-shot examples
+    before = measure(table, instruction=prefix, fields=fields)
+    after = measure(table, reorder(table, fields), instruction=prefix, fields=fields)
     lines.append(f"  rows: {rows} -> {table.num_rows} distinct inputs; ~{before.total // CHARS_PER_TOKEN} prompt tokens")
     lines.append(f"  prefix hit rate: {before.hit_rate:.1%} in table order -> {after.hit_rate:.1%} reordered "
                  f"(unbounded cache: {before.trie_hit_rate:.1%} -> {after.trie_hit_rate:.1%})")

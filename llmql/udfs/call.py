@@ -66,6 +66,11 @@ class CallSpec:
         """The prompt of one input row: instruction, `field: value` lines, the answer cue."""
         return prompts.render_prompt(self, row, self.fields if field_order is None else field_order)
 
+    def shared_prefix(self) -> str:
+        """The text every prompt of the call starts with: the instruction and the few-shot
+        examples (their fields in written order), before the row's first field line."""
+        return prompts.shared_prefix(self)
+
     def null_prompt(self) -> str:
         """The content-free prompt calibration compares against (every field "N/A")."""
         return prompts.null_prompt(self)

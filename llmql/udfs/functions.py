@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from llmql.udfs import jsonschema
+from llmql.udfs import examples, jsonschema
 from llmql.udfs.types import CallOptions, OutputParseError, UDFError
 
 if TYPE_CHECKING:
@@ -39,9 +39,11 @@ def get_spec(function: str) -> FunctionSpec:
 
 
 def validate(spec: CallSpec) -> FunctionSpec:
-    """Check a call's function-specific options; returns its FunctionSpec."""
+    """Check a call's function-specific options and its few-shot examples; returns its
+    FunctionSpec."""
     fn = get_spec(spec.function)
     fn.validate(spec.options)
+    examples.check(spec.options.examples, spec.function, spec.fields, fn.choices(spec.options))
     return fn
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from llmql.ordering.render import render_field, render_value
+from llmql.udfs import examples
 from llmql.udfs.fingerprint import adapter_fingerprint
 from llmql.udfs.functions import calibrates, get_spec, max_tokens
 from llmql.udfs.result_cache import CACHE_FORMAT_VERSION
@@ -17,14 +18,24 @@ if TYPE_CHECKING:
 
 
 def render_prompt(spec: CallSpec, row: Mapping[str, Any], field_order: Sequence[str]) -> str:
-    """Instruction, then one `field: value` line per field in `field_order`, then the cue.
+    """Instruction, the few-shot examples (in the written field order), then one
+    `field: value` line per field in `field_order`, then the cue.
 
-    NOTE: everything before the first field line is the same for every row of a call, so it
-    is a prefix the engine's cache shares across the whole batch.
+    NOTE: everything before the row's first field line is the same for every row of a call,
+    so it is a prefix the engine's cache shares across the whole batch.
     """
-    lines = [spec.instruction.strip()]
+    lines = [shared_prefix(spec)]
     lines.extend(render_field(name, row[name]) for name in field_order)
     lines.append(get_spec(spec.function).cue(spec.options))
+    return "\n".join(lines)
+
+
+def shared_prefix(spec: CallSpec) -> str:
+    """The text every prompt of a call starts with, up to the newline before the row's first
+    field: the instruction and the rendered few-shot examples."""
+    cue = get_spec(spec.function).cue(spec.options)
+    lines = [spec.instruction.strip()]
+    lines.extend(examples.render(spec.options.examples, spec.function, spec.fields, cue))
     return "\n".join(lines)
 
 
@@ -49,6 +60,8 @@ def output_signature(spec: CallSpec) -> dict[str, Any]:
         signature["chat"] = o.chat  # NOTE: auto (None) is keyed by the model alone
     if not o.reorder_fields:
         signature["fields_as_written"] = True  # NOTE: never mixed with reordered answers
+    if o.examples:
+        signature["examples"] = examples.signature(o.examples)
     if get_spec(spec.function).stop:
         signature["stop"] = list(get_spec(spec.function).stop)  # NOTE: old unstopped answers miss
     return signature

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ import pyarrow as pa
 
 FUNCTIONS = ("llm", "llm_filter", "llm_classify", "llm_score", "llm_extract", "llm_agg")
 _ON_ERROR = ("null", "raise")
+ANSWER = "answer"  # the answer's key in a few-shot example
 
 
 class UDFError(ValueError):
@@ -59,6 +61,10 @@ class CallOptions:
         chat: None (auto) renders each prompt as one user turn through the model's chat
             template when the (embedded) model has one, else sends it plain; True always
             does (a remote endpoint gets it on its chat endpoint); False never does.
+        examples: few-shot examples, a list of dicts (SQL: a list of structs) naming each of
+            the call's fields plus `answer`; shown after the instruction, before the row, in
+            the fields' written order (a prefix every row shares). With choices (llm_filter,
+            llm_classify, llm_score) each answer must be one of them.
     """
 
     model: str | None = None
@@ -78,8 +84,10 @@ class CallOptions:
     calibrate: bool = True
     reorder_fields: bool = True
     chat: bool | None = None
+    examples: tuple[dict[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "examples", _normalize_examples(self.examples))
         if self.on_error not in _ON_ERROR:
             raise UDFError(f"on_error must be one of {_ON_ERROR}, got {self.on_error!r}")
         if self.max_tokens is not None and (
@@ -181,3 +189,24 @@ def _parse_schema(text: str) -> dict:
     if not isinstance(schema, dict):
         raise UDFError("json_schema must be a JSON object")
     return schema
+
+
+def _normalize_examples(examples: Any) -> tuple[dict[str, Any], ...] | None:
+    """Few-shot examples as a tuple of plain dicts (None or empty → None); UDFError if they are
+    not a list of mappings that each hold an `answer`."""
+    if examples is None:
+        return None
+    if isinstance(examples, (str, bytes, Mapping)) or not isinstance(examples, Sequence):
+        raise UDFError(
+            f"examples must be a list of {{field: value, ..., {ANSWER!r}: ...}} structs, "
+            f"got {type(examples).__name__}"
+        )
+    out = []
+    for i, example in enumerate(examples, 1):
+        if not isinstance(example, Mapping):
+            raise UDFError(f"examples[{i}] must be a struct/dict of field values and {ANSWER!r}, "
+                           f"got {example!r}")
+        if example.get(ANSWER) is None:
+            raise UDFError(f"examples[{i}] has no {ANSWER!r}: {dict(example)!r}")
+        out.append({str(k): v for k, v in example.items()})
+    return tuple(out) or None

@@ -98,3 +98,22 @@ def test_extract_struct_column_and_sql_json(spark, tmp_path):
         assert json.loads(text) == {"genre": "x", "year": 1}
     finally:
         llmql.spark.use_engine(None)
+
+
+
+def test_few_shot_examples_same_results_as_duckdb(spark, tmp_path):
+    # NOTE: Spark spells the examples array(named_struct(...)), DuckDB a list of structs
+    select = "SELECT id, llm_classify('Sentiment?', {labels}, review_content, examples {examples}) AS c"
+    duck = select.format(labels="['pos', 'neg']", examples=":= [{'review_content': 'Loved it.', 'answer': 'pos'}]")
+    spark_sql = select.format(labels="array('pos', 'neg')", examples="=> array(named_struct("
+                              "'review_content', 'Loved it.', 'answer', 'pos'))")
+    tail = " FROM movies ORDER BY id"
+    con = llmql.connect(engine=FakeEngine(str(tmp_path), 0), result_cache=False)
+    con.register("movies", movies(12))
+    want = con.sql(duck + tail).fetchall()
+    plain = con.sql(QUERIES["classify"].format(labels="['pos', 'neg']")).fetchall()
+    con.close()
+    got = llmql.spark.sql(spark, spark_sql + tail, engine_factory=FakeEngineFactory(str(tmp_path)),
+                          result_cache=False).collect()
+    assert [tuple(r) for r in got] == want and want
+    assert want != plain  # NOTE: the fake engine's answers hash the prompt: examples reach it
