@@ -8,7 +8,7 @@ PY=$VENV/bin/python
 test -x "$PY" || python3 -m venv "$VENV"
 # NOTE: torch first and pinned, as in the Makefile: a bare requirement pulls a CUDA build.
 "$PY" -m pip install -q torch==2.13.0
-"$PY" -m pip install -q -e ".[dev,spark]" -c .ci/min-constraints.txt
+"$PY" -m pip install -q -e ".[dev,spark,serve,notebook]" -c .ci/min-constraints.txt
 "$PY" - <<'PY'
 import importlib.metadata as md
 pins = [line.split("==") for line in open(".ci/min-constraints.txt") if "==" in line]
@@ -16,4 +16,4 @@ wrong = {name: (md.version(name), want.strip()) for name, want in pins if md.ver
 assert not wrong, f"not the minimum versions: {wrong}"
 print("minimum versions:", ", ".join(f"{n}=={v.strip()}" for n, v in pins))
 PY
-LLMQL_CACHE_DIR="$PWD/.cache/llmql-min" "$PY" -m pytest -q -p no:cacheprovider -m "not slow"
+LLMQL_CACHE_DIR="$PWD/.cache/llmql" "$PY" -m pytest -q -p no:cacheprovider -m "not slow"
