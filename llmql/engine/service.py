@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from llmql.engine.engine import EmbeddedEngine
 
 _IDLE_WAIT_S = 0.5
+_IDLE_EXIT_S = 2.0  # NOTE: an engine thread with nothing to do for this long ends
 
 
 @dataclass(eq=False)
@@ -140,8 +141,12 @@ class StepLoop:
     def _take_inbox(self) -> bool:
         """Move new and cancelled requests into/out of the scheduler; False once closed."""
         with self._cond:
-            while not (self._inbox or self._cancelled or self._closed or self._has_work()):
-                self._cond.wait()
+            while not self._ready():
+                if not self._cond.wait(timeout=_IDLE_EXIT_S) and not self._ready():
+                    # NOTE: idle: the thread ends (the next submit starts another), so an
+                    # engine nobody references any more is freed with its weights and KV pool.
+                    self._thread = None
+                    return False
             inbox, self._inbox = self._inbox, []
             cancelled, self._cancelled = self._cancelled, []
             closed = self._closed
@@ -155,6 +160,9 @@ class StepLoop:
             for rid in list(self._tickets):
                 self._drop(self._tickets[rid].req)
         return not closed
+
+    def _ready(self) -> bool:
+        return bool(self._inbox or self._cancelled or self._closed or self._has_work())
 
     def _has_work(self) -> bool:
         return bool(self._suspects) or self.engine.scheduler.has_work

@@ -186,3 +186,26 @@ def test_explain_predicts_tokens_report_shows_queue_wait_tenants(tiny) -> None:
     con.sql("SELECT llm('w7', a, tenant := 'alice') FROM t LIMIT 2").fetchall()
     assert "alice" in engine.scheduler.policy.counters
     assert sum(t.startswith("query-") for t in engine.scheduler.policy.counters) == 1
+
+
+def test_idle_engine_thread_ends_and_unused_engine_is_freed(tiny) -> None:
+    """The step-loop thread ends after a short idle spell (a later submit starts another), so
+    an engine nobody references is garbage-collected with its KV pool."""
+    import gc
+    import weakref
+
+    engine = _engine(tiny)
+    first = engine.generate([GenerationRequest("w5 w6", max_tokens=2)])
+    deadline = time.monotonic() + 10
+    while engine.service._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.service._thread is None
+    again = engine.generate([GenerationRequest("w5 w6", max_tokens=2)])  # NOTE: restarts it
+    assert again[0].text == first[0].text and again[0].cached_tokens > 0
+    ref = weakref.ref(engine.pool)
+    del engine
+    deadline = time.monotonic() + 10
+    while ref() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    assert ref() is None
