@@ -38,26 +38,14 @@ def ref_decode_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Torch reference (the test oracle): dense attention of each row over its sequence."""
-    assert q.dim() == 3 and k_cache.dim() == 3 and k_cache.shape == v_cache.shape
-    hq, hkv = q.shape[1], k_cache.shape[1]
-    assert hq % hkv == 0, f"query heads {hq} not a multiple of kv heads {hkv}"
+    """Torch reference (the test oracle): `ref_paged_attention` with one query row per
+    sequence (a sequence with no keys gives zeros)."""
+    from llmql.kernels.attention import ref_paged_attention
+
     assert kv_indptr.numel() == q.shape[0] + 1, (kv_indptr.shape, q.shape)
-    out = torch.zeros_like(q)
-    kvp = kv_indptr.tolist()
-    for b in range(q.shape[0]):
-        slots = kv_indices[kvp[b] : kvp[b + 1]]
-        if sliding_window:
-            slots = slots[max(0, len(slots) - sliding_window) :]
-        if slots.numel() == 0:
-            continue
-        k = k_cache[slots].float().repeat_interleave(hq // hkv, dim=1)  # [L, Hq, D]
-        v = v_cache[slots].float().repeat_interleave(hq // hkv, dim=1)
-        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
-        if softcap:
-            scores = torch.tanh(scores / softcap) * softcap
-        out[b] = torch.einsum("hl,lhd->hd", torch.softmax(scores, dim=-1), v).to(q.dtype)
-    return out
+    qo_indptr = torch.arange(q.shape[0] + 1, device=kv_indptr.device)
+    return ref_paged_attention(q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices,
+                               scale=scale, sliding_window=sliding_window, softcap=softcap)
 
 
 @functools.cache
