@@ -239,16 +239,34 @@ def _named_options(function: str, named: list) -> dict[str, Any]:
 def _examples(function: str, node: exp.Expression) -> list[dict[str, Any]]:
     """`examples := [{'field': value, ..., 'answer': value}, ...]` (Spark: `array(named_struct(
     ...))`) as a list of dicts of literals."""
-    if not isinstance(node, exp.Array) or not all(isinstance(e, exp.Struct) for e in node.expressions):
+    if not isinstance(node, exp.Array) or not all(map(_is_struct, node.expressions)):
         raise PlanError(f"{function}: examples must be a list of struct literals "
                         f"[{{'field': value, ..., 'answer': value}}, ...], got {node.sql()}")
     out = []
     for struct in node.expressions:
         example = {}
-        for item in struct.expressions:
-            if not isinstance(item, (exp.PropertyEQ, exp.Slice)):
-                raise PlanError(f"{function}: an example must name its values, got {struct.sql()}")
-            key = item.this
-            example[key.name] = literal_value(item.expression) if not isinstance(item.expression, exp.Null) else None
+        for key, value in _struct_items(function, struct):
+            example[key] = literal_value(value) if not isinstance(value, exp.Null) else None
         out.append(example)
     return out
+
+
+def _is_struct(node: exp.Expression) -> bool:
+    # NOTE: sqlglot < 28.1 parses Spark's named_struct(...) as an anonymous function.
+    return isinstance(node, exp.Struct) or (
+        isinstance(node, exp.Anonymous) and node.name.lower() == "named_struct")
+
+
+def _struct_items(function: str, struct: exp.Expression) -> list[tuple[str, exp.Expression]]:
+    """(name, value expression) pairs of a struct literal."""
+    if isinstance(struct, exp.Anonymous):
+        args = struct.expressions
+        if len(args) % 2 or not all(map(_is_string, args[::2])):
+            raise PlanError(f"{function}: named_struct needs name/value pairs, got {struct.sql()}")
+        return [(k.name, v) for k, v in zip(args[::2], args[1::2])]
+    items = []
+    for item in struct.expressions:
+        if not isinstance(item, (exp.PropertyEQ, exp.Slice)):
+            raise PlanError(f"{function}: an example must name its values, got {struct.sql()}")
+        items.append((item.this.name, item.expression))
+    return items

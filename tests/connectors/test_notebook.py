@@ -141,7 +141,7 @@ def test_parameters_are_data_not_sql(shell, value):
 def test_namespace_dataframe_is_queryable_by_name(shell):
     shell.user_ns["films"] = pd.DataFrame({"title": ["w5", "w7", "w5"], "year": [1990, 2000, 2010]})
     result, captured = _run(
-        shell, "%%llmql -o out\nSELECT title, llm('w9', title) AS a FROM films WHERE year > 1995"
+        shell, "%%llmql -o out\nSELECT title, llm('w9', title) AS a FROM films WHERE year > 1995 ORDER BY year"
     )
     assert result.success, captured.stdout
     assert shell.user_ns["out"]["title"].tolist() == ["w7", "w5"]
