@@ -4,6 +4,7 @@ per-token finish checks (EOS, stop strings, max_tokens, choices)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import torch
@@ -57,11 +58,10 @@ class Sampler:
         for j, i in enumerate(rows):
             req, n = reqs[i], reqs[i].params.logprobs or 0
             top = tuple(_entry(pieces, t, lp) for t, lp in zip(top_ids[j][:n], top_lp[j][:n]))
-            entry = _entry(pieces, tokens[i], chosen[j])
             # NOTE: indexed by output position, so a step re-run after a failed batch
             # replaces its entry instead of adding a second one.
             del req.token_logprobs[len(req.output_ids):]
-            req.token_logprobs.append(TokenLogprob(entry.token, entry.logprob, entry.token_bytes, top))
+            req.token_logprobs.append(replace(_entry(pieces, tokens[i], chosen[j]), top=top))
 
 
 def _entry(pieces: Sequence[bytes] | None, token: int, logprob: float) -> TokenLogprob:
