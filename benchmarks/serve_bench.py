@@ -12,7 +12,7 @@
    Reports wall time, prompt/cached tokens as the server counted them, and answers equal.
 
 Prints one JSON line per measurement, then a short table. CPU timings are noisy.
-Usage: python benchmarks/serve_bench.py [--clients 32] [--seconds 60] [--rows 64]
+Usage: PYTHONPATH=. python benchmarks/serve_bench.py [--clients 32] [--seconds 60] [--rows 64]
 The model is loaded once; each measurement gets a fresh engine (empty prefix cache) on it.
 Data: LLMQL_DATA_DIR or ../shared/data next to the repository.
 """
@@ -25,6 +25,7 @@ import os
 import statistics
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import duckdb
@@ -37,9 +38,10 @@ from llmql.engine.server import ServerConfig, create_app
 from llmql.engine.serving import running
 from llmql.engine.types import GenerationRequest
 from llmql.settings import override
+from llmql.udfs.call import CallSpec
 from llmql.udfs.functions import get_spec, max_tokens
 from llmql.udfs.prompts import render_prompt
-from llmql.udfs.types import CallOptions, CallSpec
+from llmql.udfs.types import CallOptions
 
 DATA = Path(os.environ.get("LLMQL_DATA_DIR")
             or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -85,7 +87,7 @@ def _load_test(args: argparse.Namespace, lm: LoadedModel, movies: list[dict]) ->
     prompts = [f"{KIDS}\nmovie_title: {m['movie_title']}\nreview: {m['review_content']}\nAnswer:"
                for m in movies]
     latencies: list[float] = []
-    errors = [0]
+    errors: Counter[str] = Counter()  # exception type (and HTTP status) -> count
     lock = threading.Lock()
     with running(create_app(engine, ServerConfig(max_queue=4 * args.clients))) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
@@ -99,9 +101,9 @@ def _load_test(args: argparse.Namespace, lm: LoadedModel, movies: list[dict]) ->
                     client.completions.create(model=_name(engine),
                                               prompt=prompts[i % len(prompts)],
                                               max_tokens=args.max_tokens, temperature=0)
-                except openai.OpenAIError:
+                except openai.OpenAIError as exc:
                     with lock:
-                        errors[0] += 1
+                        errors[f"{type(exc).__name__} {getattr(exc, 'status_code', '')}".strip()] += 1
                     continue
                 with lock:
                     latencies.append(time.perf_counter() - t0)
@@ -121,7 +123,8 @@ def _load_test(args: argparse.Namespace, lm: LoadedModel, movies: list[dict]) ->
             "requests": len(latencies), "req_per_s": round(len(latencies) / elapsed, 2),
             "p50_s": round(statistics.median(latencies), 3) if latencies else None,
             "p99_s": round(latencies[int(0.99 * (len(latencies) - 1))], 3) if latencies else None,
-            "errors": errors[0], "prefix_hit_rate": round(stats.cache_hit_rate, 3)})
+            "errors": sum(errors.values()), "error_kinds": dict(errors),
+            "prefix_hit_rate": round(stats.cache_hit_rate, 3)})
 
 
 def _sql_modes(args: argparse.Namespace, lm: LoadedModel) -> list[dict]:

@@ -16,9 +16,13 @@ from llmql.engine.types import GenerationRequest
 
 
 def has_chat_template(engine: Any) -> bool:
-    """Whether `engine` (embedded) holds a model with a chat template (remote: False)."""
+    """Whether `engine` serves a model with a chat template: an embedded model's tokenizer
+    has one, or another engine says so (`serves_chat_template`: the remote backend, when
+    the server tells; `llmql serve` does)."""
     tokenizer = getattr(getattr(engine, "lm", None), "tokenizer", None)
-    return bool(getattr(tokenizer, "chat_template", None))
+    if tokenizer is not None:
+        return bool(getattr(tokenizer, "chat_template", None))
+    return getattr(engine, "serves_chat_template", False) is True
 
 
 def render_messages(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:

@@ -98,7 +98,7 @@ class EmbeddedEngine:
         )
         self.runner = ModelRunner(lm.model, self.pool, config.device,
                                   packed_linears=config.packed_linears, adapters=self.adapters)
-        self.sampler = Sampler()
+        self.sampler = Sampler(lm.tokenizer.token_bytes)
         self.output = OutputProcessor(lm.tokenizer)
         self._ids = itertools.count()
         self.constraints = ConstraintBuilder(lm.tokenizer)
@@ -251,6 +251,8 @@ def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int)
         return ErrorKind.CONTEXT_OVERFLOW, f"prompt has {len(ids)} tokens; the KV pool holds only {slots}"
     if request.choices is not None and not request.choices:
         return ErrorKind.BAD_REQUEST, "choices is empty"
+    if request.logprobs is not None and not 0 <= request.logprobs <= 20:
+        return ErrorKind.BAD_REQUEST, f"logprobs must be 0..20, got {request.logprobs}"
     if request.chat:
         return (ErrorKind.BAD_REQUEST,
                 "chat=True needs a text prompt and a model with a chat template that renders it")

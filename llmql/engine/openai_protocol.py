@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmql.engine.types import ErrorKind, GenerationRequest, GenerationResult
+from llmql.engine.types import ErrorKind, GenerationRequest, GenerationResult, TokenLogprob
 
 _OVERFLOW_WORDS = ("context length", "context window", "maximum context", "too long",
                    "max_model_len", "exceeds", "context is")
@@ -41,6 +41,9 @@ def request_body(request: GenerationRequest, model: str, *, guided: bool = True)
                                    "json_schema": {"name": "output", "schema": request.json_schema}}
     if request.tenant is not None:
         body["user"] = request.tenant
+    if request.logprobs is not None:
+        body.update({"logprobs": True, "top_logprobs": request.logprobs} if request.chat
+                    else {"logprobs": request.logprobs})
     return body
 
 
@@ -60,7 +63,37 @@ def parse_response(data: dict[str, Any]) -> GenerationResult:
         text=text or "", prompt_tokens=prompt, cached_tokens=cached, output_tokens=output,
         finish_reason=_finish(choice.get("finish_reason")),
         choice_logprobs=dict(logprobs) if isinstance(logprobs, dict) else None,
+        token_logprobs=token_logprobs(choice.get("logprobs")),
     )
+
+
+def token_logprobs(data: Any) -> list[TokenLogprob] | None:
+    """Per-token log-probabilities from a choice's `logprobs` (chat or completions shape)."""
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("content"), list):
+        return [_chat_entry(e, top=True) for e in data["content"]]
+    tokens, values = data.get("tokens"), data.get("token_logprobs")
+    if not isinstance(tokens, list) or not isinstance(values, list):
+        return None
+    tops = data.get("top_logprobs") or [None] * len(tokens)
+    return [TokenLogprob(t, float(v if v is not None else float("-inf")), t.encode(),
+                         _completion_top(top)) for t, v, top in zip(tokens, values, tops)]
+
+
+def _chat_entry(entry: dict[str, Any], *, top: bool = False) -> TokenLogprob:
+    token = str(entry.get("token", ""))
+    raw = entry.get("bytes")
+    alternatives = tuple(_chat_entry(a) for a in entry.get("top_logprobs") or []) if top else ()
+    return TokenLogprob(token, float(entry.get("logprob", float("-inf"))),
+                        bytes(raw) if isinstance(raw, list) else token.encode(), alternatives)
+
+
+def _completion_top(top: Any) -> tuple[TokenLogprob, ...]:
+    if not isinstance(top, dict):
+        return ()
+    ranked = sorted(top.items(), key=lambda kv: -kv[1])
+    return tuple(TokenLogprob(t, float(v), t.encode()) for t, v in ranked)
 
 
 def usage_counts(usage: dict[str, Any] | None) -> tuple[int, int, int]:

@@ -78,8 +78,17 @@ class RemoteEngine:
         self._stats = EngineStats(extra={"retries": 0, "errors": 0})
         self._next_start = 0.0
         self._guided = True
-        self.served_model = served_model or fragment or self._discover_model()
+        named = served_model or fragment
+        models = self._list_models(required=not named)
+        if not named and not models:
+            self.close()
+            raise ValueError(f"{self.base_url}/models lists no model; name one as URL#model")
+        self.served_model = named or str(models[0]["id"])
         self.model_name = f"{self.base_url}#{self.served_model}"
+        entry = next((m for m in models if m.get("id") == self.served_model), {})
+        # NOTE: `llmql serve` says whether the model has a chat template (an extension of
+        # /v1/models); other servers do not, and their prompts stay plain under chat auto.
+        self.serves_chat_template = entry.get("has_chat_template") is True
 
     def submit(self, request: GenerationRequest, *, on_text: TextCallback | None = None
                ) -> Future[GenerationResult]:
@@ -138,7 +147,7 @@ class RemoteEngine:
               ) -> tuple[GenerationResult, bool]:
         """One HTTP attempt: (result, whether to retry)."""
         try:
-            if on_text is not None:
+            if on_text is not None and "logprobs" not in body:  # NOTE: logprobs are not streamed
                 return self._stream(path, body, on_text)
             response = self._client.post(path, json=body)
         except (httpx.TimeoutException, httpx.TransportError) as exc:
@@ -147,7 +156,10 @@ class RemoteEngine:
             message = proto.error_message(response.text)
             return (proto.error_result(response.status_code, message),
                     response.status_code in _RETRY_STATUS)
-        return proto.parse_response(response.json()), False
+        result = proto.parse_response(response.json())
+        if on_text is not None and result.text:
+            on_text(result.text)
+        return result, False
 
     def _stream(self, path: str, body: dict, on_text: TextCallback
                 ) -> tuple[GenerationResult, bool]:
@@ -193,9 +205,10 @@ class RemoteEngine:
             s.seconds += seconds
             s.extra["errors"] += result.finish_reason == "error"
 
-    def _discover_model(self) -> str:
-        """The first model the server lists (GET /models), with the same retries."""
-        for attempt in range(self.config.retries + 1):
+    def _list_models(self, *, required: bool) -> list[dict]:
+        """The server's model entries (GET /models). `required`: with the same retries, and
+        a ConnectionError if the server cannot be asked; else one try, [] on any failure."""
+        for attempt in range(self.config.retries + 1 if required else 1):
             if attempt:
                 time.sleep(_backoff(self.config.backoff, attempt))
             try:
@@ -203,12 +216,11 @@ class RemoteEngine:
             except httpx.TransportError:
                 continue
             if response.status_code == 200:
-                models = response.json().get("data") or []
-                if models:
-                    return str(models[0]["id"])
-                raise ValueError(f"{self.base_url}/models lists no model; name one as URL#model")
+                return _model_entries(response)
             if response.status_code not in _RETRY_STATUS:
                 break
+        if not required:
+            return []
         self.close()
         raise ConnectionError(f"cannot list the models of {self.base_url} (is the server up?); "
                               "name the served model as URL#model to skip this")
@@ -232,3 +244,11 @@ def load_remote(url: str, **settings: object) -> RemoteEngine:
 
 def _backoff(base: float, attempt: int) -> float:
     return min(30.0, base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+
+
+def _model_entries(response: httpx.Response) -> list[dict]:
+    try:
+        data = response.json().get("data")
+    except (ValueError, AttributeError):
+        return []
+    return [m for m in data if isinstance(m, dict) and "id" in m] if isinstance(data, list) else []

@@ -106,6 +106,7 @@ def _choice_tokens(batch: ScheduledBatch) -> list[int] | None:
     from llmql.engine.constrained import ChoiceState
 
     sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
-    if not sampled or not all(isinstance(r.constraint, ChoiceState) for r in sampled):
-        return None
+    if not sampled or not all(isinstance(r.constraint, ChoiceState) and r.params.logprobs is None
+                              for r in sampled):
+        return None  # NOTE: `logprobs` need the full distribution
     return sorted({t for r in sampled for t in r.constraint.allowed()})  # type: ignore[union-attr]

@@ -3,21 +3,33 @@ per-token finish checks (EOS, stop strings, max_tokens, choices)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import torch
 
 from llmql.engine.constrained import ChoiceState
 from llmql.engine.scheduler.request import Req
+from llmql.engine.types import TokenLogprob
 
 
 class Sampler:
-    """Turns the logits of the sampled rows into one token per request."""
+    """Turns the logits of the sampled rows into one token per request.
+
+    Args:
+        token_bytes: the tokenizer's `token_bytes` (the bytes of each token id), needed to
+            name the tokens of requests that ask for `logprobs`.
+    """
+
+    def __init__(self, token_bytes: Callable[[], Sequence[bytes]] | None = None) -> None:
+        self._token_bytes = token_bytes
 
     def sample(self, reqs: list[Req], logits: torch.Tensor) -> list[int]:
         """logits [B, vocab] (row i belongs to reqs[i]) -> B token ids."""
         assert logits.shape[0] == len(reqs), (logits.shape, len(reqs))
         logits = logits.float()
+        raw = logits
         constrained = [i for i, r in enumerate(reqs) if r.constraint is not None]
         if constrained:
             _record_choice_logprobs(reqs, logits, constrained)
@@ -28,7 +40,33 @@ class Sampler:
         for i, req in enumerate(reqs):
             if req.params.temperature > 0:
                 tokens[i] = _sample_row(logits[i], req)
+        if any(r.params.logprobs is not None for r in reqs):
+            self._record_logprobs(reqs, raw, tokens)
         return tokens
+
+    def _record_logprobs(self, reqs: list[Req], logits: torch.Tensor, tokens: list[int]) -> None:
+        """Append each sampled token's log-probability (and the top alternatives) to the
+        requests that ask for them: a log-softmax of the raw logits."""
+        rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        logprobs = torch.log_softmax(logits[rows], dim=-1)
+        chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in rows],
+                                                 device=logprobs.device)).squeeze(1).tolist()
+        k = max(reqs[i].params.logprobs or 0 for i in rows)
+        top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0])
+        top_lp, top_ids = top_lp.tolist(), top_ids.long().tolist()
+        pieces = self._token_bytes() if self._token_bytes is not None else None
+        for j, i in enumerate(rows):
+            req, n = reqs[i], reqs[i].params.logprobs or 0
+            top = tuple(_entry(pieces, t, lp) for t, lp in zip(top_ids[j][:n], top_lp[j][:n]))
+            # NOTE: indexed by output position, so a step re-run after a failed batch
+            # replaces its entry instead of adding a second one.
+            del req.token_logprobs[len(req.output_ids):]
+            req.token_logprobs.append(replace(_entry(pieces, tokens[i], chosen[j]), top=top))
+
+
+def _entry(pieces: Sequence[bytes] | None, token: int, logprob: float) -> TokenLogprob:
+    raw = pieces[token] if pieces is not None and token < len(pieces) else str(token).encode()
+    return TokenLogprob(raw.decode("utf-8", errors="replace"), logprob, raw)
 
 
 def _record_choice_logprobs(reqs: list[Req], logits: torch.Tensor, rows: list[int]) -> None:

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from llmql.engine import server_schema as schema
-from llmql.engine.chat import render_messages
+from llmql.engine.chat import has_chat_template, render_messages
 from llmql.engine.server_schema import APIError, Parsed
 from llmql.engine.types import Engine, GenerationRequest, GenerationResult
 
@@ -114,8 +114,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         names = [server.name, *_adapter_names(engine)]
+        chat = has_chat_template(engine)  # NOTE: an extension field the remote backend reads
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0,
-                                            "owned_by": "llmql"} for n in names]}
+                                            "owned_by": "llmql", "has_chat_template": chat}
+                                           for n in names]}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:

@@ -2,9 +2,12 @@
 
 Accepted beyond OpenAI's fields: `choices` (and vLLM's `guided_choice`): the answer is one of
 these strings; each response choice then carries `choice_logprobs` (per choice, the
-log-probability of its first token, as `GenerationResult.choice_logprobs`). `logprobs`
-gives those same values as `logprobs.top_logprobs[0]` for choice requests, and null
-otherwise (per-token log-probabilities are not computed).
+log-probability of its first token, as `GenerationResult.choice_logprobs`).
+
+Per-token log-probabilities (`GenerationResult.token_logprobs`) come in OpenAI's shapes:
+completions `logprobs: k` → `{tokens, token_logprobs, top_logprobs, text_offset}`; chat
+`logprobs: true, top_logprobs: k` → `logprobs.content[{token, logprob, bytes, top_logprobs}]`.
+They cover every output token (EOS and stop-string tokens included), and are not streamed.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llmql.engine.types import ErrorKind, GenerationRequest, GenerationResult
+from llmql.engine.types import ErrorKind, GenerationRequest, GenerationResult, TokenLogprob
+
+MAX_TOP_LOGPROBS = 20
 
 
 class APIError(Exception):
@@ -49,13 +54,13 @@ def parse_completion(body: Any, adapter: str | None) -> Parsed:
     """A /v1/completions body → requests (one per prompt)."""
     body = _mapping(body)
     prompts = _prompts(body.get("prompt"))
-    base = _sampling(body, adapter, default_max_tokens=16)
+    logprobs = _number(body, "logprobs", None, int, lo=0, hi=MAX_TOP_LOGPROBS)
+    base = _sampling(body, adapter, default_max_tokens=16, logprobs=logprobs)
     stream = _flag(body, "stream")
     if stream and len(prompts) > 1:
         raise APIError(400, "stream: true takes a single prompt", param="prompt")
-    logprobs = body.get("logprobs") not in (None, 0, False)
-    return Parsed([_with_prompt(base, p) for p in prompts], stream, _usage_flag(body), logprobs,
-                  chat=False)
+    return Parsed([_with_prompt(base, p) for p in prompts], stream, _usage_flag(body),
+                  logprobs is not None, chat=False)
 
 
 def parse_chat(body: Any, adapter: str | None, render: Renderer) -> Parsed:
@@ -67,13 +72,17 @@ def parse_chat(body: Any, adapter: str | None, render: Renderer) -> Parsed:
     clean = [_message(m) for m in messages]
     if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
         body = {**body, "max_tokens": body["max_completion_tokens"]}
-    base = _sampling(body, adapter, default_max_tokens=256)
+    top = _number(body, "top_logprobs", None, int, lo=0, hi=MAX_TOP_LOGPROBS)
+    if top is not None and not _flag(body, "logprobs"):
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    logprobs = (top or 0) if _flag(body, "logprobs") else None
+    base = _sampling(body, adapter, default_max_tokens=256, logprobs=logprobs)
     try:
         prompt = render(clean)
     except ValueError as exc:
         raise APIError(400, f"chat template: {exc}", param="messages") from exc
     return Parsed([_with_prompt(base, prompt)], _flag(body, "stream"), _usage_flag(body),
-                  _flag(body, "logprobs"), chat=True)
+                  logprobs is not None, chat=True)
 
 
 def status_of(result: GenerationResult) -> int:
@@ -122,8 +131,9 @@ def new_id(chat: bool) -> str:
 
 def _choice(index: int, result: GenerationResult, parsed: Parsed) -> dict[str, Any]:
     logprobs = None
-    if parsed.logprobs and result.choice_logprobs is not None:
-        logprobs = {"top_logprobs": [result.choice_logprobs]}
+    if parsed.logprobs and result.token_logprobs is not None:
+        logprobs = (chat_logprobs(result.token_logprobs) if parsed.chat
+                    else completion_logprobs(result.token_logprobs))
     choice: dict[str, Any] = {"index": index, "finish_reason": result.finish_reason,
                               "logprobs": logprobs}
     if parsed.chat:
@@ -135,10 +145,33 @@ def _choice(index: int, result: GenerationResult, parsed: Parsed) -> dict[str, A
     return choice
 
 
-def _sampling(body: Mapping[str, Any], adapter: str | None, *, default_max_tokens: int
-              ) -> GenerationRequest:
+def completion_logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """The completions API's `logprobs` object (text offsets from the completion's start;
+    tokens that decode to the same text share one `top_logprobs` key, the likeliest kept)."""
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.token)
+    return {"tokens": [t.token for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{a.token: a.logprob for a in reversed(t.top)} for t in tokens],
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """The chat API's `logprobs` object."""
+    def entry(t: TokenLogprob) -> dict[str, Any]:
+        return {"token": t.token, "logprob": t.logprob, "bytes": list(t.token_bytes)}
+
+    return {"content": [{**entry(t), "top_logprobs": [entry(a) for a in t.top]} for t in tokens]}
+
+
+def _sampling(body: Mapping[str, Any], adapter: str | None, *, default_max_tokens: int,
+              logprobs: int | None = None) -> GenerationRequest:
     if body.get("n") not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n")
+    if logprobs is not None and _flag(body, "stream"):
+        raise APIError(400, "logprobs are not streamed: ask without stream", param="logprobs")
     if body.get("echo") or body.get("suffix") is not None:
         raise APIError(400, "echo and suffix are not supported")
     return GenerationRequest(
@@ -152,6 +185,7 @@ def _sampling(body: Mapping[str, Any], adapter: str | None, *, default_max_token
         json_schema=_schema(body.get("response_format")),
         adapter=adapter,
         tenant=_optional_str(body, "user"),
+        logprobs=logprobs,
     )
 
 

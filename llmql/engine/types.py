@@ -39,6 +39,8 @@ class GenerationRequest:
         seed: sampling seed (None: unseeded).
         chat: render a text prompt as one user turn through the model's chat template
             (`llmql.engine.chat`; the remote backend uses the chat endpoint instead).
+        logprobs: if set (0..20), the result carries `token_logprobs`: each output token's
+            log-probability with this many most likely alternatives at its step.
     """
 
     prompt: str | list[int]
@@ -52,6 +54,23 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     chat: bool = False
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One output token (or an alternative to it) and its log-probability.
+
+    The log-probability is the model's, before temperature, top-p and any `choices` or
+    `json_schema` mask (vLLM's "raw" logprobs); `token_bytes` are the bytes the token adds
+    to the text and `token` their UTF-8 decoding (invalid bytes as U+FFFD). `top` (output
+    tokens only): the most likely tokens at that step, best first.
+    """
+
+    token: str
+    logprob: float
+    token_bytes: bytes = b""
+    top: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -73,6 +92,7 @@ class GenerationResult:
     error: str | None = None
     choice_logprobs: dict[str, float] | None = None
     error_kind: str | None = None  # an ErrorKind value when finish_reason == "error"
+    token_logprobs: list[TokenLogprob] | None = None  # requests with `logprobs` set
 
 
 @dataclass

@@ -125,3 +125,37 @@ def test_sql_through_failing_endpoint_keeps_answered_rows(tmp_path) -> None:
         (True, False, True), (False, True, True)]  # NOTE: this server echoes the prompt
     assert second == [("a", first[0][1]), ("b", first[1][1]), ("c", None), ("d", None)]
     assert report.errors == 2 and report.cache_hits == 2
+
+
+def test_spark_worker_keys_remote_results_like_duckdb(tmp_path) -> None:
+    """A Spark worker's remote answers are cached under the endpoint and served model id,
+    the key the DuckDB path uses: DuckDB then finds them all without asking the server."""
+    import pyarrow as pa
+
+    import llmql
+    from llmql.connectors.spark.worker import WorkerContext, run_batch
+    from llmql.settings import override
+    from llmql.udfs.call import CallSpec
+
+    server = FlakyServer()
+    with running(server.app) as url, override(cache_dir=tmp_path, progress=False, api_key="k"):
+        ctx = WorkerContext.capture(model=f"{url}/v1")
+        spark_out = run_batch(ctx, CallSpec("llm", "Say hi to", ("t",)), pa.table({"t": ["a", "b"]}))
+        sent = len(server.bodies)
+        with llmql.connect(model=f"{url}/v1") as con:
+            rows = con.sql("SELECT llm('Say hi to', t) FROM (VALUES ('a'), ('b')) v(t) "
+                           "ORDER BY t").fetchall()
+            report = con.last_report().total
+    assert sent == 2 and len(server.bodies) == 2  # NOTE: no request from DuckDB
+    assert [r[0] for r in rows] == spark_out.values.to_pylist()
+    assert report.cache_hits == 2 and report.llm_calls == 0
+
+
+def test_plain_prompts_unless_the_server_says_it_has_a_template() -> None:
+    server = FlakyServer()
+    with running(server.app) as url:
+        engine = _engine(url)
+        named = RemoteEngine(f"{url}/v1#other-model", config=RemoteConfig(retries=0))
+        engine.close(), named.close()
+    assert not engine.serves_chat_template and not named.serves_chat_template
+    assert named.model_name == f"{url}/v1#other-model"

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -61,6 +62,7 @@ def _greedy(engine, prompts, **options) -> list[str]:
 
 def test_models_health_metrics(client: openai.OpenAI, url: str) -> None:
     assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+    assert client.models.list().data[0].model_extra["has_chat_template"] is True
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert "llmql_queue_depth" in metrics and "llmql_prefix_cache_hit_rate" in metrics
@@ -113,6 +115,57 @@ def test_choices_and_json_schema(client: openai.OpenAI, engine) -> None:
     assert out.choices[0].text == _greedy(engine, PROMPTS[2:3], max_tokens=12, json_schema=schema)[0]
 
 
+def test_logprobs_match_embedded(client: openai.OpenAI, engine) -> None:
+    prompts = PROMPTS[:3]
+    want = engine.generate([GenerationRequest(p, max_tokens=5, logprobs=3) for p in prompts])
+    out = client.completions.create(model="tiny-chat", prompt=prompts, max_tokens=5,
+                                    temperature=0, logprobs=3)
+    for choice, expected in zip(sorted(out.choices, key=lambda c: c.index), want):
+        lp = choice.logprobs
+        assert lp.tokens == [t.token for t in expected.token_logprobs]
+        assert lp.token_logprobs == pytest.approx([t.logprob for t in expected.token_logprobs],
+                                                  abs=1e-4)
+        assert all(len(top) == 3 and chosen == pytest.approx(max(top.values()))
+                   for chosen, top in zip(lp.token_logprobs, lp.top_logprobs))  # greedy
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+        assert choice.text == expected.text  # NOTE: this word-level vocabulary decodes with spaces
+    chat = client.chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "w5 w6"}], max_tokens=4,
+        temperature=0, logprobs=True, top_logprobs=2)
+    expected = engine.generate([GenerationRequest("w5 w6", max_tokens=4, chat=True,
+                                                  logprobs=2)])[0].token_logprobs
+    content = chat.choices[0].logprobs.content
+    assert [(c.token, bytes(c.bytes)) for c in content] == [(t.token, t.token_bytes) for t in expected]
+    assert [c.logprob for c in content] == pytest.approx([t.logprob for t in expected], abs=1e-4)
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob) and len(c.top_logprobs) == 2
+               for c in content)
+
+
+def test_remote_backend_returns_the_logprobs(url: str, engine) -> None:
+    requests = [GenerationRequest(PROMPTS[5], max_tokens=3, logprobs=2),
+                GenerationRequest("w5 w6", max_tokens=3, logprobs=2, chat=True)]
+    remote = load(f"{url}/v1", api_key=KEY)
+    got = remote.generate(requests)
+    remote.close()
+    for mine, theirs in zip(engine.generate(requests), got):
+        assert [(t.token, [a.token for a in t.top]) for t in theirs.token_logprobs] == [
+            (t.token, [a.token for a in t.top]) for t in mine.token_logprobs]
+        assert [t.logprob for t in theirs.token_logprobs] == pytest.approx(
+            [t.logprob for t in mine.token_logprobs], abs=1e-4)
+
+
+def test_logprobs_are_the_model_distribution_under_choices(engine) -> None:
+    """With `choices`, logprobs are the raw model's (the first step equals an unconstrained
+    request's), not renormalised over the allowed tokens."""
+    free, constrained = engine.generate([
+        GenerationRequest(PROMPTS[4], max_tokens=1, logprobs=4),
+        GenerationRequest(PROMPTS[4], choices=("w30 w31", "w50"), logprobs=4)])
+    first = constrained.token_logprobs[0]
+    assert [a.token for a in first.top] == [a.token for a in free.token_logprobs[0].top]
+    assert first.logprob < 0 and len(constrained.token_logprobs) == constrained.output_tokens
+    assert engine.generate([GenerationRequest("w5", logprobs=21)])[0].error_kind == "bad_request"
+
+
 def test_64_concurrent_requests(client: openai.OpenAI, engine) -> None:
     prompts = [f"w{4 + i % 50} w{5 + i % 7} w{60 + i % 30}" for i in range(64)]
 
@@ -132,6 +185,8 @@ def test_64_concurrent_requests(client: openai.OpenAI, engine) -> None:
     ({"prompt": "w5", "model": "gpt-4"}, 404),
     ({"prompt": "w5 " * 20_000}, 413),
     ({"prompt": ["w5"] * 65}, 429),
+    ({"prompt": "w5", "logprobs": 21}, 400),
+    ({"prompt": "w5", "logprobs": 1, "stream": True}, 400),
 ])
 def test_error_statuses(url: str, body: dict, status: int) -> None:
     response = httpx.post(f"{url}/v1/completions", json={"max_tokens": 2, **body},
@@ -171,16 +226,21 @@ def test_remote_backend_sql_matches_embedded(url: str, engine) -> None:
     sql = ("SELECT t, llm('w9 w8', t, max_tokens := 4) AS a, "
            "llm_classify('w7', ['w30', 'w31 w32'], t) AS c "
            "FROM (VALUES ('w5 w6'), ('w5 w7'), ('w40'), ('w5 w6'), ('w41 w5')) v(t) ORDER BY t")
-    # NOTE: chat set explicitly: `auto` means the template for an embedded model that has one
-    # and plain completions for a remote endpoint, which are different prompts.
-    with llmql.connect(engine=engine, result_cache=False, chat=True) as con:
-        embedded = con.sql(sql).fetchall()
-    with override(api_key=KEY, progress=False), llmql.connect(model=f"{url}/v1", chat=True,
-                                                                result_cache=False) as con:
-        remote = con.sql(sql).fetchall()
-        report = con.last_report().total
+    # NOTE: chat auto both ways: the server says its model has a template (/v1/models), so
+    # the remote backend sends the chat endpoint what the embedded engine renders.
+    def run(**target) -> tuple[list, Any]:
+        with override(api_key=KEY, progress=False), llmql.connect(result_cache=False,
+                                                                    **target) as con:
+            return con.sql(sql).fetchall(), con.last_report().total
+
+    (embedded, ours), (remote, report) = run(engine=engine), run(model=f"{url}/v1")
+    plain = run(engine=engine, chat=False)[1]
     assert remote == embedded
+    assert report.prompt_tokens == ours.prompt_tokens > plain.prompt_tokens  # the template's
     assert report.llm_calls >= 8 and report.errors == 0
+    remote_engine = load(f"{url}/v1", api_key=KEY)
+    assert remote_engine.serves_chat_template
+    remote_engine.close()
 
 
 def test_udfs_chat_option(engine, tiny_model_dir: Callable[[str], Path]) -> None:

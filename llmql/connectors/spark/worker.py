@@ -17,6 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from llmql.engine import is_remote
+from llmql.engine.chat import has_chat_template
 from llmql.engine.types import Engine, EngineStats, GenerationRequest, GenerationResult
 from llmql.settings import Settings, get_settings, override
 from llmql.udfs import engines
@@ -105,7 +107,17 @@ class _LazyEngine:
 
     @property
     def model_name(self) -> str:
-        return self._ctx.settings.model
+        """The result-cache identity: the model as named, but a remote endpoint by its URL
+        and served model id (asked of the server), as the DuckDB path keys it."""
+        model = self._ctx.settings.model
+        if self._ctx.engine_factory is None and is_remote(model):
+            return str(get_engine(self._ctx).model_name)
+        return model
+
+    @property
+    def serves_chat_template(self) -> bool:
+        """Whether the engine's model has a chat template (loads the engine)."""
+        return has_chat_template(get_engine(self._ctx))
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, progress: bool = False

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from llmql.engine.constrained import Constraint
-from llmql.engine.types import ErrorKind, GenerationRequest, GenerationResult
+from llmql.engine.types import ErrorKind, GenerationRequest, GenerationResult, TokenLogprob
 
 _NO_SLOTS = torch.empty(0, dtype=torch.int64)
 
@@ -40,6 +40,7 @@ class Req:
     generator: torch.Generator | None = None
     preemptions: int = 0
     choice_logprobs: dict[str, float] | None = None  # set at the first sampled step
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # params.logprobs set
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,6 +80,9 @@ class Req:
             finish_reason=self.finish_reason or "error",
             error=self.error,
             choice_logprobs=self.choice_logprobs,
+            token_logprobs=(self.token_logprobs[: len(self.output_ids)]
+                            if self.params.logprobs is not None and self.finish_reason != "error"
+                            else None),
             error_kind=self.error_kind or (ErrorKind.INTERNAL if self.finish_reason in (None, "error") else None),
         )
 
