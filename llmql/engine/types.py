@@ -39,6 +39,10 @@ class GenerationRequest:
         seed: sampling seed (None: unseeded).
         chat: render a text prompt as one user turn through the model's chat template
             (`llmql.engine.chat`; the remote backend uses the chat endpoint instead).
+        policy: how this request is ordered among its tenant's requests that ask for the
+            same: "fcfs" (arrival order) or "ltr" (shortest predicted answer first); None:
+            the engine's policy. The engine's policy still decides the share between
+            tenants (the embedded engine; remote backends ignore it).
     """
 
     prompt: str | list[int]
@@ -52,6 +56,10 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     chat: bool = False
+    policy: str | None = None
+
+
+REQUEST_POLICIES = ("fcfs", "ltr")  # values of `GenerationRequest.policy`
 
 
 @dataclass
