@@ -207,3 +207,17 @@ def test_per_query_policy_orders_its_requests_within_their_places(engine_policy)
     asks_ltr = [_req(r.rid, r.token_ids, tenant="q", policy="ltr") for r in mine]
     assert fcfs.arrange(asks_ltr, _kv()) == asks_ltr
 
+
+
+def test_fair_caps_prefill_of_tenants_ahead_while_one_behind_runs() -> None:
+    policy = FairPolicy(shared_step_tokens=64)
+    policy.bind(_kv())
+    small = _req(7000, [1] * 5, tenant="small")
+    big = [_req(7001 + i, [2] * 40, tenant="big") for i in range(3)]
+    policy.counters.update({"small": 10.0, "big": 1000.0})
+    assert policy.admit(big[0], [], [small])  # one request always
+    assert not policy.admit(big[1], [big[0]], [small])  # 80 new tokens > 64 while small runs
+    assert policy.admit(big[1], [big[0]], [])  # nobody behind: the full budget
+    assert policy.admit(small, [big[0], big[1]], [small])  # the tenant behind is never capped
+    policy.counters["small"] = 2000.0  # small got more service: big is behind now
+    assert policy.admit(big[1], [big[0]], [small])

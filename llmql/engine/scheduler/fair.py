@@ -9,6 +9,11 @@ from empty to non-empty its counter is lifted to the smallest counter among back
 tenants, so idle time is not banked as credit. Inside a tenant requests keep `ltr`'s
 order (bucketed SJF, arrival order inside a bucket): consecutive requests of one query
 keep sharing their prefixes in the radix cache.
+
+A step's time is shared by every request in it. While a tenant that received less
+service is running, tenants ahead of it add one request or `shared_step_tokens` new prompt
+tokens per step, so a large query's prefill does not slow each decode step of a small one (the
+paper's setting, a GPU, runs extra prefill tokens nearly free; a CPU does not).
 """
 
 from __future__ import annotations
@@ -34,11 +39,26 @@ class FairPolicy(LTRPolicy):
     name = "fair"
 
     def __init__(self, weights: Mapping[str, float] | None = None, *, input_cost: float = 1.0,
-                 output_cost: float = 2.0, **ltr: object) -> None:
+                 output_cost: float = 2.0, shared_step_tokens: int = 64, **ltr: object) -> None:
         super().__init__(**ltr)  # type: ignore[arg-type]
         self.weights = dict(weights or {})
         self.input_cost, self.output_cost = input_cost, output_cost
+        self.shared_step_tokens = shared_step_tokens
         self.counters: dict[str, float] = {}
+
+    def admit(self, req: Req, picked: Sequence[Req], running: Sequence[Req]) -> bool:
+        """Besides `ltr`'s predicted-KV check: while a tenant that received less service is
+        running, tenants ahead of it add one request or at most `shared_step_tokens` new
+        prompt tokens per step. A step's time grows with its tokens (on a CPU, linearly), so a full prefill
+        budget of a large query would slow every decode step of the small one beside it."""
+        if not super().admit(req, picked, running):
+            return False
+        mine = self.counters.get(tenant_of(req), 0.0)
+        behind = {t for t in map(tenant_of, running) if self.counters.get(t, 0.0) < mine}
+        if not behind:
+            return True
+        ahead = [r.seq_len - r.num_computed for r in picked if tenant_of(r) not in behind]
+        return not ahead or sum(ahead) + req.seq_len - req.num_computed <= self.shared_step_tokens
 
     def weight(self, tenant: str) -> float:
         return float(self.weights.get(tenant, 1.0))
