@@ -221,3 +221,18 @@ def test_fair_caps_prefill_of_tenants_ahead_while_one_behind_runs() -> None:
     assert policy.admit(small, [big[0], big[1]], [small])  # the tenant behind is never capped
     policy.counters["small"] = 2000.0  # small got more service: big is behind now
     assert policy.admit(big[1], [big[0]], [small])
+
+
+def test_fair_tenant_lifted_level_is_behind_once_the_large_one_is_picked() -> None:
+    """A small tenant lifted to the large one's counter starts in the same step: the large
+    one's admissions count, so it gets one request, not the full budget, beside it."""
+    policy = FairPolicy(shared_step_tokens=64)
+    policy.bind(_kv())
+    small = _req(7100, [1] * 5, tenant="small")
+    big = [_req(7101 + i, [2] * 40, tenant="big") for i in range(3)]
+    policy.counters.update({"small": 500.0, "big": 500.0})
+    assert policy.admit(big[0], [small], [])
+    assert not policy.admit(big[1], [small, big[0]], [])
+    other = [_req(7110 + i, [3] * 40, tenant="other") for i in range(2)]
+    policy.counters["other"] = 500.0  # two large tenants level: neither is held back long
+    assert policy.admit(other[1], [big[0], big[1], other[0]], [])

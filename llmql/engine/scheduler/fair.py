@@ -48,17 +48,30 @@ class FairPolicy(LTRPolicy):
 
     def admit(self, req: Req, picked: Sequence[Req], running: Sequence[Req]) -> bool:
         """Besides `ltr`'s predicted-KV check: while a tenant that received less service is
-        running, tenants ahead of it add one request or at most `shared_step_tokens` new
-        prompt tokens per step. A step's time grows with its tokens (on a CPU, linearly), so a full prefill
-        budget of a large query would slow every decode step of the small one beside it."""
+        running (or starting this step), tenants ahead of it add one request or at most
+        `shared_step_tokens` new prompt tokens per step. Counters include this step's
+        admissions (their prompts), so a tenant just lifted level with a large one is behind
+        as soon as the large one's first request is picked. A step's time grows with its
+        tokens (on a CPU, linearly): a full prefill budget of a large query would slow
+        every decode step of a small one beside it."""
         if not super().admit(req, picked, running):
             return False
-        mine = self.counters.get(tenant_of(req), 0.0)
-        behind = {t for t in map(tenant_of, running) if self.counters.get(t, 0.0) < mine}
+        tenant = tenant_of(req)
+        pending: dict[str, float] = {}
+        for r in (*picked, req):
+            if not r.extra.get("charged"):
+                t = tenant_of(r)
+                pending[t] = pending.get(t, 0.0) + self.input_cost * r.prompt_len / self.weight(t)
+        mine = self._level(tenant, pending)
+        behind = {t for t in map(tenant_of, (*running, *picked))
+                  if t != tenant and self._level(t, pending) < mine}
         if not behind:
             return True
         ahead = [r.seq_len - r.num_computed for r in picked if tenant_of(r) not in behind]
         return not ahead or sum(ahead) + req.seq_len - req.num_computed <= self.shared_step_tokens
+
+    def _level(self, tenant: str, pending: Mapping[str, float]) -> float:
+        return self.counters.get(tenant, 0.0) + pending.get(tenant, 0.0)
 
     def weight(self, tenant: str) -> float:
         return float(self.weights.get(tenant, 1.0))
