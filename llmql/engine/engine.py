@@ -32,6 +32,7 @@ from llmql.engine.scheduler.request import Req, ScheduledBatch
 from llmql.engine.scheduler.scheduler import Scheduler
 from llmql.engine.service import StepLoop, run_batch
 from llmql.engine.types import (
+    REQUEST_POLICIES,
     EngineStats,
     ErrorKind,
     GenerationRequest,
@@ -253,6 +254,8 @@ def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int)
         return ErrorKind.BAD_REQUEST, "choices is empty"
     if request.logprobs is not None and not 0 <= request.logprobs <= 20:
         return ErrorKind.BAD_REQUEST, f"logprobs must be 0..20, got {request.logprobs}"
+    if request.policy is not None and request.policy not in REQUEST_POLICIES:
+        return ErrorKind.BAD_REQUEST, f"policy must be one of {REQUEST_POLICIES} or None, got {request.policy!r}"
     if request.chat:
         return (ErrorKind.BAD_REQUEST,
                 "chat=True needs a text prompt and a model with a chat template that renders it")

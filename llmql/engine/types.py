@@ -41,6 +41,10 @@ class GenerationRequest:
             (`llmql.engine.chat`; the remote backend uses the chat endpoint instead).
         logprobs: if set (0..20), the result carries `token_logprobs`: each output token's
             log-probability with this many most likely alternatives at its step.
+        policy: how this request is ordered among its tenant's requests that ask for the
+            same: "fcfs" (arrival order) or "ltr" (shortest predicted answer first); None:
+            the engine's policy. The engine's policy still decides the share between
+            tenants (the embedded engine; remote backends ignore it).
     """
 
     prompt: str | list[int]
@@ -55,6 +59,10 @@ class GenerationRequest:
     seed: int | None = None
     chat: bool = False
     logprobs: int | None = None
+    policy: str | None = None
+
+
+REQUEST_POLICIES = ("fcfs", "ltr")  # values of `GenerationRequest.policy`
 
 
 @dataclass(frozen=True)

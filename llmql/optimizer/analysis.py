@@ -17,7 +17,7 @@ from llmql.optimizer.errors import PlanError
 
 LLM_FUNCTIONS = ("llm", "llm_filter", "llm_classify", "llm_score", "llm_extract", "llm_agg")
 OPTION_NAMES = ("model", "adapter", "max_tokens", "temperature", "seed", "calibrate", "reorder_fields",
-                "tenant", "examples")
+                "tenant", "policy", "examples")
 # NOTE: cheaper / more selective functions first; used to order LLM filters.
 FUNCTION_COST = {"llm_filter": 0, "llm_classify": 1, "llm_score": 2, "llm": 3, "llm_extract": 4}
 _QUERY_TYPES = (exp.Select, exp.SetOperation)

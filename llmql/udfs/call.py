@@ -89,6 +89,7 @@ class CallSpec:
             json_schema=o.json_schema if json_schema else None,
             adapter=o.adapter,
             tenant=o.tenant,
+            policy=o.policy,
             seed=o.seed,
             chat=chat,
         )

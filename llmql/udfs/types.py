@@ -13,6 +13,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from llmql.engine.types import REQUEST_POLICIES
+
 FUNCTIONS = ("llm", "llm_filter", "llm_classify", "llm_score", "llm_extract", "llm_agg")
 _ON_ERROR = ("null", "raise")
 ANSWER = "answer"  # the answer's key in a few-shot example
@@ -50,6 +52,11 @@ class CallOptions:
         tenant: the fairness group of the call's requests in the engine (the `fair` policy
             shares the engine between tenants). Connectors default it to one id per query
             (`con.sql` call, Spark job); set it (`tenant := 'name'`) to group queries.
+        policy: the order of this call's requests among themselves in the engine's queue:
+            "fcfs" (the optimizer's send order) or "ltr" (shortest predicted answer first;
+            needs an engine policy that learns lengths: ltr or fair); None: the engine's
+            policy (`LLMQL_POLICY`). The engine's policy still decides the share between
+            tenants. Answers do not depend on it.
         calibrate: with choices (llm_filter, llm_classify, llm_score) at temperature 0, pick
             the answer by contextual calibration (Zhao et al., 2021): each choice's
             first-token log-probability minus the one the same prompt gets with every field
@@ -81,6 +88,7 @@ class CallOptions:
     chunk_size: int = 256
     context_tokens: int = 1536
     tenant: str | None = None
+    policy: str | None = None
     calibrate: bool = True
     reorder_fields: bool = True
     chat: bool | None = None
@@ -103,6 +111,9 @@ class CallOptions:
                 raise UDFError(f"{flag} must be a boolean, got {getattr(self, flag)!r}")
         if self.chat is not None and not isinstance(self.chat, bool):
             raise UDFError(f"chat must be a boolean (or NULL for auto), got {self.chat!r}")
+        if self.policy is not None and self.policy not in REQUEST_POLICIES:
+            raise UDFError(f"policy must be one of {REQUEST_POLICIES} (or NULL for the engine's), "
+                           f"got {self.policy!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise UDFError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
 

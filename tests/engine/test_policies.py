@@ -31,8 +31,9 @@ def _kv(slots: int = 10_000) -> CacheManager:
 
 
 def _req(rid: int, ids: list[int], *, instruction: str = "Say", tenant: str | None = None,
-         max_tokens: int = 64) -> Req:
-    params = GenerationRequest(f"{instruction}\nx", max_tokens=max_tokens, tenant=tenant)
+         max_tokens: int = 64, policy: str | None = None) -> Req:
+    params = GenerationRequest(f"{instruction}\nx", max_tokens=max_tokens, tenant=tenant,
+                               policy=policy)
     return Req(rid, list(ids), params, max_tokens)
 
 
@@ -157,3 +158,81 @@ def test_registry(name) -> None:
     assert create_policy(name).name == name
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         create_policy("sjf")
+
+
+def test_running_requests_nearest_their_end_keep_memory() -> None:
+    """When the pool is full, the running request with the longest predicted remaining output
+    is preempted, whatever its admission order, and the short ones run this step."""
+    from llmql.engine.scheduler.scheduler import Scheduler
+
+    policy = _trained_ltr()
+    kv = _kv(slots=30)
+    sched = Scheduler(kv, policy, chunk_size=16, max_batch_tokens=64)
+    long, short1, short2 = (_req(5000 + i, _ids(500 + i, i == 0)) for i in range(3))
+    for req in (long, short1, short2):  # prompts computed, one output token to feed back
+        kv.attach(req, kv.match(req))
+        assert kv.grow(req, req.seq_len)
+        req.num_computed = req.seq_len
+        req.token_ids.append(5)
+        sched.running.append(req)
+    assert kv.available == 0
+    assert policy.order_running(sched.running)[-1] is long
+    batch, failed = sched.schedule()
+    assert not failed and batch is not None
+    assert set(batch.reqs) == {short1, short2} and list(sched.waiting) == [long]
+    assert sched.preemptions == 1
+
+
+@pytest.mark.parametrize("engine_policy", ["ltr", "fair"])
+def test_per_query_policy_orders_its_requests_within_their_places(engine_policy) -> None:
+    """A query asking for `fcfs` gets its requests in arrival order, in the places the
+    engine's policy gave that query (the share between queries is unchanged); one asking
+    for `ltr` on an fcfs engine is left as is (no predictor there)."""
+    policy = _trained_ltr()
+    if engine_policy == "fair":
+        trained, policy = policy, FairPolicy()
+        policy.predictor = trained.predictor
+        policy.bind(_kv())
+    mine = [_req(6000 + i, _ids(400 + i, i % 2 == 0), tenant="q", policy="fcfs") for i in range(4)]
+    other = [_req(6010 + i, _ids(410 + i, i % 2 == 1), tenant="q" if engine_policy == "ltr" else "r")
+             for i in range(4)]
+    waiting = [*mine, *other]
+    base = policy.order(waiting, policy.kv)
+    arranged = policy.arrange(waiting, policy.kv)
+    places = [i for i, r in enumerate(base) if r in mine]
+    assert [arranged[i] for i in places] == mine  # arrival order, same places
+    assert [r for r in arranged if r not in mine] == [r for r in base if r not in mine]
+    assert [base[i] for i in places] != mine  # the engine's own order differs
+    fcfs = create_policy("fcfs")
+    asks_ltr = [_req(r.rid, r.token_ids, tenant="q", policy="ltr") for r in mine]
+    assert fcfs.arrange(asks_ltr, _kv()) == asks_ltr
+
+
+
+def test_fair_caps_prefill_of_tenants_ahead_while_one_behind_runs() -> None:
+    policy = FairPolicy(shared_step_tokens=64)
+    policy.bind(_kv())
+    small = _req(7000, [1] * 5, tenant="small")
+    big = [_req(7001 + i, [2] * 40, tenant="big") for i in range(3)]
+    policy.counters.update({"small": 10.0, "big": 1000.0})
+    assert policy.admit(big[0], [], [small])  # one request always
+    assert not policy.admit(big[1], [big[0]], [small])  # 80 new tokens > 64 while small runs
+    assert policy.admit(big[1], [big[0]], [])  # nobody behind: the full budget
+    assert policy.admit(small, [big[0], big[1]], [small])  # the tenant behind is never capped
+    policy.counters["small"] = 2000.0  # small got more service: big is behind now
+    assert policy.admit(big[1], [big[0]], [small])
+
+
+def test_fair_tenant_lifted_level_is_behind_once_the_large_one_is_picked() -> None:
+    """A small tenant lifted to the large one's counter starts in the same step: the large
+    one's admissions count, so it gets one request, not the full budget, beside it."""
+    policy = FairPolicy(shared_step_tokens=64)
+    policy.bind(_kv())
+    small = _req(7100, [1] * 5, tenant="small")
+    big = [_req(7101 + i, [2] * 40, tenant="big") for i in range(3)]
+    policy.counters.update({"small": 500.0, "big": 500.0})
+    assert policy.admit(big[0], [small], [])
+    assert not policy.admit(big[1], [small, big[0]], [])
+    other = [_req(7110 + i, [3] * 40, tenant="other") for i in range(2)]
+    policy.counters["other"] = 500.0  # two large tenants level: neither is held back long
+    assert policy.admit(other[1], [big[0], big[1], other[0]], [])

@@ -209,3 +209,27 @@ def test_idle_engine_thread_ends_and_unused_engine_is_freed(tiny) -> None:
         gc.collect()
         time.sleep(0.1)
     assert ref() is None
+
+
+def test_per_query_policy_option(tiny) -> None:
+    """`policy := 'fcfs'` on a call reaches the engine's requests and leaves the answers as
+    they are; a bad value fails before any model call; a bad request value fails alone."""
+    import llmql
+    from llmql.udfs.types import UDFError
+
+    engine = _engine(tiny, policy="ltr")
+    con = llmql.connect(engine=engine, max_tokens=4, result_cache=False)
+    con.execute("CREATE TABLE t AS SELECT 'w' || (i % 90 + 4) AS a FROM range(12) r(i)")
+    plain = con.sql("SELECT llm('w5 w6', a) FROM t ORDER BY a").fetchall()
+    seen: list = []
+    submit = engine.submit
+    engine.submit = lambda request, **kw: (seen.append(request.policy), submit(request, **kw))[1]
+    own = con.sql("SELECT llm('w5 w6', a, policy := 'fcfs') FROM t ORDER BY a").fetchall()
+    assert own == plain and seen and set(seen) == {"fcfs"}
+    with pytest.raises((UDFError, ValueError), match="policy"):
+        con.sql("SELECT llm('w5 w6', a, policy := 'sjf') FROM t").fetchall()
+    bad, good = engine.generate([GenerationRequest("w5 w6", max_tokens=2, policy="sjf"),
+                                 GenerationRequest("w5 w6", max_tokens=2, policy="fcfs")])
+    assert bad.error_kind == "bad_request" and "policy" in bad.error
+    assert good.finish_reason != "error"
+    engine.close()

@@ -9,6 +9,11 @@ from empty to non-empty its counter is lifted to the smallest counter among back
 tenants, so idle time is not banked as credit. Inside a tenant requests keep `ltr`'s
 order (bucketed SJF, arrival order inside a bucket): consecutive requests of one query
 keep sharing their prefixes in the radix cache.
+
+A step's time is shared by every request in it. While a tenant that received less
+service is running, tenants ahead of it add one request or `shared_step_tokens` new prompt
+tokens per step, so a large query's prefill does not slow each decode step of a small one (the
+paper's setting, a GPU, runs extra prefill tokens nearly free; a CPU does not).
 """
 
 from __future__ import annotations
@@ -34,11 +39,39 @@ class FairPolicy(LTRPolicy):
     name = "fair"
 
     def __init__(self, weights: Mapping[str, float] | None = None, *, input_cost: float = 1.0,
-                 output_cost: float = 2.0, **ltr: object) -> None:
+                 output_cost: float = 2.0, shared_step_tokens: int = 64, **ltr: object) -> None:
         super().__init__(**ltr)  # type: ignore[arg-type]
         self.weights = dict(weights or {})
         self.input_cost, self.output_cost = input_cost, output_cost
+        self.shared_step_tokens = shared_step_tokens
         self.counters: dict[str, float] = {}
+
+    def admit(self, req: Req, picked: Sequence[Req], running: Sequence[Req]) -> bool:
+        """Besides `ltr`'s predicted-KV check: while a tenant that received less service is
+        running (or starting this step), tenants ahead of it add one request or at most
+        `shared_step_tokens` new prompt tokens per step. Counters include this step's
+        admissions (their prompts), so a tenant just lifted level with a large one is behind
+        as soon as the large one's first request is picked. A step's time grows with its
+        tokens (on a CPU, linearly): a full prefill budget of a large query would slow
+        every decode step of a small one beside it."""
+        if not super().admit(req, picked, running):
+            return False
+        tenant = tenant_of(req)
+        pending: dict[str, float] = {}
+        for r in (*picked, req):
+            if not r.extra.get("charged"):
+                t = tenant_of(r)
+                pending[t] = pending.get(t, 0.0) + self.input_cost * r.prompt_len / self.weight(t)
+        mine = self._level(tenant, pending)
+        behind = {t for t in map(tenant_of, (*running, *picked))
+                  if t != tenant and self._level(t, pending) < mine}
+        if not behind:
+            return True
+        ahead = [r.seq_len - r.num_computed for r in picked if tenant_of(r) not in behind]
+        return not ahead or sum(ahead) + req.seq_len - req.num_computed <= self.shared_step_tokens
+
+    def _level(self, tenant: str, pending: Mapping[str, float]) -> float:
+        return self.counters.get(tenant, 0.0) + pending.get(tenant, 0.0)
 
     def weight(self, tenant: str) -> float:
         return float(self.weights.get(tenant, 1.0))

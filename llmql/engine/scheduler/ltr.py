@@ -28,6 +28,7 @@ class LTRPolicy(SchedulingPolicy):
     """Learned-length SJF with a starvation guard (defaults from the paper: 200 / 10)."""
 
     name = "ltr"
+    inner = "ltr"
 
     def __init__(self, predictor: LengthPredictor | None = None, *, starve_steps: int = 200,
                  quantum: int = 10) -> None:
@@ -82,6 +83,12 @@ class LTRPolicy(SchedulingPolicy):
         """The running request with the longest predicted remaining output (never a
         promoted one while others remain)."""
         return max(candidates, key=lambda r: (r.extra.get("quantum", 0) <= 0,
+                                              self._remaining(r, unknown=math.inf), r.rid))
+
+    def order_running(self, running: Sequence[Req]) -> list[Req]:
+        """Promoted requests, then shortest predicted remaining output first (unknown last):
+        when memory runs short, the requests nearest their end keep their slots."""
+        return sorted(running, key=lambda r: (r.extra.get("quantum", 0) <= 0,
                                               self._remaining(r, unknown=math.inf), r.rid))
 
     # -- hooks ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ class SchedulingPolicy(ABC):
     """Orders the waiting queue and may veto single admissions."""
 
     name: str = "base"
+    inner: str = "fcfs"  # how requests of one tenant are ordered among themselves
 
     @abstractmethod
     def order(self, waiting: Sequence[Req], kv: CacheManager) -> list[Req]:
@@ -29,6 +30,23 @@ class SchedulingPolicy(ABC):
             waiting: the queue, oldest first (preempted requests go to the front).
             kv: the cache manager, for cache-aware policies.
         """
+
+    def arrange(self, waiting: Sequence[Req], kv: CacheManager) -> list[Req]:
+        """`order`, then each tenant's requests that ask for an order of their own
+        (`GenerationRequest.policy`) sorted that way among the places they hold: the
+        policy decides how many of a tenant's requests go early, the request which ones.
+        Promoted requests (starvation guard) keep their places."""
+        ordered = self.order(waiting, kv)
+        groups: dict[tuple[str | None, str], list[int]] = {}
+        for i, req in enumerate(ordered):
+            own = req.params.policy
+            if own is not None and own != self.inner and req.extra.get("quantum", 0) <= 0:
+                groups.setdefault((req.params.tenant, own), []).append(i)
+        for (_, own), places in groups.items():
+            key = self.sort_key if own == "ltr" and hasattr(self, "sort_key") else _arrival
+            for i, req in zip(places, sorted((ordered[i] for i in places), key=key)):
+                ordered[i] = req
+        return ordered
 
     def admit(self, req: Req, picked: Sequence[Req], running: Sequence[Req]) -> bool:
         """Whether `req` may join this step (after `picked`, next to `running`)."""
@@ -54,9 +72,18 @@ class SchedulingPolicy(ABC):
         """Which running request to preempt when memory runs out (default: the newest)."""
         return candidates[-1]
 
+    def order_running(self, running: Sequence[Req]) -> list[Req]:
+        """The order in which running requests claim this step's token budget and KV slots
+        (earlier ones are kept when memory runs out; default: admission order)."""
+        return list(running)
+
     def predicted_tokens(self, template: str) -> float | None:
         """Mean predicted output tokens of a call template (None: no prediction)."""
         return None
+
+
+def _arrival(req: Req) -> int:
+    return req.rid
 
 
 class FCFSPolicy(SchedulingPolicy):
@@ -72,6 +99,7 @@ class LongestPrefixPolicy(SchedulingPolicy):
     """Cache-aware: longest cached prefix first (SGLang's LPM); FCFS among equals."""
 
     name = "lpm"
+    inner = "lpm"
 
     def __init__(self, max_queue: int = 1024) -> None:
         self.max_queue = max_queue  # NOTE: beyond this many waiting, matching costs too much

@@ -45,7 +45,7 @@ class PrefillAdmitter:
     def admit(self, waiting: deque[Req], running: list[Req], budget: int) -> list[tuple[Req, int]]:
         """Move admitted requests from `waiting` to `running`; returns (req, new tokens)."""
         picked: list[tuple[Req, int]] = []
-        for req in self.policy.order(waiting, self.kv):
+        for req in self.policy.arrange(waiting, self.kv):
             if budget <= 0 or len(running) + len(picked) >= self.max_running:
                 break
             reqs = [r for r, _ in picked]

@@ -56,7 +56,7 @@ class Scheduler:
         items: list[tuple[Req, int]] = []
         failed: list[Req] = []
         budget = self.max_batch_tokens
-        for req in list(self.running):
+        for req in self.policy.order_running(self.running):
             if req not in self.running:  # preempted by an earlier request of this loop
                 continue
             n = min(req.remaining, self.chunk_size, budget)
