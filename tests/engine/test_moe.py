@@ -160,3 +160,25 @@ def test_engine_reports_expert_cache_stats(tiny_model_dir) -> None:
     experts = offloaded.stats().extra["experts"]
     assert experts["hits"] + experts["misses"] > 0 and experts["bytes_moved"] > 0
     assert experts["peak_resident_bytes"] <= experts["budget_bytes"]
+
+
+def test_query_report_shows_expert_cache_counters(tiny_model_dir) -> None:
+    """`con.last_report()` of a query on an offloaded MoE carries the expert-cache counters of
+    its generation (and a dense or fully cached query shows none)."""
+    import llmql
+    from llmql.engine.engine import load
+
+    engine = load(str(tiny_model_dir("mixtral")), kv_tokens=256, device="cpu", expert_cache_gib=0.0003)
+    con = llmql.connect(engine=engine, max_tokens=4, result_cache=False)
+    con.execute("CREATE TABLE t AS SELECT 'w' || (i + 5) || ' w17' AS a FROM range(3) r(i)")
+    before = engine.stats().extra["experts"]
+    con.sql("SELECT llm('w9 w40', a) FROM t").fetchall()
+    after = engine.stats().extra["experts"]
+    total = con.last_report().total
+    assert total.experts["misses"] == after["misses"] - before["misses"] > 0
+    assert total.experts["hits"] == after["hits"] - before["hits"]
+    assert total.experts["bytes_moved"] == after["bytes_moved"] - before["bytes_moved"] > 0
+    assert 0.0 <= total.expert_hit_rate <= 1.0 and total.to_dict()["experts"]["misses"] > 0
+    assert "experts:" in str(con.last_report()) and "GiB moved" in str(con.last_report())
+    con.sql("SELECT 1").fetchall()
+    assert "experts" not in con.last_report().total.to_dict()
