@@ -11,7 +11,7 @@ from llmql.engine.models import load_model
 from tests.engine.test_models import forward, hf_logits, new_pool, sequence
 
 ATOL = 1e-4
-MOE_FAMILIES = ["mixtral", "qwen3_moe"]
+MOE_FAMILIES = ["mixtral", "qwen3_moe", "qwen2_moe"]
 
 
 def _greedy(lm, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
@@ -39,6 +39,7 @@ def test_moe_greedy_matches_transformers(family, tiny_model_dir, tiny_hf_model) 
     directory = tiny_model_dir(family)
     lm, hf = load_model(str(directory)), tiny_hf_model(directory)
     assert lm.config.num_experts == 8 and lm.config.norm_topk_prob == (family == "mixtral")
+    assert (lm.config.shared_expert_intermediate_size == 40) == (family == "qwen2_moe")
     ids = sequence(9, seed=3)
     tokens, logits = _greedy(lm, ids, steps=6)
     want_tokens, want_logits = _hf_greedy(hf, ids, steps=6)
