@@ -10,6 +10,10 @@ NOTE: random routers are a worst case for caching: every expert is equally likel
 of x% of the experts hits about x% of the time; trained routers are skewed and hit more. The
 model files sit in the OS page cache after writing, so "disk" reads here are memory copies.
 
+`--page-cache drop` drops each expert's file pages from the OS page cache after every read
+(and the files' pages before each run), so the backing tier is the disk itself, as for a
+model bigger than RAM; the resident mode reads every expert once at load either way.
+
 Peak RSS is the process's high-water mark; `base_rss_gib` is its RSS after importing torch and
 llmql, before loading (the interpreter's share, which the issue's RSS target leaves out).
 
@@ -95,8 +99,13 @@ def run_one(model: Path, mode: str, a: argparse.Namespace) -> dict:
     gib = None if fraction is None else fraction * expert_gib(a)
     base_rss = _rss_gib()
     t0 = time.perf_counter()
+    if a.page_cache == "drop":
+        _drop_page_cache(model)
     engine = load(str(model), device="cpu", kv_tokens=a.kv_tokens, expert_cache_gib=gib,
                   expert_prefetch=mode != "naive", prefix_cache=False)
+    offload = getattr(engine.lm.model, "expert_offload", None)
+    if offload is not None:
+        offload.store.drop_page_cache = a.page_cache == "drop"
     load_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, VOCAB, (a.prompt_len,), generator=gen).tolist() for _ in range(a.prompts)]
@@ -108,7 +117,7 @@ def run_one(model: Path, mode: str, a: argparse.Namespace) -> dict:
     experts = engine.stats().extra.get("experts", {})
     kv_bytes = sum(b.numel() * b.element_size() for b in engine.pool.k_buffer + engine.pool.v_buffer)
     return {
-        "mode": mode, "expert_cache_gib": gib, "experts_gib": round(expert_gib(a), 3),
+        "mode": mode, "page_cache": a.page_cache, "expert_cache_gib": gib, "experts_gib": round(expert_gib(a), 3),
         "output_tokens": out_tokens, "seconds": round(seconds, 2),
         "tokens_per_s": round(out_tokens / seconds, 2), "load_s": round(load_s, 1),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
@@ -119,6 +128,16 @@ def run_one(model: Path, mode: str, a: argparse.Namespace) -> dict:
         "gib_moved": round(experts.get("bytes_moved", 0) / 2**30, 2),
         "texts_sha": hashlib.sha256("\x00".join(r.text for r in results).encode()).hexdigest()[:12],
     }
+
+
+def _drop_page_cache(model: Path) -> None:
+    """Drop the model files' pages from the OS page cache (clean pages: nothing is lost)."""
+    for path in model.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _rss_gib() -> float:
@@ -146,6 +165,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--kv-tokens", type=int, default=256)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--page-cache", choices=("warm", "drop"), default="warm",
+                    help="drop: every expert read goes to the disk (see above)")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the model")
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -46,7 +46,11 @@ class ExpertStore:
     """Every expert of every MoE layer, in the model files; `load` reads one into tensors.
 
     Raises ValueError at construction for a missing, truncated or mis-shaped expert tensor.
+    Set `drop_page_cache` to drop each expert's file pages from the OS page cache after
+    reading it, so every read goes to the disk, as for a model bigger than RAM (benchmarks).
     """
+
+    drop_page_cache: bool = False
 
     def __init__(self, directory: Path, config: ModelConfig, dtype: torch.dtype,
                  pin_memory: bool = False) -> None:
@@ -101,6 +105,8 @@ class ExpertStore:
                 raise ValueError(f"expert tensor bytes {s.start}..{s.end} could not be read "
                                  "(file truncated since the model was loaded?)")
             done += n
+        if self.drop_page_cache:
+            os.posix_fadvise(self._fds[s.file], s.start, s.end - s.start, os.POSIX_FADV_DONTNEED)
         if target is not into:
             into.copy_(target)
 
