@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 
 VOCAB = 512
-MODES = {"resident": None, "cache_50": 0.5, "cache_25": 0.25, "naive": 0.0}
+MODES = {"resident": None, "cache_50": 0.5, "cache_25": 0.25, "naive": 0.0,
+         "cache_50_no_prefetch": 0.5}
+DEFAULT_MODES = "resident,cache_50,cache_25,naive"
 
 
 def write_model(out: Path, a: argparse.Namespace) -> Path:
@@ -102,7 +104,7 @@ def run_one(model: Path, mode: str, a: argparse.Namespace) -> dict:
     if a.page_cache == "drop":
         _drop_page_cache(model)
     engine = load(str(model), device="cpu", kv_tokens=a.kv_tokens, expert_cache_gib=gib,
-                  expert_prefetch=mode != "naive", prefix_cache=False)
+                  expert_prefetch=mode not in ("naive", "cache_50_no_prefetch"), prefix_cache=False)
     offload = getattr(engine.lm.model, "expert_offload", None)
     if offload is not None:
         offload.store.drop_page_cache = a.page_cache == "drop"
@@ -126,6 +128,7 @@ def run_one(model: Path, mode: str, a: argparse.Namespace) -> dict:
         "hit_rate": round(experts.get("hit_rate", 1.0), 3),
         "prefetch_accuracy": round(experts.get("prefetch_accuracy", 0.0), 3),
         "gib_moved": round(experts.get("bytes_moved", 0) / 2**30, 2),
+        **{k: experts.get(k, 0) for k in ("misses", "prefetch_loads", "prefetch_wasted")},
         "texts_sha": hashlib.sha256("\x00".join(r.text for r in results).encode()).hexdigest()[:12],
     }
 
@@ -164,7 +167,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--kv-tokens", type=int, default=256)
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=DEFAULT_MODES, help=f"any of {', '.join(MODES)}")
     ap.add_argument("--page-cache", choices=("warm", "drop"), default="warm",
                     help="drop: every expert read goes to the disk (see above)")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the model")
