@@ -183,3 +183,6 @@ def test_query_report_shows_expert_cache_counters(tiny_model_dir) -> None:
     assert "experts:" in str(con.last_report()) and "GiB moved" in str(con.last_report())
     con.sql("SELECT 1").fetchall()
     assert "experts" not in con.last_report().total.to_dict()
+    from llmql.cli import _engine_summary
+
+    assert "expert cache:" in _engine_summary(engine) and "GiB moved" in _engine_summary(engine)
