@@ -10,6 +10,13 @@ NOTE: random routers are a worst case for caching: every expert is equally likel
 of x% of the experts hits about x% of the time; trained routers are skewed and hit more. The
 model files sit in the OS page cache after writing, so "disk" reads here are memory copies.
 
+`--page-cache drop` drops each expert's file pages from the OS page cache after every read
+(and the files' pages before each run), so the backing tier is the disk itself, as for a
+model bigger than RAM; the resident mode reads every expert once at load either way.
+
+Peak RSS is the process's high-water mark; `base_rss_gib` is its RSS after importing torch and
+llmql, before loading (the interpreter's share, which the issue's RSS target leaves out).
+
     python benchmarks/moe_bench.py [--layers 16 --experts 16 --hidden 1024 --inter 704]
 """
 
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -27,7 +35,9 @@ from pathlib import Path
 import torch
 
 VOCAB = 512
-MODES = {"resident": None, "cache_50": 0.5, "cache_25": 0.25, "naive": 0.0}
+MODES = {"resident": None, "cache_50": 0.5, "cache_25": 0.25, "naive": 0.0,
+         "cache_50_no_prefetch": 0.5}
+DEFAULT_MODES = "resident,cache_50,cache_25,naive"
 
 
 def write_model(out: Path, a: argparse.Namespace) -> Path:
@@ -89,9 +99,15 @@ def run_one(model: Path, mode: str, a: argparse.Namespace) -> dict:
 
     fraction = MODES[mode]
     gib = None if fraction is None else fraction * expert_gib(a)
+    base_rss = _rss_gib()
     t0 = time.perf_counter()
+    if a.page_cache == "drop":
+        _drop_page_cache(model)
     engine = load(str(model), device="cpu", kv_tokens=a.kv_tokens, expert_cache_gib=gib,
-                  expert_prefetch=mode != "naive", prefix_cache=False)
+                  expert_prefetch=mode not in ("naive", "cache_50_no_prefetch"), prefix_cache=False)
+    offload = getattr(engine.lm.model, "expert_offload", None)
+    if offload is not None:
+        offload.store.drop_page_cache = a.page_cache == "drop"
     load_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, VOCAB, (a.prompt_len,), generator=gen).tolist() for _ in range(a.prompts)]
@@ -103,16 +119,35 @@ def run_one(model: Path, mode: str, a: argparse.Namespace) -> dict:
     experts = engine.stats().extra.get("experts", {})
     kv_bytes = sum(b.numel() * b.element_size() for b in engine.pool.k_buffer + engine.pool.v_buffer)
     return {
-        "mode": mode, "expert_cache_gib": gib, "experts_gib": round(expert_gib(a), 3),
+        "mode": mode, "page_cache": a.page_cache, "expert_cache_gib": gib, "experts_gib": round(expert_gib(a), 3),
         "output_tokens": out_tokens, "seconds": round(seconds, 2),
         "tokens_per_s": round(out_tokens / seconds, 2), "load_s": round(load_s, 1),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "base_rss_gib": round(base_rss, 3),
         "kv_gib": round(kv_bytes / 2**30, 3),
         "hit_rate": round(experts.get("hit_rate", 1.0), 3),
         "prefetch_accuracy": round(experts.get("prefetch_accuracy", 0.0), 3),
         "gib_moved": round(experts.get("bytes_moved", 0) / 2**30, 2),
+        **{k: experts.get(k, 0) for k in ("misses", "prefetch_loads", "prefetch_wasted")},
         "texts_sha": hashlib.sha256("\x00".join(r.text for r in results).encode()).hexdigest()[:12],
     }
+
+
+def _drop_page_cache(model: Path) -> None:
+    """Drop the model files' pages from the OS page cache (clean pages: nothing is lost)."""
+    for path in model.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _rss_gib() -> float:
+    """The process's current resident set (GiB)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kib / 2**20
 
 
 def non_expert_gib(a: argparse.Namespace) -> float:
@@ -132,7 +167,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--kv-tokens", type=int, default=256)
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=DEFAULT_MODES, help=f"any of {', '.join(MODES)}")
+    ap.add_argument("--page-cache", choices=("warm", "drop"), default="warm",
+                    help="drop: every expert read goes to the disk (see above)")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the model")
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -144,6 +181,8 @@ def main() -> None:
         print(json.dumps(run_one(model, a.run, a)))
         return
     write_model(model, a)
+    print(json.dumps({"utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                      "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
     rows = []
     for mode in a.modes.split(","):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--run", mode, "--dir", str(model)]
@@ -157,8 +196,6 @@ def main() -> None:
 
 def _child_env() -> dict[str, str]:
     """The environment of a configuration's process: the same llmql as this one."""
-    import os
-
     import llmql
 
     root = str(Path(llmql.__file__).resolve().parent.parent)
@@ -177,6 +214,18 @@ def _summary(rows: list[dict], a: argparse.Namespace) -> None:
               f"{r['peak_rss_gib']:8.2f}G {r['hit_rate']:5.2f} {r['prefetch_accuracy']:8.2f}")
     same = len({r["texts_sha"] for r in rows}) == 1
     print(f"identical outputs across modes: {same}")
+    for r in rows:
+        budget = expert_gib(a) if r["expert_cache_gib"] is None else r["expert_cache_gib"]
+        target = (non_expert_gib(a) + budget + r["kv_gib"]) * 1.15
+        above = r["peak_rss_gib"] - r["base_rss_gib"]
+        print(f"{r['mode']:10} RSS target (non-expert + budget + KV) x 1.15 = {target:.2f}G: "
+              f"peak {r['peak_rss_gib']:.2f}G ({'ok' if r['peak_rss_gib'] <= target else 'over'}), "
+              f"peak above the {r['base_rss_gib']:.2f}G interpreter {above:.2f}G "
+              f"({'ok' if above <= target else 'over'})")
+    if base and naive and "cache_50" in by:
+        c50 = by["cache_50"]["tokens_per_s"]
+        print(f"cache_50: {c50 / base['tokens_per_s']:.2f}x resident (target >= 0.6), "
+              f"{c50 / naive['tokens_per_s']:.2f}x naive (target >= 3)")
 
 
 if __name__ == "__main__":

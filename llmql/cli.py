@@ -180,10 +180,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _engine_summary(engine) -> str:
     s = engine.stats()
+    experts = s.extra.get("experts")
+    moe = (f"; expert cache: {experts['hit_rate']:.1%} hit rate, "
+           f"{experts['bytes_moved'] / 2**30:.2f} GiB moved, "
+           f"prefetch accuracy {experts['prefetch_accuracy']:.1%}") if experts else ""
     return (
         f"{s.requests} requests, {s.prompt_tokens} prompt tokens "
         f"({s.cache_hit_rate:.1%} from the prefix cache), {s.output_tokens} output tokens, "
-        f"{s.seconds:.1f}s"
+        f"{s.seconds:.1f}s{moe}"
     )
 
 

@@ -13,8 +13,9 @@ Environment variables:
     LLMQL_THREADS     CPU threads for torch (0 = torch's default).
     LLMQL_KV_TOKENS   KV pool size in tokens (0 = derive from LLMQL_KV_GIB).
     LLMQL_KV_GIB      KV pool size in GiB when LLMQL_KV_TOKENS is 0 (default 1.0).
-    LLMQL_EXPERT_CACHE_GIB  MoE models: GiB of experts kept in fast memory, the rest memory-mapped
-                      (unset: every expert resident; 0: each expert loaded when used).
+    LLMQL_EXPERT_CACHE_GIB  MoE models: GiB of experts kept in fast memory, the rest read
+                      from the model files when used (unset: every expert resident; 0: each
+                      expert loaded when used).
     LLMQL_RESULT_CACHE  "1" (default) to use the persistent result cache, "0" to disable.
     LLMQL_PROGRESS    "1" (default) to show progress bars on long runs, "0" to hide them.
     LLMQL_API_KEY     API key for a remote OpenAI-compatible endpoint (else OPENAI_API_KEY).

@@ -21,6 +21,7 @@ _ARCH_BY_MODEL_TYPE = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
 }
 
 
@@ -111,6 +112,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert, sigmoid-gated
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -198,7 +200,8 @@ class ModelConfig:
             # llama.cpp applies it (Gemma 2 did); Llama/Qwen have none.
             attn_logit_softcapping=None,
             final_logit_softcapping=cfg.get("final_logit_softcapping"),
-            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
+            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias"))
+            or (model_type == "qwen2_moe" and cfg.get("qkv_bias", True)),
             o_bias=model_type in ("llama", "mistral", "mixtral") and bool(cfg.get("attention_bias")),
             mlp_bias=bool(cfg.get("mlp_bias")),
             qk_norm=model_type in ("gemma3_text", "qwen3", "qwen3_moe"),
@@ -275,12 +278,14 @@ _MODEL_TYPE_BY_GGUF = {"gemma3": "gemma3_text", "llama": "llama", "qwen2": "qwen
 
 def _hf_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     """The MoE fields of a HF config (Mixtral: every layer sparse, always renormalised)."""
-    if model_type not in ("mixtral", "qwen3_moe"):
+    if model_type not in ("mixtral", "qwen3_moe", "qwen2_moe"):
         return {}
     if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
-        raise NotImplementedError("Qwen3-MoE with dense layers (mlp_only_layers, decoder_sparse_step)")
+        raise NotImplementedError("Qwen-MoE with dense layers (mlp_only_layers, decoder_sparse_step)")
     mixtral = model_type == "mixtral"
+    shared = cfg.get("shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
     return {
+        "shared_expert_intermediate_size": shared,
         "num_experts": cfg.get("num_local_experts") or cfg["num_experts"],
         "num_experts_per_tok": cfg["num_experts_per_tok"],
         "moe_intermediate_size": cfg["intermediate_size" if mixtral else "moe_intermediate_size"]

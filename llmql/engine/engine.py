@@ -272,9 +272,10 @@ def load(
         model: "default", a GGUF file or a Hugging Face model directory.
         policy: scheduling policy: "fair" (VTC across tenants, learned-length order inside
             each), "ltr" (learned-length shortest first), "fcfs"; None = LLMQL_POLICY.
-        expert_cache_gib: MoE models: GiB of experts kept in fast memory, the rest memory-mapped
-            from the model files (None: LLMQL_EXPERT_CACHE_GIB, unset = all resident; 0: no
-            cache, each expert loaded when used). `expert_prefetch=False` turns prefetch off.
+        expert_cache_gib: MoE models: GiB of experts kept in fast memory, the rest read
+            from the model files when used (None: LLMQL_EXPERT_CACHE_GIB, unset = all
+            resident; 0: no cache, each expert loaded when used). `expert_prefetch=False`
+            turns prefetch off.
         **settings: `quantization` ("auto" | "none" | "int8" | "int4"; default
             LLMQL_QUANTIZATION, see `llmql.engine.models.load_model`), and EngineConfig fields (device, dtype, kv_tokens, kv_gib, page_size,
             prefix_cache, chunk_size, max_batch_tokens, max_running, threads);

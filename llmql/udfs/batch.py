@@ -13,7 +13,7 @@ from llmql.settings import get_settings
 from llmql.udfs.call import CallSpec
 from llmql.udfs.progress import open_progress
 from llmql.udfs.result_cache import ResultCache
-from llmql.udfs.types import CallReport, UDFError
+from llmql.udfs.types import EXPERT_COUNTERS, CallReport, UDFError
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ class BatchRunner:
         bar = open_progress(self.spec.function, len(misses), show=self.progress,
                             long=len(misses) > 64)
         t0 = time.perf_counter()
+        experts_before = expert_counters(engine)
         try:
             while True:
                 for p in itertools.islice(todo, max(window - len(inflight), 0)):
@@ -101,6 +102,9 @@ class BatchRunner:
         finally:
             bar.close()
             self.report.add_time("generate", time.perf_counter() - t0)
+            if experts_before:
+                after = expert_counters(engine)
+                self.report.add_experts({k: after[k] - experts_before[k] for k in after})
             if self._first_admit < float("inf"):
                 self.report.add_time("queue", max(self._first_admit - t0, 0.0))
         return out
@@ -191,6 +195,16 @@ def calibrated_choice(text: str, row: dict[str, float], null: dict[str, float]) 
     best = max(scores.values())
     tied = [c for c, score in scores.items() if score == best]
     return text if text in tied else tied[0]
+
+
+def expert_counters(engine: Engine) -> dict[str, int]:
+    """The engine's expert-cache counters (`EXPERT_COUNTERS`); {} for engines without
+    expert offload (dense models, remote endpoints)."""
+    stats = getattr(engine, "stats", None)
+    experts = stats().extra.get("experts") if callable(stats) else None
+    if not experts:
+        return {}
+    return {k: int(experts.get(k, 0)) for k in EXPERT_COUNTERS}
 
 
 def _use_chat(option: bool | None, engine: Engine) -> bool:

@@ -83,6 +83,9 @@ class QueryReport:
             lines.append(_row(c.id, name, c.report, c.seconds))
         if len(self.calls) > 1:
             lines.append(_row("total", "", self.total, sum(c.seconds for c in self.calls)))
+        experts = self.total.format_experts()
+        if experts:
+            lines.append(experts)
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
         lines.append(f"stages: {stages}" if stages else "stages: -")
         return "\n".join(lines)

@@ -156,10 +156,18 @@ class CallReport:
     context_overflows: int = 0
     errors: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # NOTE: MoE models with expert offload: the expert cache's counters (EXPERT_COUNTERS)
+    # while the call generated (other calls sharing the engine meanwhile count too).
+    experts: dict[str, int] = field(default_factory=dict)
 
     def add_time(self, stage: str, seconds: float) -> None:
         """Accumulate wall time for a stage (render, cache, generate, parse, sql...)."""
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def add_experts(self, counters: Mapping[str, int]) -> None:
+        """Accumulate expert-cache counters (see `experts`)."""
+        for name, n in counters.items():
+            self.experts[name] = self.experts.get(name, 0) + n
 
     def merge(self, other: CallReport) -> CallReport:
         """Add another report's counts and times into this one; returns self."""
@@ -167,6 +175,8 @@ class CallReport:
             if f.name == "seconds":
                 for stage, secs in other.seconds.items():
                     self.add_time(stage, secs)
+            elif f.name == "experts":
+                self.add_experts(other.experts)
             else:
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         return self
@@ -176,12 +186,43 @@ class CallReport:
         """Share of prompt tokens served from the engine's prefix cache."""
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
+    @property
+    def expert_hit_rate(self) -> float:
+        """Share of expert lookups the expert cache served (0 without expert offload)."""
+        lookups = self.experts.get("hits", 0) + self.experts.get("misses", 0)
+        return self.experts.get("hits", 0) / lookups if lookups else 0.0
+
+    @property
+    def prefetch_accuracy(self) -> float:
+        """Share of prefetch-predicted experts the next layer then used."""
+        predicted = self.experts.get("prefetch_predicted", 0)
+        return self.experts.get("prefetch_correct", 0) / predicted if predicted else 0.0
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict, with the prefix hit rate."""
+        """A JSON-ready dict, with the prefix hit rate (and expert-cache rates for MoE)."""
         out = dataclasses.asdict(self)
         out["prefix_hit_rate"] = round(self.prefix_hit_rate, 4)
         out["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
+        if self.experts:
+            out["experts"] |= {"hit_rate": round(self.expert_hit_rate, 4),
+                               "prefetch_accuracy": round(self.prefetch_accuracy, 4)}
+        else:
+            del out["experts"]
         return out
+
+    def format_experts(self) -> str:
+        """One line of expert-cache counters ("" without expert offload)."""
+        e = self.experts
+        if not e:
+            return ""
+        return (f"experts: {e.get('hits', 0)} hits, {e.get('misses', 0)} misses "
+                f"({self.expert_hit_rate:.1%} hit rate), {e.get('bytes_moved', 0) / 2**30:.2f} GiB moved, "
+                f"prefetch accuracy {self.prefetch_accuracy:.1%}")
+
+
+# The expert cache's counters a call report keeps (`llmql.engine.moe.CacheStats` names).
+EXPERT_COUNTERS = ("hits", "misses", "bytes_moved", "prefetch_hits", "prefetch_predicted",
+                   "prefetch_correct", "evictions")
 
 
 @dataclass

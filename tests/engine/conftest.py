@@ -43,6 +43,9 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
         _COMMON, head_dim=16, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
         norm_topk_prob=False)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(
+        _COMMON, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+        shared_expert_intermediate_size=40, norm_topk_prob=False)),
 }
 
 

@@ -139,3 +139,38 @@ def test_corrupt_expert_shape_is_a_clear_load_error(tiny_model_dir, tmp_path) ->
         load_model(str(out), expert_cache_gib=0.01)
     with pytest.raises(ValueError, match="shape mismatch"):
         load_model(str(out))  # NOTE: the resident path refuses it too
+
+
+def test_store_reads_experts_exactly_converts_dtype_and_reports_short_reads(tiny_model_dir, tmp_path) -> None:
+    """Every expert read equals its checkpoint tensors (also with the page cache dropped after
+    each read, and from a bfloat16 file into float32); a file cut short after loading gives
+    a clear error instead of garbage."""
+    from llmql.engine.loader import read_config
+    from llmql.engine.moe import ExpertStore
+
+    out = _copy(tiny_model_dir("mixtral"), tmp_path)
+    path = out / "model.safetensors"
+    tensors = load_file(path)
+    config = read_config(out)
+
+    def want(layer: int, e: int, dtype=torch.float32):
+        p = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
+        get = lambda n: tensors[p + n].to(dtype).float()  # noqa: E731
+        return torch.cat([get("w1.weight"), get("w3.weight")]), get("w2.weight")
+
+    store = ExpertStore(out, config, torch.float32)
+    for drop in (False, True):
+        store.drop_page_cache = drop
+        for layer, e in [(0, 0), (1, 5), (2, 7)]:
+            for got, ref in zip(store.load(layer, e), want(layer, e)):
+                assert torch.equal(got, ref)
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, path)
+    bf16 = ExpertStore(out, config, torch.float32)
+    for got, ref in zip(bf16.load(2, 3), want(2, 3, torch.bfloat16)):
+        assert got.dtype == torch.float32 and torch.equal(got, ref)
+    header, start = _read_header(path, path.stat().st_size)
+    name = "model.layers.2.block_sparse_moe.experts.7.w2.weight"
+    with open(path, "r+b") as f:
+        f.truncate(start + header[name]["data_offsets"][0] + 10)
+    with pytest.raises(ValueError, match="could not be read"):
+        bf16.load(2, 7)

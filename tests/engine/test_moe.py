@@ -11,7 +11,7 @@ from llmql.engine.models import load_model
 from tests.engine.test_models import forward, hf_logits, new_pool, sequence
 
 ATOL = 1e-4
-MOE_FAMILIES = ["mixtral", "qwen3_moe"]
+MOE_FAMILIES = ["mixtral", "qwen3_moe", "qwen2_moe"]
 
 
 def _greedy(lm, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
@@ -39,6 +39,7 @@ def test_moe_greedy_matches_transformers(family, tiny_model_dir, tiny_hf_model) 
     directory = tiny_model_dir(family)
     lm, hf = load_model(str(directory)), tiny_hf_model(directory)
     assert lm.config.num_experts == 8 and lm.config.norm_topk_prob == (family == "mixtral")
+    assert (lm.config.shared_expert_intermediate_size == 40) == (family == "qwen2_moe")
     ids = sequence(9, seed=3)
     tokens, logits = _greedy(lm, ids, steps=6)
     want_tokens, want_logits = _hf_greedy(hf, ids, steps=6)
@@ -160,3 +161,28 @@ def test_engine_reports_expert_cache_stats(tiny_model_dir) -> None:
     experts = offloaded.stats().extra["experts"]
     assert experts["hits"] + experts["misses"] > 0 and experts["bytes_moved"] > 0
     assert experts["peak_resident_bytes"] <= experts["budget_bytes"]
+
+
+def test_query_report_shows_expert_cache_counters(tiny_model_dir) -> None:
+    """`con.last_report()` of a query on an offloaded MoE carries the expert-cache counters of
+    its generation (and a dense or fully cached query shows none)."""
+    import llmql
+    from llmql.engine.engine import load
+
+    engine = load(str(tiny_model_dir("mixtral")), kv_tokens=256, device="cpu", expert_cache_gib=0.0003)
+    con = llmql.connect(engine=engine, max_tokens=4, result_cache=False)
+    con.execute("CREATE TABLE t AS SELECT 'w' || (i + 5) || ' w17' AS a FROM range(3) r(i)")
+    before = engine.stats().extra["experts"]
+    con.sql("SELECT llm('w9 w40', a) FROM t").fetchall()
+    after = engine.stats().extra["experts"]
+    total = con.last_report().total
+    assert total.experts["misses"] == after["misses"] - before["misses"] > 0
+    assert total.experts["hits"] == after["hits"] - before["hits"]
+    assert total.experts["bytes_moved"] == after["bytes_moved"] - before["bytes_moved"] > 0
+    assert 0.0 <= total.expert_hit_rate <= 1.0 and total.to_dict()["experts"]["misses"] > 0
+    assert "experts:" in str(con.last_report()) and "GiB moved" in str(con.last_report())
+    con.sql("SELECT 1").fetchall()
+    assert "experts" not in con.last_report().total.to_dict()
+    from llmql.cli import _engine_summary
+
+    assert "expert cache:" in _engine_summary(engine) and "GiB moved" in _engine_summary(engine)

@@ -18,6 +18,7 @@ from torch import nn
 
 from llmql.engine.config import ModelConfig
 from llmql.engine.layers.linear import Linear, default_weight_loader
+from llmql.engine.layers.mlp import GatedMLP
 from llmql.kernels.fused_moe import fused_moe, ref_fused_moe
 
 # NOTE: checkpoint expert sub-names -> our part names.
@@ -78,10 +79,18 @@ class SparseMoE(nn.Module):
         self.top_k, self.renormalize = c.num_experts_per_tok, c.norm_topk_prob
         self.gate = Linear(c.hidden_size, c.num_experts)
         self.experts: nn.Module = ResidentExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size)
+        self.shared_expert: GatedMLP | None = None
+        if c.shared_expert_intermediate_size:
+            # NOTE: Qwen2-MoE: every token also goes through a dense expert, gated by a sigmoid.
+            self.shared_expert = GatedMLP(c.hidden_size, c.shared_expert_intermediate_size, c.hidden_act)
+            self.shared_expert_gate = Linear(c.hidden_size, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        return self.experts(x, weights, ids)
+        out = self.experts(x, weights, ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
 
 
 def expert_target(name: str) -> tuple[str, tuple[str, int]] | None:

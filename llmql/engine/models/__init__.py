@@ -51,7 +51,7 @@ def load_model(
         cache_dir: root of the model cache (default: settings' cache_dir); GGUF files are
             dequantised once into `<cache_dir>/models/<name>-<hash>/`.
         expert_cache_gib: MoE models only: None keeps every expert in memory; a number keeps
-            the experts memory-mapped behind an expert cache of that many GiB (0: no cache,
+            the experts in the model files behind an expert cache of that many GiB (0: no cache,
             each expert loaded when used).
         expert_prefetch: with an expert cache, predict and load the next layer's experts early.
         quantization: "none" (float weights), "auto" (a GGUF's quantized tensors stay

@@ -13,6 +13,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MixtralForCausalLM": ("llmql.engine.models.mixtral", "MixtralForCausalLM"),
     "Qwen2ForCausalLM": ("llmql.engine.models.qwen", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("llmql.engine.models.qwen", "Qwen3ForCausalLM"),
+    "Qwen2MoeForCausalLM": ("llmql.engine.models.qwen3_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("llmql.engine.models.qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 

@@ -1,5 +1,5 @@
-"""Expert offload for mixture-of-experts models: backing store (memory-mapped experts), the
-byte-budgeted expert cache (fast tier), prefetch and the offloaded expert layer."""
+"""Expert offload for mixture-of-experts models: backing store (experts read from the model
+files), the byte-budgeted expert cache (fast tier), prefetch and the offloaded expert layer."""
 
 from llmql.engine.moe.cache import CacheStats, ExpertCache
 from llmql.engine.moe.offload import ExpertOffload, OffloadedExperts, expert_stats, offload_experts

@@ -1,5 +1,11 @@
-"""The backing tier of expert offload: every expert's weights, memory-mapped from the model's
-safetensors files (a GGUF model's are its dequantised cache files), read only when loaded.
+"""The backing tier of expert offload: every expert's weights, left in the model's safetensors
+files (a GGUF model's are its dequantised cache files) and read only when loaded.
+
+NOTE: an expert is read with `os.preadv` straight into the cache's buffers, not through a
+memory map: mapped file pages count in the process's RSS once touched, and a plain read does
+no torch work, so the prefetch thread does not start a second OpenMP team that spins against
+the compute threads (on 2 cores that made prefetching runs ~7x slower). The OS page cache
+still keeps hot file pages, outside our RSS.
 
 An expert is (w13 [2I, H] gate rows then up rows, w2 [H, I]), in the model dtype. On CUDA the
 backing tier is pinned host memory instead (copied from the files once, at load).
@@ -8,9 +14,10 @@ backing tier is pinned host memory instead (copied from the files once, at load)
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import re
 import struct
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +29,11 @@ from llmql.engine.layers.moe import EXPERT_PARTS, EXPERT_TENSOR
 Expert = tuple[torch.Tensor, torch.Tensor]
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _LAYER = re.compile(r"layers\.(\d+)\.")
-_PAGE = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)
 class _Slice:
-    """One tensor's bytes inside a mapped file."""
+    """One tensor's bytes inside a file."""
 
     file: int
     start: int
@@ -37,10 +43,14 @@ class _Slice:
 
 
 class ExpertStore:
-    """Every expert of every MoE layer, memory-mapped; `load` copies one into fresh tensors.
+    """Every expert of every MoE layer, in the model files; `load` reads one into tensors.
 
     Raises ValueError at construction for a missing, truncated or mis-shaped expert tensor.
+    Set `drop_page_cache` to drop each expert's file pages from the OS page cache after
+    reading it, so every read goes to the disk, as for a model bigger than RAM (benchmarks).
     """
+
+    drop_page_cache: bool = False
 
     def __init__(self, directory: Path, config: ModelConfig, dtype: torch.dtype,
                  pin_memory: bool = False) -> None:
@@ -49,7 +59,8 @@ class ExpertStore:
         self.shapes = {"gate": (c.moe_intermediate_size, c.hidden_size),
                        "up": (c.moe_intermediate_size, c.hidden_size),
                        "down": (c.hidden_size, c.moe_intermediate_size)}
-        self._maps: list[mmap.mmap] = []
+        self._fds: list[int] = []
+        weakref.finalize(self, _close_all, self._fds)
         self._parts: dict[tuple[int, int, str], _Slice] = {}
         for path in _safetensors_files(directory):
             self._index(path)
@@ -69,8 +80,8 @@ class ExpertStore:
                 for e in range(self.config.num_experts)]
 
     def load(self, layer: int, expert: int, out: Expert | None = None) -> Expert:
-        """One expert (model dtype, CPU), copied into `out` (reused buffers) or fresh tensors;
-        the mapped pages are dropped after. On CUDA: the pinned host copy itself."""
+        """One expert (model dtype, CPU), read into `out` (reused buffers) or fresh tensors.
+        On CUDA: the pinned host copy itself."""
         if self._pinned is not None:
             return self._pinned[(layer, expert)]
         if out is None:
@@ -84,18 +95,25 @@ class ExpertStore:
         return out
 
     def _read(self, s: _Slice, into: torch.Tensor) -> None:
-        buf = self._maps[s.file]
-        raw = torch.frombuffer(buf, dtype=torch.uint8, count=s.end - s.start, offset=s.start)
-        into.copy_(raw.view(s.dtype).reshape(s.shape))
-        del raw
-        # NOTE: drop the mapped pages so reading an expert does not keep its file pages in RSS.
-        first = s.start // _PAGE * _PAGE
-        buf.madvise(mmap.MADV_DONTNEED, first, s.end - first)
+        """The tensor's file bytes into `into` (converted when the file's dtype differs)."""
+        target = into if into.dtype == s.dtype else torch.empty(s.shape, dtype=s.dtype)
+        view = memoryview(target.view(torch.uint8).numpy()).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fds[s.file], [view[done:]], s.start + done)
+            if n <= 0:
+                raise ValueError(f"expert tensor bytes {s.start}..{s.end} could not be read "
+                                 "(file truncated since the model was loaded?)")
+            done += n
+        if self.drop_page_cache:
+            os.posix_fadvise(self._fds[s.file], s.start, s.end - s.start, os.POSIX_FADV_DONTNEED)
+        if target is not into:
+            into.copy_(target)
 
     def _index(self, path: Path) -> None:
         size = path.stat().st_size
         header, data_start = _read_header(path, size)
-        file_id = len(self._maps)
+        file_id = len(self._fds)
         for name, meta in header.items():
             match = EXPERT_TENSOR.match(name)
             if name == "__metadata__" or match is None:
@@ -107,8 +125,7 @@ class ExpertStore:
             begin, end = (data_start + int(o) for o in meta["data_offsets"])
             self._parts[(int(layer.group(1)), int(match.group(2)), part)] = self._slice(
                 path, name, file_id, begin, end, meta, size, part)
-        with path.open("rb") as f:
-            self._maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
+        self._fds.append(os.open(path, os.O_RDONLY))
 
     def _slice(self, path: Path, name: str, file_id: int, begin: int, end: int, meta: dict,
                size: int, part: str) -> _Slice:
@@ -135,6 +152,11 @@ class ExpertStore:
 def is_expert_tensor(name: str) -> bool:
     """Whether a checkpoint tensor is a per-expert weight (kept in the backing tier)."""
     return EXPERT_TENSOR.match(name) is not None
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
