@@ -42,3 +42,20 @@ def test_pack_linears_switches_our_linear_layers() -> None:
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-4)
     assert pack_linears(model) == 2  # idempotent
     assert pack_linears(nn.Sequential(Linear(4, 4).double())) == 0
+
+
+def test_pack_linears_frees_float_weights_but_keeps_tied_ones() -> None:
+    from llmql.engine.layers.linear import Linear, pack_linears
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Linear(8, 8), Linear(8, 8), Linear(8, 8))
+    for m in model:
+        m.weight.data.normal_()
+    model[2].weight = model[1].weight  # tied, as an LM head to its embedding
+    x = torch.randn(3, 8)
+    want = model(x)
+    assert pack_linears(model) == 3
+    assert model[0].weight.is_meta and model[0].weight.shape == (8, 8)
+    assert not model[1].weight.is_meta and model[2].weight is model[1].weight
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-4)
+    assert pack_linears(model) == 3  # idempotent after release

@@ -6,6 +6,8 @@ packed layers (QKV, gate+up) take a shard id naming which slice the tensor fills
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,9 +69,22 @@ class Linear(nn.Module):
         return True
 
 
-def pack_linears(model: nn.Module) -> int:
-    """`pack()` every `Linear` of `model`; returns how many run on the packed path."""
-    return sum(m.pack() for m in model.modules() if isinstance(m, Linear))
+def pack_linears(model: nn.Module, *, release: bool = True) -> int:
+    """`pack()` every `Linear` of `model`; returns how many run on the packed path.
+
+    With `release`, a packed layer's float weight is freed (a meta tensor of its shape stays,
+    as for quantized layers), unless another parameter shares its storage (tied embeddings):
+    otherwise every packed weight is held twice.
+    """
+    shared = Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False) if not p.is_meta)
+    packed = 0
+    for m in model.modules():
+        if isinstance(m, Linear) and m.pack():
+            packed += 1
+            if release and not m.weight.is_meta and shared[m.weight.data_ptr()] == 1:
+                w = m.weight
+                m.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
+    return packed
 
 
 class MergedLinear(Linear):
