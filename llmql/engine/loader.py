@@ -48,7 +48,7 @@ def load(
         return load_dir(path, name=path.name, dtype=dtype, device=device, quantization=quantization,
                         **experts)
     if path.is_file() and path.suffix == ".gguf":
-        if _keep_quantized(path, quantization):
+        if _keep_quantized(path, quantization, device):
             from llmql.engine.quantized import load_gguf
 
             return load_gguf(path, cache, dtype=dtype, device=device, quantization=quantization)
@@ -180,15 +180,17 @@ def _cache_root(cache_dir: Path | None) -> Path:
     return get_settings().cache_dir
 
 
-def _keep_quantized(path: Path, quantization: str) -> bool:
+def _keep_quantized(path: Path, quantization: str, device: str = "cpu") -> bool:
     """Whether a GGUF loads with its tensors kept quantized.
 
-    "auto" keeps them quantized when a float32 copy would take more than a quarter of the
-    machine's memory, and otherwise uses the float32 copy: on CPU it is the faster one
-    (measured on the default model, 2 threads: quantized decode 2.4x and prefill 1.2x slower,
-    docs/benchmarks.md), so quantization pays only where memory is what limits. MoE GGUFs
-    always use the float copy, whose experts the expert cache memory-maps.
+    "auto" keeps them quantized on x86 CPUs, where the int8 GEMM runs (the LM head on it,
+    the embedding left in the file, the linears as `quantized.layer_mode` says; faster and
+    smaller than float32 there, docs/benchmarks.md), and elsewhere when a float32 copy would
+    take more than a quarter of the machine's memory (the group-wise dequantising path is
+    slower than float32 on CPU, so it pays only where memory is what limits). MoE GGUFs
+    always use the float copy, whose experts the expert cache reads on demand.
     """
+    from llmql.engine.layers.quant_linear import int8_gemm_wanted
     from llmql.engine.weights.gguf import GGUFFile
 
     if quantization == "none":
@@ -197,6 +199,8 @@ def _keep_quantized(path: Path, quantization: str) -> bool:
     if gguf.config().num_experts:
         return False
     if quantization != "auto":
+        return True
+    if str(device).startswith("cpu") and int8_gemm_wanted():
         return True
     return gguf.float32_bytes() > _physical_memory() // 4
 

@@ -122,3 +122,17 @@ def _lcp(a: list[int], b: list[int]) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+def test_large_cpu_pool_is_zero_and_resident_only_where_used() -> None:
+    """A 256 MiB pool costs the RSS of the slots written, and reads as zeros."""
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    before = rss_mib()
+    pool = KVPool(65536, 4, 2, 64)  # 4 layers x 64k slots x 2 x 64 x 4 B, K and V: 256 MiB
+    assert rss_mib() - before < 64
+    assert not pool.k_buffer[3][-100:].any() and not pool.v_buffer[0][:100].any()
+    pool.k_buffer[0][:1000] = 1.0
+    assert pool.k_buffer[0][:1000].all() and not pool.k_buffer[1][:1000].any()

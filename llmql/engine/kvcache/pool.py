@@ -4,6 +4,21 @@ from __future__ import annotations
 
 import torch
 
+_LAZY_BYTES = 64 << 20
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """A zero tensor. A large one on CPU is allocated, not written: glibc maps it fresh from
+    the OS (pages read as zero), so only the pages of slots in use ever become resident,
+    and a 1 GiB pool costs the RSS of the tokens it holds."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    big = numel * torch.finfo(dtype).bits // 8 >= _LAZY_BYTES
+    if big and torch.device(device).type == "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
 
 class KVPool:
     """K/V storage for `num_slots` tokens across `num_layers` layers.
@@ -26,9 +41,10 @@ class KVPool:
         if num_slots <= 0:
             raise ValueError(f"KV pool needs at least one slot, got {num_slots}")
         self.num_slots = num_slots
-        shape = (num_slots, num_kv_heads, head_dim)
-        self.k_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (num_layers, num_slots, num_kv_heads, head_dim)
+        self.k_buffer = list(_zeros(shape, dtype, device).unbind(0))
+        self.v_buffer = list(_zeros(shape, dtype, device).unbind(0))
+        # NOTE: a stack: freed slots are reused first, so the pages in use stay few
         self._free = list(range(num_slots - 1, -1, -1))
 
     @property

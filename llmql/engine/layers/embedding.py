@@ -7,15 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmql.engine.layers.linear import default_weight_loader
-from llmql.engine.layers.quant_linear import QuantParts, load_quant
+from llmql.engine.layers.quant_linear import Int8Packed, QuantParts, load_quant, rescored_logits
+from llmql.engine.weights.gguf_quant import FileQuantWeight
 from llmql.engine.weights.quant import QuantWeight
 
 
 def _loader(module: nn.Module):
     """The weight loader of an embedding / LM head: quantized or float."""
 
-    def load(param: nn.Parameter, loaded: torch.Tensor | QuantWeight) -> None:
-        if isinstance(loaded, QuantWeight):
+    def load(param: nn.Parameter, loaded: torch.Tensor | QuantWeight | FileQuantWeight) -> None:
+        if isinstance(loaded, (QuantWeight, FileQuantWeight)):
             load_quant(module, loaded)
         else:
             default_weight_loader(param, loaded)
@@ -55,11 +56,14 @@ class LMHead(nn.Module):
         self.softcap = softcap
 
     quant: QuantParts | None = None  # quantized weight (layers/quant_linear.py)
+    int8: Int8Packed | None = None  # its int8 copy for full-vocabulary logits (same file)
 
     def forward(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [T, H] -> logits [T, vocab] float32, or [T, len(rows)]: only the vocabulary
         entries `rows` (token ids)."""
-        if self.quant is not None:
+        if self.quant is not None and self.int8 is not None and rows is None:
+            logits = rescored_logits(hidden, self.int8, self.quant)
+        elif self.quant is not None:
             logits = self.quant.matmul(hidden, rows)
         else:
             weight = self.weight if rows is None else self.weight[rows]

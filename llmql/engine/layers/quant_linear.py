@@ -7,15 +7,32 @@ different GGUF types. `finalize_quantized(model)` stacks neighbouring parts of o
 into one matmul, ties the LM head to a quantized embedding, and drops the float
 placeholders (they become `meta` tensors: shape and dtype only, no memory). The layers'
 `forward(x) -> y` signatures do not change.
+
+On x86 CPUs (`int8_linear_available()`, unless `LLMQL_INT8_GEMM=0`) the LM head runs on
+FBGEMM's dynamic-int8 GEMM (kernels/int8_linear.py, `Int8Packed`: re-quantized per output
+channel once) and re-scores its `RESCORE_TOP` best tokens per row from its exact copy, so the
+greedy token and the top of the distribution are those of the exact weights for the given
+hidden state (the tied embedding keeps using the exact copy, which may stay in the GGUF
+file: `FileQuantWeight`). The other linears run as `finalize_quantized(layers=...)` says:
+group-wise exact, on the int8 GEMM (fast, approximate: int8 weights, activations rounded to
+7 bits and compensated), or dequantised to float32 once.
 """
 
 from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
 
 import torch
 from torch import nn
 
 from llmql.engine.weights.quant import QuantWeight, stack_rows
+from llmql.kernels.int8_linear import int8_linear, int8_linear_available, pack_int8_weight
 from llmql.kernels.quant_matmul import quant_matmul
+
+RESCORE_TOP = 16  # LM-head logits recomputed exactly per row on the int8 path
+PACK_ROWS = 8192  # rows re-quantized (through float32) at a time when packing for int8
 
 
 class QuantParts:
@@ -24,6 +41,13 @@ class QuantParts:
     def __init__(self, shape: tuple[int, int]) -> None:
         self.shape = shape
         self.parts: list[tuple[int, QuantWeight]] = []
+        self.int8: Int8Packed | None = None
+
+    def use_int8(self) -> None:
+        """Run `matmul` on the dynamic-int8 GEMM (activation residual compensated) and drop
+        the group-wise copy."""
+        self.int8 = Int8Packed(self, compensate=True)
+        self.parts = []
 
     def add(self, start: int, weight: QuantWeight) -> None:
         """Set rows [start, start + weight rows) (K must match)."""
@@ -50,10 +74,14 @@ class QuantParts:
 
     @property
     def nbytes(self) -> int:
-        return sum(w.nbytes for _, w in self.parts)
+        return sum(w.nbytes for _, w in self.parts) + (self.int8.nbytes if self.int8 else 0)
 
     def matmul(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] -> x W^T [..., N] float32 (or only the output columns `rows`)."""
+        if self.int8 is not None and rows is None:
+            return self.int8.matmul(x)
+        if not self.parts:
+            raise RuntimeError("this weight was kept only as int8 (see QuantParts.use_int8)")
         if rows is not None:
             return _matmul(x, self._select(rows))
         outs = [_matmul(x, w) for _, w in self.parts]
@@ -78,6 +106,57 @@ class QuantParts:
         return stack_rows([w for _, w in parts]).select_rows(order)
 
 
+class Int8Packed:
+    """The rows of a `QuantParts` as FBGEMM-packed per-channel int8 chunks."""
+
+    def __init__(self, weight: QuantParts, *, compensate: bool = False, residual: bool = False) -> None:
+        self.compensate = compensate
+        self.chunks = []
+        for _, w in weight.parts:
+            for start in range(0, w.shape[0], PACK_ROWS):
+                rows = slice(start, min(w.shape[0], start + PACK_ROWS))
+                self.chunks.append(pack_int8_weight(w.dequantize(rows), residual=residual))
+                if w.shape[0] > PACK_ROWS:
+                    trim_heap()  # NOTE: or each chunk's float32 transient stays in the heap
+        n, k = weight.shape
+        # NOTE: int8 values + float64 scale and int64 zero point per row, twice with a residual
+        self.nbytes = (n * k + 16 * n) * (2 if residual else 1)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [..., N] float32."""
+        outs = [int8_linear(x, packed, compensate=self.compensate) for packed in self.chunks]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def rescored_logits(hidden: torch.Tensor, approx: Int8Packed, exact: QuantParts,
+                    top: int = RESCORE_TOP) -> torch.Tensor:
+    """hidden [T, K] -> logits [T, N] from the int8 weight, with each row's `top` largest
+    recomputed from the exact weight."""
+    logits = approx.matmul(hidden)
+    best = logits.topk(min(top, logits.shape[-1]), dim=-1).indices  # [T, top]
+    rows = exact.rows(best.flatten()).view(*best.shape, -1)  # [T, top, K]
+    logits.scatter_(-1, best, torch.bmm(rows, hidden.float().unsqueeze(-1)).squeeze(-1))
+    return logits
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere), so
+    what a load parsed or converted and dropped does not stay in the process's RSS."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def int8_gemm_wanted() -> bool:
+    """The int8 GEMM runs here and `LLMQL_INT8_GEMM` is not "0"."""
+    return os.environ.get("LLMQL_INT8_GEMM", "1") != "0" and int8_linear_available()
+
+
+def int8_enabled(model: nn.Module) -> bool:
+    """Whether `finalize_quantized` moves this model's matmuls to the int8 GEMM (CPU only)."""
+    cpu = all(p.device.type in ("cpu", "meta") for p in model.parameters())
+    return cpu and int8_gemm_wanted()
+
+
 def _matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return quant_matmul(x, w.qweight, w.scales, w.zeros, bits=w.bits, group=w.group, offset=w.offset)
 
@@ -89,9 +168,18 @@ def load_quant(module: nn.Module, weight: QuantWeight, start: int = 0) -> None:
     module.quant.add(start, weight.to(module.weight.device))  # type: ignore[union-attr]
 
 
-def finalize_quantized(model: nn.Module) -> int:
-    """After loading: stack parts, tie the LM head, free float placeholders. Returns the
-    number of quantized layers."""
+LAYER_MODES = ("exact", "int8", "float")
+
+
+def finalize_quantized(model: nn.Module, *, layers: str = "exact") -> int:
+    """After loading: stack parts, tie the LM head, free float placeholders. Where the int8
+    GEMM runs, the LM head gets its int8 copy (re-scored exactly, see `rescored_logits`).
+    `layers` says how the other linears run: "exact" (group-wise, dequantising), "int8"
+    (the int8 GEMM, activations compensated) or "float" (dequantised once to float32: the
+    fastest and exact, for models whose float32 linears fit in memory).
+    Returns the number of quantized layers."""
+    if layers not in LAYER_MODES:
+        raise ValueError(f"layers must be one of {LAYER_MODES}, got {layers!r}")
     quantized = [m for m in model.modules() if getattr(m, "quant", None) is not None]
     for module in quantized:
         module.quant.finalize()  # type: ignore[union-attr]
@@ -100,13 +188,25 @@ def finalize_quantized(model: nn.Module) -> int:
     if embed is not None and head is not None and head.weight is embed.weight and embed.quant is not None:
         head.quant = embed.quant
         quantized.append(head)
+    int8 = bool(quantized) and int8_enabled(model)
     for module in quantized:
         w = module.weight
+        if layers == "float" and module is not embed and module is not head:
+            weight = torch.cat([part.dequantize() for _, part in module.quant.parts])  # type: ignore[union-attr]
+            module.weight = nn.Parameter(weight.to(w.dtype), requires_grad=False)
+            module.quant = None
+            continue
         module.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
-    return len(quantized)
+        if int8 and module is head:
+            module.int8 = Int8Packed(module.quant)  # type: ignore[union-attr]
+        elif int8 and layers == "int8" and module is not embed:
+            module.quant.use_int8()  # type: ignore[union-attr]
+    trim_heap()
+    return sum(m.quant is not None for m in quantized)
 
 
 def quantized_nbytes(model: nn.Module) -> int:
     """Bytes held by quantized weights (each shared weight counted once)."""
     seen = {id(m.quant): m.quant.nbytes for m in model.modules() if getattr(m, "quant", None) is not None}
-    return sum(seen.values())
+    heads = [m.int8.nbytes for m in model.modules() if getattr(m, "int8", None) is not None]
+    return sum(seen.values()) + sum(heads)

@@ -48,6 +48,11 @@ class GGUFFile:
         """Bytes of every tensor of the file as float32."""
         return 4 * sum(math.prod(t.shape) for t in self._tensors)
 
+    def linear_float32_bytes(self) -> int:
+        """Bytes of the 2-D tensors other than the token embedding / output head, as float32."""
+        skip = ("token_embd.weight", "output.weight")
+        return 4 * sum(math.prod(t.shape) for t in self._tensors if len(t.shape) == 2 and t.name not in skip)
+
     def config(self) -> ModelConfig:
         """The model configuration this file's metadata describes."""
         config = ModelConfig.from_gguf(self.metadata, self.tensor_names)

@@ -13,11 +13,12 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
+from gguf.constants import GGMLQuantizationType
 
 from llmql.engine.config import ModelConfig
 from llmql.engine.weights.gguf import _ROPE_FREQS, GGUFFile, _dequantise, _undo_llama_cpp, hf_name
 from llmql.engine.weights.gguf_reader import TensorInfo
-from llmql.engine.weights.quant import QuantWeight, from_gguf, quantize
+from llmql.engine.weights.quant import SUPPORTED_GGUF_TYPES, QuantWeight, from_gguf, quantize
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +26,21 @@ QUANTIZATIONS = ("auto", "none", "int8", "int4")
 Loaded = torch.Tensor | QuantWeight
 
 
-def iter_gguf(gguf: GGUFFile, config: ModelConfig, mode: str = "auto") -> Iterator[tuple[str, Loaded]]:
+def iter_gguf(gguf: GGUFFile, config: ModelConfig, mode: str = "auto", *,
+              embedding_in_file: bool = False) -> Iterator[tuple[str, Loaded]]:
     """Yield (HF name, tensor or QuantWeight) for every tensor of `gguf`.
 
     2-D tensors of a type in `SUPPORTED_GGUF_TYPES` stay quantized; others are dequantised
-    to float32 (and, with `mode` "int8"/"int4", 2-D ones quantized to that).
+    to float32 (and, with `mode` "int8"/"int4", 2-D ones quantized to that). With
+    `embedding_in_file`, a quantized token embedding stays in the file (`FileQuantWeight`).
     """
     for t in gguf._tensors:
         if t.name == _ROPE_FREQS:
             continue
         name = hf_name(t.name, config)
+        if embedding_in_file and t.name == "token_embd.weight" and t.ggml_type in _FILE_TYPES:
+            yield name, FileQuantWeight(t.data, t.ggml_type, t.shape[1])
+            continue
         weight = _quantized(t, config) if len(t.dims) == 2 else None
         if weight is None:
             tensor = torch.from_numpy(_undo_llama_cpp(_dequantise(t), t.name, config))
@@ -89,6 +95,47 @@ def _convert_rows(t: TensorInfo, n: int, k: int, chunk_bytes: int = 16 << 20) ->
             out.zeros[start:end] = part.zeros
         _release_array(t.data[start:end])
     return out
+
+
+class FileQuantWeight:
+    """A quantized GGUF tensor left in its memory-mapped file: rows are converted when asked
+    for (an embedding lookup, the LM head's re-scored tokens), so only the pages of rows in
+    use are resident. Duck-types the parts of `QuantWeight` that `QuantParts` uses."""
+
+    def __init__(self, data: np.ndarray, ggml_type: int, k: int) -> None:
+        self.data = data  # uint8 [N, bytes per row], memory-mapped
+        self.ggml_type = ggml_type
+        self.k = k
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape[0], self.k
+
+    nbytes = 0  # NOTE: file pages, resident only while in use
+
+    def layout(self) -> tuple:
+        return ("file", self.ggml_type, self.k)
+
+    def select_rows(self, index: torch.Tensor | slice) -> QuantWeight:
+        """The rows `index` as an in-memory `QuantWeight`."""
+        rows = self.data[index.cpu().numpy() if isinstance(index, torch.Tensor) else index]
+        weight = from_gguf(rows, self.ggml_type, (rows.shape[0], self.k))
+        assert weight is not None
+        if rows.shape[0] > 4096:  # NOTE: a bulk read (packing): hand its pages back
+            _release_array(rows if isinstance(index, slice) else self.data)
+        return weight
+
+    def dequantize(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """float32 [n, K] of `rows`."""
+        return self.select_rows(rows).dequantize()
+
+    def to(self, device: str | torch.device) -> FileQuantWeight:
+        if torch.device(device).type != "cpu":
+            raise ValueError("a file-backed weight stays on the CPU")
+        return self
+
+
+_FILE_TYPES = frozenset(int(GGMLQuantizationType[name]) for name in SUPPORTED_GGUF_TYPES)
 
 
 def _grow(first: torch.Tensor, n: int) -> torch.Tensor:
