@@ -32,7 +32,7 @@ from llmql.kernels.int8_linear import int8_linear, int8_linear_available, pack_i
 from llmql.kernels.quant_matmul import quant_matmul
 
 RESCORE_TOP = 16  # LM-head logits recomputed exactly per row on the int8 path
-PACK_ROWS = 8192  # rows re-quantized (through float32) at a time when packing for int8
+PACK_BYTES = 16 << 20  # float32 bytes re-quantized at a time when packing for int8
 
 
 class QuantParts:
@@ -112,11 +112,12 @@ class Int8Packed:
     def __init__(self, weight: QuantParts, *, compensate: bool = False, residual: bool = False) -> None:
         self.compensate = compensate
         self.chunks = []
+        step = max(1, PACK_BYTES // (4 * weight.shape[1]))
         for _, w in weight.parts:
-            for start in range(0, w.shape[0], PACK_ROWS):
-                rows = slice(start, min(w.shape[0], start + PACK_ROWS))
+            for start in range(0, w.shape[0], step):
+                rows = slice(start, min(w.shape[0], start + step))
                 self.chunks.append(pack_int8_weight(w.dequantize(rows), residual=residual))
-                if w.shape[0] > PACK_ROWS:
+                if w.shape[0] > step:
                     trim_heap()  # NOTE: or each chunk's float32 transient stays in the heap
         n, k = weight.shape
         # NOTE: int8 values + float64 scale and int64 zero point per row, twice with a residual

@@ -32,13 +32,14 @@ def iter_gguf(gguf: GGUFFile, config: ModelConfig, mode: str = "auto", *,
 
     2-D tensors of a type in `SUPPORTED_GGUF_TYPES` stay quantized; others are dequantised
     to float32 (and, with `mode` "int8"/"int4", 2-D ones quantized to that). With
-    `embedding_in_file`, a quantized token embedding stays in the file (`FileQuantWeight`).
+    `embedding_in_file`, a quantized token embedding (and output head) stays in the file
+    (`FileQuantWeight`: the int8 GEMM's copy serves full logits, the file the rows).
     """
     for t in gguf._tensors:
         if t.name == _ROPE_FREQS:
             continue
         name = hf_name(t.name, config)
-        if embedding_in_file and t.name == "token_embd.weight" and t.ggml_type in _FILE_TYPES:
+        if embedding_in_file and t.name in _IN_FILE and t.ggml_type in _FILE_TYPES:
             yield name, FileQuantWeight(t.data, t.ggml_type, t.shape[1])
             continue
         weight = _quantized(t, config) if len(t.dims) == 2 else None
@@ -135,6 +136,7 @@ class FileQuantWeight:
         return self
 
 
+_IN_FILE = ("token_embd.weight", "output.weight")
 _FILE_TYPES = frozenset(int(GGMLQuantizationType[name]) for name in SUPPORTED_GGUF_TYPES)
 
 
