@@ -119,40 +119,74 @@ def run_peft(model, ids, names, max_tokens: int, batch: int, pad: int, eos) -> t
     return timer, out
 
 
-def gather_bmm_shrink(x, w, token_slots):
-    """The other CPU candidate: gather each row's A, then one batched matmul."""
-    return torch.bmm(w[token_slots], x.unsqueeze(2)).squeeze(2)
+CPU_CASES = {"decode_64_uniform": ([1] * 64, "uniform"), "decode_64_zipf": ([1] * 64, "zipf"),
+             "decode_16_uniform": ([1] * 16, "uniform"), "prefill_8x128": ([128] * 8, "uniform"),
+             "prefill_32x16": ([16] * 32, "uniform")}
 
 
 def bench_cpu_paths(repeat: int = 20) -> None:
-    """Grouped per-adapter matmuls (our torch path) vs gather + bmm, on model-sized shapes."""
+    """Per module shape: the LoRA delta (shrink + expand) by segment matmuls (`segments`,
+    SGMV-style), by one padded bmm over slots (`padded_bmm`, BGMV-style) and by one matmul
+    per slot over gathered rows (`grouped`, the torch reference), next to the base projection
+    itself (`base_linear`), for decode rows and prefill segments. Plans are built once per
+    forward in the engine, so outside the timing here."""
+    gen = torch.Generator().manual_seed(0)
+    ranks = [0, 8, 16, 32, 8, 16, 32, 8, 16]
+    for module, (k, outs) in {"qkv": (640, (1024, 256, 256)), "o": (1024, (640,)),
+                              "gate_up": (640, (2048, 2048)), "down": (2048, (640,))}.items():
+        a, b, offsets = _stacked(gen, k, outs, 32, ranks)
+        base_w = torch.randn(offsets[-1], k, generator=gen)
+        for what, (lens, pop) in CPU_CASES.items():
+            seg = [int(name[1:]) + 1 for name in assign(len(lens), len(ranks) - 1, pop, 0)]
+            x = torch.randn(sum(lens), k, generator=gen)
+            out = torch.zeros(x.shape[0], offsets[-1])
+            emit(dict(bench="lora_cpu_path", module=module, shape=what,
+                      threads=torch.get_num_threads(),
+                      base_linear_ms=round(_time(repeat, torch.nn.functional.linear, x, base_w), 3),
+                      **_time_paths(repeat, x, a, b, out, offsets, ranks, lens, seg)))
+
+
+def _stacked(gen, k: int, outs: tuple[int, ...], stride: int, ranks: list[int]):
+    """Random pool-layout A [S, n_sub*stride, k] and B [S, N, stride], zero beyond ranks."""
+    n_sub, slots = len(outs), len(ranks)
+    a = torch.randn(slots, n_sub * stride, k, generator=gen)
+    b = torch.randn(slots, sum(outs), stride, generator=gen)
+    for s, r in enumerate(ranks):
+        a.view(slots, n_sub, stride, k)[s, :, r:] = 0
+        b[s, :, r:] = 0
+    return a, b, [0, *torch.tensor(outs).cumsum(0).tolist()]
+
+
+def _time_paths(repeat, x, a, b, out, offsets, ranks, lens, seg) -> dict[str, float]:
+    from llmql.kernels.lora_cpu import bmm_lora, padded_rows, segment_lora
+    from llmql.kernels.lora_expand import ref_lora_expand
     from llmql.kernels.lora_shrink import ref_lora_shrink, slot_groups
 
-    gen = torch.Generator().manual_seed(0)
-    k, stride, n_sub, slots = 640, 32, 3, 9
-    w = torch.randn(slots, n_sub * stride, k, generator=gen)
-    ranks = torch.tensor([0, 8, 16, 32, 8, 16, 32, 8, 16])
-    for what, lens in (("decode_64_rows", [1] * 64), ("prefill_8x128", [128] * 8)):
-        seg = torch.randint(1, slots, (len(lens),), generator=gen)
-        indptr = torch.tensor([0, *lens]).cumsum(0)
-        x = torch.randn(sum(lens), k, generator=gen)
-        token_slots = torch.repeat_interleave(seg, torch.tensor(lens))
-        groups = slot_groups(indptr, seg)
-        timings = {
-            "grouped": _time(repeat, ref_lora_shrink, x, w, indptr, seg, ranks, stride, groups=groups),
-            "gather_bmm": _time(repeat, gather_bmm_shrink, x, w, token_slots),
-        }
-        emit(dict(bench="lora_cpu_path", shape=what, grouped_ms=round(timings["grouped"], 3),
-                  gather_bmm_ms=round(timings["gather_bmm"], 3)))
+    indptr, seg_t = torch.tensor([0, *lens]).cumsum(0), torch.tensor(seg)
+    bounds = indptr.tolist()
+    segments = list(zip(seg, bounds, bounds[1:]))
+    token_slots = torch.repeat_interleave(seg_t, torch.tensor(lens))
+    grid = padded_rows(torch.arange(x.shape[0]), token_slots)
+    groups, rank_t = slot_groups(indptr, seg_t), torch.tensor(ranks)
+
+    def grouped():
+        xa = ref_lora_shrink(x, a, indptr, seg_t, rank_t, b.shape[2], groups=groups)
+        return ref_lora_expand(xa, b, out, indptr, seg_t, rank_t, offsets, groups=groups)
+
+    return dict(segments_ms=round(_time(repeat, segment_lora, x, a, b, out, offsets, ranks, segments), 3),
+                padded_bmm_ms=round(_time(repeat, bmm_lora, x, a, b, out, offsets, grid), 3),
+                grouped_ms=round(_time(repeat, grouped), 3))
 
 
 def _time(repeat: int, fn, *args, **kwargs) -> float:
-    """Milliseconds per call (after one warm-up call)."""
+    """Median milliseconds per call (after one warm-up call; the median resists other load)."""
     fn(*args, **kwargs)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(repeat):
+        t0 = time.perf_counter()
         fn(*args, **kwargs)
-    return (time.perf_counter() - t0) / repeat * 1e3
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
 
 
 def main() -> None:
