@@ -7,11 +7,14 @@ batched `generate(adapter_names=...)`; ours base-only on the same prompts (LoRA 
 
 Prints one JSON line per measurement, then a table. Usage:
     .venv/bin/python benchmarks/lora_bench.py [--prompts 256] [--max-tokens 16] [--no-peft]
+        [--peft-prompts N] [--no-sequential] [--no-prefix-cache] [--threads N]
+    .venv/bin/python benchmarks/lora_bench.py --cpu-paths   # the CPU delta paths per shape
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -89,6 +92,13 @@ def run_ours(lm, config, ids, names, max_tokens: int) -> tuple[Timer, list]:
     return timer, results
 
 
+def tokens(results) -> dict[str, int]:
+    """Output, prompt and prefix-cached prompt tokens of a run (adapters split the cache)."""
+    return dict(output_tokens=sum(r.output_tokens for r in results),
+                prompt_tokens=sum(r.prompt_tokens for r in results),
+                cached_tokens=sum(r.cached_tokens for r in results))
+
+
 def run_sequential(lm, config, ids, names, max_tokens: int) -> tuple[Timer, int]:
     """One engine batch per adapter, one after the other (same engine: a warm pool)."""
     from llmql.engine.engine import EmbeddedEngine
@@ -104,7 +114,7 @@ def run_sequential(lm, config, ids, names, max_tokens: int) -> tuple[Timer, int]
     return timer, out
 
 
-def run_peft(model, ids, names, max_tokens: int, batch: int, pad: int, eos) -> tuple[Timer, int]:
+def run_peft(model, ids, names, max_tokens: int, batch: int, pad: int) -> tuple[Timer, int]:
     """peft mixed-adapter batched greedy generate (left padding)."""
     out = 0
     with Timer() as timer, torch.inference_mode():
@@ -119,40 +129,74 @@ def run_peft(model, ids, names, max_tokens: int, batch: int, pad: int, eos) -> t
     return timer, out
 
 
-def gather_bmm_shrink(x, w, token_slots):
-    """The other CPU candidate: gather each row's A, then one batched matmul."""
-    return torch.bmm(w[token_slots], x.unsqueeze(2)).squeeze(2)
+CPU_CASES = {"decode_64_uniform": ([1] * 64, "uniform"), "decode_64_zipf": ([1] * 64, "zipf"),
+             "decode_16_uniform": ([1] * 16, "uniform"), "prefill_8x128": ([128] * 8, "uniform"),
+             "prefill_32x16": ([16] * 32, "uniform")}
 
 
 def bench_cpu_paths(repeat: int = 20) -> None:
-    """Grouped per-adapter matmuls (our torch path) vs gather + bmm, on model-sized shapes."""
+    """Per module shape: the LoRA delta (shrink + expand) by segment matmuls (`segments`,
+    SGMV-style), by one padded bmm over slots (`padded_bmm`, BGMV-style) and by one matmul
+    per slot over gathered rows (`grouped`, the torch reference), next to the base projection
+    itself (`base_linear`), for decode rows and prefill segments. Plans are built once per
+    forward in the engine, so outside the timing here."""
+    gen = torch.Generator().manual_seed(0)
+    ranks = [0, 8, 16, 32, 8, 16, 32, 8, 16]
+    for module, (k, outs) in {"qkv": (640, (1024, 256, 256)), "o": (1024, (640,)),
+                              "gate_up": (640, (2048, 2048)), "down": (2048, (640,))}.items():
+        a, b, offsets = _stacked(gen, k, outs, 32, ranks)
+        base_w = torch.randn(offsets[-1], k, generator=gen)
+        for what, (lens, pop) in CPU_CASES.items():
+            seg = [int(name[1:]) + 1 for name in assign(len(lens), len(ranks) - 1, pop, 0)]
+            x = torch.randn(sum(lens), k, generator=gen)
+            out = torch.zeros(x.shape[0], offsets[-1])
+            emit(dict(bench="lora_cpu_path", module=module, shape=what,
+                      threads=torch.get_num_threads(),
+                      base_linear_ms=round(_time(repeat, torch.nn.functional.linear, x, base_w), 3),
+                      **_time_paths(repeat, x, a, b, out, offsets, ranks, lens, seg)))
+
+
+def _stacked(gen, k: int, outs: tuple[int, ...], stride: int, ranks: list[int]):
+    """Random pool-layout A [S, n_sub*stride, k] and B [S, N, stride], zero beyond ranks."""
+    n_sub, slots = len(outs), len(ranks)
+    a = torch.randn(slots, n_sub * stride, k, generator=gen)
+    b = torch.randn(slots, sum(outs), stride, generator=gen)
+    for s, r in enumerate(ranks):
+        a.view(slots, n_sub, stride, k)[s, :, r:] = 0
+        b[s, :, r:] = 0
+    return a, b, [0, *torch.tensor(outs).cumsum(0).tolist()]
+
+
+def _time_paths(repeat, x, a, b, out, offsets, ranks, lens, seg) -> dict[str, float]:
+    from llmql.kernels.lora_cpu import bmm_lora, padded_rows, segment_lora
+    from llmql.kernels.lora_expand import ref_lora_expand
     from llmql.kernels.lora_shrink import ref_lora_shrink, slot_groups
 
-    gen = torch.Generator().manual_seed(0)
-    k, stride, n_sub, slots = 640, 32, 3, 9
-    w = torch.randn(slots, n_sub * stride, k, generator=gen)
-    ranks = torch.tensor([0, 8, 16, 32, 8, 16, 32, 8, 16])
-    for what, lens in (("decode_64_rows", [1] * 64), ("prefill_8x128", [128] * 8)):
-        seg = torch.randint(1, slots, (len(lens),), generator=gen)
-        indptr = torch.tensor([0, *lens]).cumsum(0)
-        x = torch.randn(sum(lens), k, generator=gen)
-        token_slots = torch.repeat_interleave(seg, torch.tensor(lens))
-        groups = slot_groups(indptr, seg)
-        timings = {
-            "grouped": _time(repeat, ref_lora_shrink, x, w, indptr, seg, ranks, stride, groups=groups),
-            "gather_bmm": _time(repeat, gather_bmm_shrink, x, w, token_slots),
-        }
-        emit(dict(bench="lora_cpu_path", shape=what, grouped_ms=round(timings["grouped"], 3),
-                  gather_bmm_ms=round(timings["gather_bmm"], 3)))
+    indptr, seg_t = torch.tensor([0, *lens]).cumsum(0), torch.tensor(seg)
+    bounds = indptr.tolist()
+    segments = list(zip(seg, bounds, bounds[1:]))
+    token_slots = torch.repeat_interleave(seg_t, torch.tensor(lens))
+    grid = padded_rows(torch.arange(x.shape[0]), token_slots)
+    groups, rank_t = slot_groups(indptr, seg_t), torch.tensor(ranks)
+
+    def grouped():
+        xa = ref_lora_shrink(x, a, indptr, seg_t, rank_t, b.shape[2], groups=groups)
+        return ref_lora_expand(xa, b, out, indptr, seg_t, rank_t, offsets, groups=groups)
+
+    return dict(segments_ms=round(_time(repeat, segment_lora, x, a, b, out, offsets, ranks, segments), 3),
+                padded_bmm_ms=round(_time(repeat, bmm_lora, x, a, b, out, offsets, grid), 3),
+                grouped_ms=round(_time(repeat, grouped), 3))
 
 
 def _time(repeat: int, fn, *args, **kwargs) -> float:
-    """Milliseconds per call (after one warm-up call)."""
+    """Median milliseconds per call (after one warm-up call; the median resists other load)."""
     fn(*args, **kwargs)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(repeat):
+        t0 = time.perf_counter()
         fn(*args, **kwargs)
-    return (time.perf_counter() - t0) / repeat * 1e3
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
 
 
 def main() -> None:
@@ -161,35 +205,44 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--peft-batch", type=int, default=32)
+    ap.add_argument("--peft-prompts", type=int, default=0,
+                    help="time peft (and ours again) on the first N prompts only (0: all)")
     ap.add_argument("--no-peft", action="store_true", help="skip the (slow) peft baseline")
+    ap.add_argument("--no-sequential", action="store_true", help="skip one-adapter-at-a-time")
+    ap.add_argument("--no-prefix-cache", action="store_true",
+                    help="both sides without the prefix cache (the LoRA compute alone)")
     ap.add_argument("--popularity", default="uniform,zipf")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--cpu-paths", action="store_true", help="only time the two CPU delta paths")
+    ap.add_argument("--cpu-paths", action="store_true", help="only time the CPU delta paths")
+    ap.add_argument("--lock", type=Path, help="hold an exclusive flock on this file while timing "
+                    "(after loading the models and writing the adapters)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_paths:
         bench_cpu_paths()
         return
+    import dataclasses
     import tempfile
 
     from llmql.engine import load
     from llmql.settings import override
 
     engine = load()
-    lm, config = engine.lm, engine.config
+    lm = engine.lm
+    config = dataclasses.replace(engine.config, prefix_cache=not args.no_prefix_cache)
     ids = [lm.tokenizer.encode(p) for p in load_prompts(args.prompts)]
     root = Path(tempfile.mkdtemp(prefix="llmql-lora-bench-"))
-    hf = hf_default()
-    peft_model = make_adapters(hf, root, args.adapters)
+    peft_model = make_adapters(hf_default(), root, args.adapters)
     common = dict(bench="lora", prompts=len(ids), max_tokens=args.max_tokens,
-                  adapters=args.adapters, device=config.device, threads=torch.get_num_threads())
+                  adapters=args.adapters, device=config.device, threads=torch.get_num_threads(),
+                  prefix_cache=config.prefix_cache)
     rows = []
-    with override(adapters=root):
+    with override(adapters=root), _locked(args.lock):
         run_ours(lm, config, ids[:8], assign(8, args.adapters, "uniform", 1), 2)  # NOTE: warm-up
         t_base, base_res = run_ours(lm, config, ids, [None] * len(ids), args.max_tokens)
         rows.append(emit(dict(common, what="ours_base_only", seconds=round(t_base.wall, 2),
-                              output_tokens=sum(r.output_tokens for r in base_res))))
+                              **tokens(base_res))))
         for pop in args.popularity.split(","):
             rows += _one_popularity(args, common, lm, config, ids, pop, t_base, peft_model)
     _table(rows)
@@ -197,25 +250,45 @@ def main() -> None:
 
 def _one_popularity(args, common, lm, config, ids, pop, t_base, peft_model) -> list[dict]:
     names = assign(len(ids), args.adapters, pop, seed=0)
-    t_mixed, mixed = run_ours(lm, config, ids, names, args.max_tokens)
-    t_seq, seq_out = run_sequential(lm, config, ids, names, args.max_tokens)
     c = dict(common, popularity=pop)
-    out = [emit(dict(c, what="ours_mixed", seconds=round(t_mixed.wall, 2),
-                     output_tokens=sum(r.output_tokens for r in mixed))),
-           emit(dict(c, what="ours_one_adapter_at_a_time", seconds=round(t_seq.wall, 2),
-                     output_tokens=seq_out)),
-           emit(dict(c, what="mixed_vs_sequential", speedup=round(t_seq.wall / t_mixed.wall, 2))),
+    t_mixed, mixed = run_ours(lm, config, ids, names, args.max_tokens)
+    out = [emit(dict(c, what="ours_mixed", seconds=round(t_mixed.wall, 2), **tokens(mixed))),
            emit(dict(c, what="lora_overhead_vs_base", overhead=round(t_mixed.wall / t_base.wall - 1, 3)))]
+    if not args.no_sequential:
+        t_seq, seq_out = run_sequential(lm, config, ids, names, args.max_tokens)
+        out += [emit(dict(c, what="ours_one_adapter_at_a_time", seconds=round(t_seq.wall, 2),
+                          output_tokens=seq_out)),
+                emit(dict(c, what="mixed_vs_sequential", speedup=round(t_seq.wall / t_mixed.wall, 2)))]
     if not args.no_peft:
+        n = args.peft_prompts or len(ids)
+        t_ours = t_mixed
+        if n < len(ids):  # NOTE: the same subset on both sides
+            t_ours, _ = run_ours(lm, config, ids[:n], names[:n], args.max_tokens)
+            out.append(emit(dict(c, what="ours_mixed_subset", prompts=n, seconds=round(t_ours.wall, 2))))
         pad = lm.config.pad_token_id or 0
-        t0 = time.perf_counter()
-        t_peft, peft_out = run_peft(peft_model, ids, names, args.max_tokens, args.peft_batch, pad,
-                                    lm.tokenizer.eos_ids)
-        out.append(emit(dict(c, what="peft_mixed_generate", seconds=round(t_peft.wall, 2),
-                             output_tokens=peft_out, batch=args.peft_batch)))
-        out.append(emit(dict(c, what="ours_mixed_vs_peft", speedup=round(t_peft.wall / t_mixed.wall, 2),
-                             peft_wall=round(time.perf_counter() - t0, 2))))
+        t_peft, peft_out = run_peft(peft_model, ids[:n], names[:n], args.max_tokens, args.peft_batch, pad)
+        out += [emit(dict(c, what="peft_mixed_generate", prompts=n, seconds=round(t_peft.wall, 2),
+                          output_tokens=peft_out, batch=args.peft_batch)),
+                emit(dict(c, what="ours_mixed_vs_peft", prompts=n,
+                          speedup=round(t_peft.wall / t_ours.wall, 2)))]
     return out
+
+
+@contextlib.contextmanager
+def _locked(path: Path | None):
+    """An exclusive flock on `path` (the shared benchmark lock), or nothing."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        print(f"# lock taken {time.strftime('%H:%M:%S', time.gmtime())} UTC", flush=True)
+        try:
+            yield
+        finally:
+            print(f"# lock released {time.strftime('%H:%M:%S', time.gmtime())} UTC", flush=True)
 
 
 def _table(rows: list[dict]) -> None:

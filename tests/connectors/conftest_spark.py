@@ -55,7 +55,8 @@ def fake_answer(request: GenerationRequest) -> str:
     if request.json_schema:
         props = request.json_schema["properties"]
         return json.dumps({k: _FAKE_JSON.get(v.get("type"), "x") for k, v in props.items()})
-    return f"answer {digest % 1000}"
+    via = f" via {request.adapter}" if request.adapter else ""  # NOTE: shows the LoRA adapter
+    return f"answer {digest % 1000}{via}"
 
 
 _FAKE_JSON = {"integer": 1, "number": 1.5, "boolean": True}

@@ -16,7 +16,7 @@ from llmql.engine.context import ForwardBatch, forward_context
 from llmql.engine.engine import EmbeddedEngine, EngineConfig
 from llmql.engine.kvcache.pool import KVPool
 from llmql.engine.lora import AdapterError, AdapterPool
-from llmql.engine.lora.batch import LoraBatch
+from llmql.engine.lora.batch import LONG_SEGMENT, LoraBatch
 from llmql.engine.models import load_model
 from llmql.engine.types import GenerationRequest
 from llmql.optimizer.explain import explain
@@ -104,7 +104,7 @@ def _engine(base: Path, **config) -> EmbeddedEngine:
 def test_mixed_batch_greedy_matches_peft(family) -> None:
     base, folders = family
     order = [None, "a1", "a2", "a1", None, "a2"]
-    prompts = [prompt(5 + i, seed=i) for i in range(len(order))]
+    prompts = [prompt(5 + 4 * i, seed=i) for i in range(len(order))]  # NOTE: 5..25 tokens
     requests = [GenerationRequest(p, max_tokens=6, adapter=None if a is None else str(folders[a]))
                 for p, a in zip(prompts, order)]
     refs = {a: peft_model(base, folders.get(a)) for a in set(order)}
@@ -149,9 +149,11 @@ def test_mixed_prefill_logits_match_peft(family) -> None:
     lm = load_model(str(base))
     c = lm.config
     pool = AdapterPool(c, max_loras_per_batch=2)
-    names = ["a2", None, "a1", "a2"]
+    names = ["a2", None, "a1", "a2", "a1"]
     adapters = [None if n is None else pool.get(str(folders[n])) for n in names]
-    seqs = [prompt(6 + i, seed=10 + i) for i in range(len(names))]
+    # NOTE: short and long segments: the CPU path batches the short ones, one matmul per long one
+    lengths = [6, 7, LONG_SEGMENT + 3, 3, LONG_SEGMENT]
+    seqs = [prompt(n, seed=10 + i) for i, n in enumerate(lengths)]
     kv = KVPool(128, c.num_layers, c.num_kv_heads, c.head_dim)
     logits = _forward(lm, pool, kv, seqs, adapters).split([len(s) for s in seqs])
     for n, s, got in zip(names, seqs, logits):

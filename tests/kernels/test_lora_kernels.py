@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from llmql.kernels.lora_cpu import bmm_lora, padded_rows, segment_lora
 from llmql.kernels.lora_expand import ref_lora_expand
 from llmql.kernels.lora_shrink import ref_lora_shrink
 
@@ -69,6 +70,31 @@ def test_torch_path_matches_oracle(lens, slots) -> None:
     torch.testing.assert_close(out, base + want_delta)
     base_rows = torch.repeat_interleave(seg, indptr.diff()) == 0
     assert torch.equal(out[base_rows], base[base_rows])  # NOTE: base rows untouched
+
+
+@pytest.mark.parametrize("lens,slots", CASES)
+@pytest.mark.parametrize("long_from", [1, 4, 100])
+def test_cpu_paths_match_oracle(lens, slots, long_from) -> None:
+    """Segments of >= `long_from` rows by segment matmuls, the rest by the padded bmm."""
+    x, a, b, indptr, seg, ranks, stride, offsets = make_case(lens, slots)
+    _, want_delta = oracle(x, a, b, indptr, seg, ranks, stride, offsets)
+    bounds = indptr.tolist()
+    long, rows, row_slots = [], [], []
+    for slot, lo, hi in zip(slots, bounds, bounds[1:]):
+        if slot and hi - lo >= long_from:
+            long.append((slot, lo, hi))
+        elif slot:
+            rows += range(lo, hi)
+            row_slots += [slot] * (hi - lo)
+    base = torch.randn(x.shape[0], b.shape[1])
+    out = segment_lora(x, a, b, base.clone(), offsets, ranks.tolist(), long)
+    grid = padded_rows(torch.tensor(rows, dtype=torch.int64), torch.tensor(row_slots, dtype=torch.int64))
+    assert (grid is None) == (not rows)
+    if grid is not None:
+        bmm_lora(x, a, b, out, offsets, grid)
+    torch.testing.assert_close(out, base + want_delta)
+    base_rows = torch.repeat_interleave(seg, indptr.diff()) == 0
+    assert torch.equal(out[base_rows], base[base_rows])
 
 
 def _check_triton(device: str = "cpu", dtype=torch.float32, tol: float = 1e-4) -> None:

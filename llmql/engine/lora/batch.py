@@ -3,8 +3,10 @@
 The runner puts a `LoraBatch` in the forward context (`ForwardBatch.lora`) when any request
 of the batch uses an adapter; `add_lora(out, x, layer_id, module)` then adds each token's
 adapter delta to a base projection's output: shrink (x @ A^T) then expand (@ B^T), per token
-segment of one slot. Prefill requests are one segment each (SGMV); decode rows are one row
-each (BGMV). CUDA runs the Triton kernels, CPU the torch path (one matmul per adapter).
+segment of one slot. CUDA runs the Triton SGMV kernels over all segments. CPU splits the
+segments once per forward (`llmql.kernels.lora_cpu`): segments of at least `LONG_SEGMENT`
+rows (prefill) get one matmul each, the shorter ones (decode rows, BGMV) one padded bmm
+over slots per module; base rows are skipped by both.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from llmql.engine.lora.pool import AdapterPool
-from llmql.kernels.lora_expand import lora_expand, ref_lora_expand
-from llmql.kernels.lora_shrink import Groups, lora_shrink, ref_lora_shrink, slot_groups
+from llmql.kernels.lora_cpu import PaddedRows, Segment, bmm_lora, padded_rows, segment_lora
+from llmql.kernels.lora_expand import lora_expand
+from llmql.kernels.lora_shrink import lora_shrink
+
+# NOTE: below this many rows a segment joins the padded bmm (measured: lora_bench --cpu-paths)
+LONG_SEGMENT = 16
 
 
 @dataclass
@@ -26,7 +32,8 @@ class LoraBatch:
     seg_indptr: torch.Tensor  # [G+1] int64
     seg_slots: torch.Tensor  # [G] int64
     use_triton: bool = False
-    groups: Groups = field(default_factory=list)  # CPU path: rows of each slot
+    long: list[Segment] = field(default_factory=list)  # CPU: (slot, lo, hi) of long segments
+    grid: PaddedRows | None = None  # CPU: the rows of short adapter segments
 
     @classmethod
     def build(cls, pool: AdapterPool, lengths: list[int], slots: list[int]) -> LoraBatch:
@@ -41,9 +48,20 @@ class LoraBatch:
         dev = pool.device
         indptr = torch.tensor(bounds, dtype=torch.int64)
         seg = torch.tensor(seg_slots, dtype=torch.int64)
-        triton = dev.type == "cuda"
-        groups = [] if triton else slot_groups(indptr, seg)
-        return cls(pool, indptr.to(dev), seg.to(dev), triton, groups)
+        if dev.type == "cuda":
+            return cls(pool, indptr.to(dev), seg.to(dev), use_triton=True)
+        long, short_rows, short_slots = [], [], []
+        for slot, lo, hi in zip(seg_slots, bounds, bounds[1:]):
+            if slot == 0 or hi == lo:
+                continue
+            if hi - lo >= LONG_SEGMENT:
+                long.append((slot, lo, hi))
+            else:
+                short_rows.extend(range(lo, hi))
+                short_slots.extend([slot] * (hi - lo))
+        grid = padded_rows(torch.tensor(short_rows, dtype=torch.int64),
+                           torch.tensor(short_slots, dtype=torch.int64))
+        return cls(pool, indptr, seg, False, long, grid)
 
 
 def add_lora(out: torch.Tensor, x: torch.Tensor, layer_id: int, module: str) -> torch.Tensor:
@@ -60,9 +78,8 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, layer_id: int, module: str) -> 
     if lora.use_triton:
         xa = lora_shrink(x, w.a, lora.seg_indptr, lora.seg_slots, w.ranks, w.rank_stride)
         return lora_expand(xa, w.b, out, lora.seg_indptr, lora.seg_slots, w.ranks, w.offsets)
-    if not lora.groups:
-        return out
-    xa = ref_lora_shrink(x, w.a, lora.seg_indptr, lora.seg_slots, w.ranks, w.rank_stride,
-                         groups=lora.groups)
-    return ref_lora_expand(xa, w.b, out, lora.seg_indptr, lora.seg_slots, w.ranks, w.offsets,
-                           groups=lora.groups)
+    if lora.long:
+        segment_lora(x, w.a, w.b, out, w.offsets, w.rank_list, lora.long)
+    if lora.grid is not None:
+        bmm_lora(x, w.a, w.b, out, w.offsets, lora.grid)
+    return out

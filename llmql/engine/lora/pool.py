@@ -40,13 +40,15 @@ MODULES: dict[str, tuple[str, ...]] = {
 class SlotWeights:
     """One (layer, module)'s adapters, stacked by slot (see llmql.kernels.lora_shrink).
 
-    a [S, n_sub*R, in], b [S, out, R], ranks [S] int64, offsets: output column offsets.
+    a [S, n_sub*R, in], b [S, out, R], ranks [S] int64 (and as a host list, `rank_list`, for
+    the CPU path), offsets: output column offsets.
     """
 
     a: torch.Tensor
     b: torch.Tensor
     ranks: torch.Tensor
     offsets: tuple[int, ...]
+    rank_list: list[int]
 
     @property
     def rank_stride(self) -> int:
@@ -151,14 +153,15 @@ class AdapterPool:
         for w in self.weights.values():
             w.a[slot].zero_()
             w.b[slot].zero_()
-            w.ranks[slot] = 0
+            w.ranks[slot] = w.rank_list[slot] = 0
         for (layer, target), (a, b) in adapter.weights.items():
             module, sub = TARGETS[target]
             w = self._buffer(layer, module, adapter.rank)
             stride, r = w.rank_stride, a.shape[0]
             w.a[slot, sub * stride : sub * stride + r] = a.to(self.device, self.dtype)
             w.b[slot, w.offsets[sub] : w.offsets[sub + 1], :r] = b.to(self.device, self.dtype)
-            w.ranks[slot] = max(int(w.ranks[slot]), r)
+            w.rank_list[slot] = max(w.rank_list[slot], r)
+            w.ranks[slot] = w.rank_list[slot]
         self.slots[slot] = adapter.fingerprint
         self.slot_loads += 1
 
@@ -171,7 +174,6 @@ class AdapterPool:
         return self.weights[(layer, module)]
 
     def _new_buffer(self, module: str, stride: int) -> SlotWeights:
-
         shapes = [projection_shape(t, self.config) for t in MODULES[module]]
         offsets = [0]
         for out, _ in shapes:
@@ -180,7 +182,8 @@ class AdapterPool:
         kw = dict(device=self.device, dtype=self.dtype)
         return SlotWeights(torch.zeros(n, len(shapes) * stride, k, **kw),
                            torch.zeros(n, offsets[-1], stride, **kw),
-                           torch.zeros(n, dtype=torch.int64, device=self.device), tuple(offsets))
+                           torch.zeros(n, dtype=torch.int64, device=self.device), tuple(offsets),
+                           [0] * n)
 
     def _regrow(self, stride: int) -> None:
         """Re-pad every buffer to rank stride `stride`, keeping the slots' contents."""
@@ -191,4 +194,5 @@ class AdapterPool:
                 old.a.view(len(self.slots), n_sub, s0, -1)
             new.b[:, :, :s0] = old.b
             new.ranks.copy_(old.ranks)
+            new.rank_list[:] = old.rank_list
             self.weights[key] = new

@@ -1,0 +1,92 @@
+"""LoRA delta on CPU: long segments one matmul each (SGMV), short ones batched (BGMV).
+
+Short segments (decode rows): their adapter rows (base rows are skipped) are laid out once
+per forward as a padded [G, M] grid: G = the range of pool slots used, M = the most rows
+any slot has.
+Each (layer, module) then costs a fixed handful of ops, whatever the number of adapters:
+gather x into the grid, one bmm with the stacked A (shrink), one bmm per sub-projection
+with the stacked B (expand), and one scatter-add into the base output. Padding rows read
+row 0 of x and are never written back. Shapes and weight layout as in
+`llmql.kernels.lora_shrink` / `lora_expand` (A [S, n_sub*R, K] and B [S, N, R], zero
+beyond each slot's rank, so padded ranks add exact zeros).
+
+Long segments (prefill): per segment, a shrink matmul with A trimmed to the slot's rank and
+an in-place addmm per sub-projection into `out` (no padding, no gathers, no temporaries of
+out's size). `benchmarks/lora_bench.py --cpu-paths` measures both paths on both shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PaddedRows:
+    """Where each adapter row sits in the [hi - lo, m] grid of slots lo..hi-1."""
+
+    lo: int
+    hi: int
+    m: int
+    src: torch.Tensor  # [(hi-lo)*m] int64: the x row of each grid cell (padding: row 0)
+    pos: torch.Tensor  # [n] int64: grid cell of each adapter row, in `rows` order
+    rows: torch.Tensor  # [n] int64: x rows that use an adapter, sorted by slot
+
+
+def padded_rows(rows: torch.Tensor, slots: torch.Tensor) -> PaddedRows | None:
+    """The grid of adapter rows `rows` [n] (of x) with pool slots `slots` [n] (> 0)."""
+    if rows.numel() == 0:
+        return None
+    slots, order = torch.sort(slots, stable=True)
+    rows = rows[order]
+    lo, hi = int(slots[0]), int(slots[-1]) + 1
+    counts = torch.bincount(slots - lo, minlength=hi - lo)
+    m = int(counts.max())
+    starts = counts.cumsum(0) - counts
+    rel = slots - lo
+    pos = rel * m + torch.arange(rows.numel()) - starts[rel]
+    src = torch.zeros((hi - lo) * m, dtype=torch.int64)
+    src[pos] = rows
+    return PaddedRows(lo, hi, m, src, pos, rows)
+
+
+def bmm_lora(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+    offsets: Sequence[int], grid: PaddedRows,
+) -> torch.Tensor:
+    """`out` += each adapter row's delta x @ A[slot]^T @ B[slot]^T (per sub-projection)."""
+    stride = b.shape[2]
+    g = grid.hi - grid.lo
+    xs = x.index_select(0, grid.src).view(g, grid.m, x.shape[1])
+    xa = torch.bmm(xs, a[grid.lo : grid.hi].transpose(1, 2))  # [G, M, n_sub*R]
+    bt = b[grid.lo : grid.hi]
+    parts = [torch.bmm(xa[:, :, i * stride : (i + 1) * stride],
+                       bt[:, offsets[i] : offsets[i + 1]].transpose(1, 2))
+             for i in range(len(offsets) - 1)]
+    delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return out.index_add_(0, grid.rows, delta.view(-1, out.shape[1]).index_select(0, grid.pos))
+
+
+Segment = tuple[int, int, int]  # (slot, first row, end row)
+
+
+def segment_lora(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+    offsets: Sequence[int], ranks: Sequence[int], segments: Sequence[Segment],
+) -> torch.Tensor:
+    """`out` += the delta of each long segment (SGMV): a shrink matmul with the slot's A
+    trimmed to its rank, then per sub-projection an in-place addmm into `out`'s block."""
+    stride, k = b.shape[2], x.shape[1]
+    n_sub = len(offsets) - 1
+    for slot, lo, hi in segments:
+        r = ranks[slot]
+        if r == 0:
+            continue
+        a_r = a[slot].view(n_sub, stride, k)[:, :r].reshape(n_sub * r, k)
+        xa = x[lo:hi] @ a_r.T
+        for i in range(n_sub):
+            c, d = offsets[i], offsets[i + 1]
+            out[lo:hi, c:d].addmm_(xa[:, i * r : (i + 1) * r], b[slot, c:d, :r].T)
+    return out
