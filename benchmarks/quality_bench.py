@@ -20,7 +20,7 @@ might, so the optimizer moves the shared field(s) first on most rows (`fields_mo
 
 Prints one JSON line per (task, variant) (metric, agreement with `reordered`), one per task
 (reordering's effect in points), then a table. Usage:
-    python benchmarks/quality_bench.py [--rows 80] [--only filter_recommend,...]
+    python benchmarks/quality_bench.py [--rows 80] [--only filter_recommend,...] [--answers out.json]
 """
 
 from __future__ import annotations
@@ -290,16 +290,20 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=80, help="rows per task (label-balanced)")
     ap.add_argument("--only", default="", help="comma-separated task names")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--answers", type=Path, help="write every answer and label (JSON) here")
     args = ap.parse_args()
     engine = get_engine()
     t0 = time.perf_counter()
-    all_results = {}
+    all_results, dump = {}, {}
     for task in tasks(args.seed):
         if args.only and task.name not in args.only.split(","):
             continue
         results, answers, labels = run_task(task, args.rows, engine)
         all_results[task.name] = results
         summary(task, results, answers, labels)
+        dump[task.name] = {"labels": labels, "answers": answers}
+    if args.answers:
+        args.answers.write_text(json.dumps(dump, default=str))
     print(json.dumps({"what": "total", "seconds": round(time.perf_counter() - t0, 1)}))
     table(all_results)
 
