@@ -116,7 +116,7 @@ def _hf_decide(model, tok, rows: list[dict]) -> list[bool]:
     yes, no = (tok.encode(w, add_special_tokens=False)[0] for w in ("yes", "no"))
     enc = tok(prompts, return_tensors="pt", padding=True)
     with torch.inference_mode():
-        logits = model(**enc).logits[:, -1, :]
+        logits = model(**enc, logits_to_keep=1).logits[:, -1, :]  # NOTE: last position only
     return (logits[:, yes] > logits[:, no]).tolist()
 
 
