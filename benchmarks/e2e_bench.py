@@ -5,7 +5,8 @@ Modes (result cache disabled in all):
   cache_orig  the same prompts and order, engine prefix cache on
   llmql       `llmql.connect()`: plan, dedup, GGR reorder, prefix cache on
 
-Prints one JSON line per (query, mode) and per query's speedups, then a table. Wall time on
+Prints one JSON line per (query, mode) and per query's speedups (headline: vs `cache_orig`, the
+engine's prefix cache without llmql's planning and reordering), then a table. Wall time on
 a shared CPU is noisy; `computed_tokens` (tokens the engine actually ran) is deterministic.
 Usage: python benchmarks/e2e_bench.py [--scale 1.0] [--only filter_movies,...]
 Data: LLMQL_DATA_DIR or ../shared/data next to the repository.
@@ -214,17 +215,17 @@ def main() -> None:
         }
         for mode, m in modes.items():
             print(json.dumps({"query": query.name, "mode": mode, "rows": n, **m}), flush=True)
-        speed = {
+        speed = {  # NOTE: the headline is vs cache_orig: what llmql adds to a prefix-caching engine
             "query": query.name,
             "rows": n,
+            "speedup_vs_cache_orig": round(
+                modes["cache_orig"]["seconds"] / modes["llmql"]["seconds"], 2
+            ),
+            "computed_ratio_vs_cache_orig": _ratio(modes, "cache_orig", "computed_tokens"),
             "speedup_vs_no_cache": round(
                 modes["no_cache"]["seconds"] / modes["llmql"]["seconds"], 2
             ),
             "computed_ratio_vs_no_cache": _ratio(modes, "no_cache", "computed_tokens"),
-            "computed_ratio_vs_cache_orig": _ratio(modes, "cache_orig", "computed_tokens"),
-            "speedup_vs_cache_orig": round(
-                modes["cache_orig"]["seconds"] / modes["llmql"]["seconds"], 2
-            ),
         }
         print(json.dumps(speed), flush=True)
         results.append((query.name, n, modes, speed))
@@ -238,18 +239,19 @@ def _ratio(modes: dict, base: str, key: str) -> float:
 
 def _table(results: list) -> None:
     print(
-        f"\n{'query':<16}{'rows':>5}{'no_cache s':>11}{'cache_orig s':>13}{'llmql s':>9}"
-        f"{'hit% orig':>10}{'hit% llmql':>11}{'x no_cache':>11}{'x cache_orig':>13}"
-        f"{'tok x no_cache':>15}{'tok x orig':>11}"
+        f"\n{'query':<16}{'rows':>5}{'x cache_orig':>13}{'tok x orig':>11}{'x no_cache':>11}"
+        f"{'tok x no_cache':>15}{'no_cache s':>11}{'cache_orig s':>13}{'llmql s':>9}"
+        f"{'hit% orig':>10}{'hit% llmql':>11}"
     )
     for name, n, m, s in results:
         print(
-            f"{name:<16}{n:>5}{m['no_cache']['seconds']:>11.1f}{m['cache_orig']['seconds']:>13.1f}"
-            f"{m['llmql']['seconds']:>9.1f}{m['cache_orig']['prefix_hit_rate']:>10.1%}"
-            f"{m['llmql']['prefix_hit_rate']:>11.1%}{s['speedup_vs_no_cache']:>11.2f}"
-            f"{s['speedup_vs_cache_orig']:>13.2f}{s['computed_ratio_vs_no_cache']:>15.2f}"
-            f"{s['computed_ratio_vs_cache_orig']:>11.2f}"
+            f"{name:<16}{n:>5}{s['speedup_vs_cache_orig']:>13.2f}"
+            f"{s['computed_ratio_vs_cache_orig']:>11.2f}{s['speedup_vs_no_cache']:>11.2f}"
+            f"{s['computed_ratio_vs_no_cache']:>15.2f}{m['no_cache']['seconds']:>11.1f}"
+            f"{m['cache_orig']['seconds']:>13.1f}{m['llmql']['seconds']:>9.1f}"
+            f"{m['cache_orig']['prefix_hit_rate']:>10.1%}{m['llmql']['prefix_hit_rate']:>11.1%}"
         )
+    print("headline: x cache_orig = llmql vs our engine with its prefix cache, original order")
 
 
 if __name__ == "__main__":

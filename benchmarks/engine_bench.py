@@ -8,6 +8,7 @@ Prints one JSON line per measurement, then a table. Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import os
@@ -80,19 +81,63 @@ class Timer:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def run_hf(model, ids: list[list[int]], batch: int, max_tokens: int, pad: int) -> tuple[Timer, list]:
-    """transformers greedy generate with left padding; returns (timer, new-token lists)."""
-    outs = []
+def run_hf(model, ids: list[list[int]], batch: int, max_tokens: int, pad: int,
+           prefix: int = 0) -> tuple[Timer, list, int]:
+    """transformers greedy `generate` over length-sorted batches (least padding), outputs
+    back in input order; returns (timer, new-token lists, tokens run through the model).
+
+    `prefix` > 0: the first `prefix` tokens (shared by every prompt) are run once into a
+    `DynamicCache`; each batch gets a copy of it, repeated over the batch (transformers'
+    prompt-reuse recipe), and pads after the prefix, masked out.
+    """
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    outs: list = [None] * len(ids)
+    computed = 0
     with Timer() as timer, torch.inference_mode():
-        for i in range(0, len(ids), batch):
-            chunk = ids[i : i + batch]
-            width = max(map(len, chunk))
-            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk])
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
+        shared = _prefix_cache(model, ids[0][:prefix]) if prefix else None
+        computed += prefix
+        for i in range(0, len(order), batch):
+            chunk = [ids[j] for j in order[i : i + batch]]
+            width = max(map(len, chunk)) - prefix
+            pads = [width - (len(x) - prefix) for x in chunk]
+            input_ids = torch.tensor([x[:prefix] + [pad] * n + x[prefix:] for x, n in zip(chunk, pads)])
+            mask = torch.tensor([[1] * prefix + [0] * n + [1] * (len(x) - prefix) for x, n in zip(chunk, pads)])
+            kwargs = {}
+            if shared is not None:
+                cache = copy.deepcopy(shared)
+                cache.batch_repeat_interleave(len(chunk))
+                kwargs[_cache_kwarg(model)] = cache
             gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                 do_sample=False, pad_token_id=pad)
-            outs += gen[:, width:].tolist()
-    return timer, outs
+                                 do_sample=False, pad_token_id=pad, **kwargs)
+            computed += len(chunk) * width
+            for j, row in zip(order[i : i + batch], gen[:, prefix + width :].tolist()):
+                outs[j] = row
+    return timer, outs, computed
+
+
+def _prefix_cache(model, prefix: list[int]):
+    """The KV cache of the shared prefix (one sequence)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([prefix]), use_cache=True, **{_cache_kwarg(model): cache})
+    return cache
+
+
+def _cache_kwarg(model) -> str:
+    """The KV-cache argument's name: `cache` since transformers 5, `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def common_prefix(ids: list[list[int]]) -> int:
+    """Tokens every prompt starts with (keeping at least one token of each prompt)."""
+    n = min(map(len, ids)) - 1
+    for k in range(n):
+        if any(x[k] != ids[0][k] for x in ids):
+            return k
+    return n
 
 
 def run_ours(lm, ids: list[list[int]], max_tokens: int, **config) -> tuple[Timer, list, object]:
@@ -150,18 +195,21 @@ def main() -> None:
 
     hf = load_hf(lm)
     pad = tok.bos_id if tok.bos_id is not None else 0
+    shared = common_prefix(ids)
+    emit(dict(common, what="hf_shared_prefix", tokens=shared))
     probe_rows = ids[: min(32, rows)]
     probes = {}
-    for bs in ((8, 32) if args.quick else (1, 8, 32)):
-        t, _ = run_hf(hf, probe_rows, bs, args.max_tokens, pad)
-        probes[bs] = emit(dict(common, what="hf_probe", batch=bs, rows_probe=len(probe_rows),
-                               **_rates(t, len(probe_rows))))
-    best = max(probes, key=lambda b: probes[b]["rows_per_cpu_s"])
-    t, outs = run_hf(hf, ids, best, args.max_tokens, pad)
+    for prefix in (0, shared):
+        for bs in ((8, 32) if args.quick else (1, 8, 16, 32)):
+            t, _, _ = run_hf(hf, probe_rows, bs, args.max_tokens, pad, prefix)
+            probes[bs, prefix] = emit(dict(common, what="hf_probe", batch=bs, prefix_reuse=prefix,
+                                           rows_probe=len(probe_rows), **_rates(t, len(probe_rows))))
+    best_bs, best_prefix = min(probes, key=lambda k: probes[k]["seconds"])
+    t, outs, computed = run_hf(hf, ids, best_bs, args.max_tokens, pad, best_prefix)
     hf_texts = [tok.decode([t for t in o if t not in tok.eos_ids and t != pad]) for o in outs]
-    padded = sum(len(ids[i : i + best]) * max(map(len, ids[i : i + best])) for i in range(0, rows, best))
-    results["hf"] = emit(dict(common, what="hf_generate", batch=best, **_rates(t, rows),
-                              computed_tokens=padded,
+    results["hf"] = emit(dict(common, what="hf_generate", batch=best_bs, prefix_reuse=best_prefix,
+                              length_sorted=True, **_rates(t, rows),
+                              computed_tokens=computed,
                               peak_rss_mib=round(peak_rss_mib())))
     summarize(results, hf_texts, n_prompt, bound, common)
 

@@ -5,10 +5,14 @@ cache disabled, both modes side by side in one run with warm workers (models loa
 warm-up query first):
 
   hf_pandas_udf  what a Spark user writes today: a pandas UDF that renders every row's prompt
-                 (llmql's prompt text, argument field order) and calls transformers greedy
-                 `generate` per mini-batch in the table's order; no prefix reuse.
+                 (llmql's prompt text, argument field order) and runs transformers on it per
+                 mini-batch in the table's order; no prefix reuse.
   llmql_spark    `llmql.spark.sql`: plan, dedup, co-partition by the leading field, GGR
                  reorder per partition, our engine with its radix prefix cache.
+
+Both sides decide with the same rule, so their kept rows are comparable: the answer is
+whichever of "yes"/"no" has the higher next-token logit after the prompt (one forward pass
+on the transformers side; constrained decoding with `calibrate := false` on llmql's).
 
 Prints one JSON line per measurement, then a table. Usage:
     .venv/bin/python benchmarks/spark_bench.py [--rows 200] [--quick] [--batch 16]
@@ -32,7 +36,10 @@ DATA = Path(
 )
 KIDS = "Is this movie suitable for kids?"
 FIELDS = ("movie_info", "review_content")
-LLMQL_SQL = f"SELECT id FROM {{table}} WHERE llm_filter('{KIDS}', movie_info, review_content)"
+LLMQL_SQL = (
+    f"SELECT id FROM {{table}} WHERE llm_filter('{KIDS}', movie_info, review_content, "
+    "calibrate := false)"
+)
 HF_SQL = "SELECT id FROM {table} WHERE kids_hf(movie_info, review_content)"
 
 
@@ -65,7 +72,7 @@ def hf_model_dir() -> Path:
 
 
 def hf_udf(model_dir: str, batch: int, threads: int):
-    """The baseline pandas UDF: transformers greedy generate per mini-batch, table order."""
+    """The baseline pandas UDF: transformers' yes/no decision per mini-batch, table order."""
     from pyspark.sql.functions import pandas_udf
 
     @pandas_udf("boolean")
@@ -76,8 +83,8 @@ def hf_udf(model_dir: str, batch: int, threads: int):
         out: list[bool | None] = [None] * len(info)
         for start in range(0, len(rows), batch):
             chunk = rows[start : start + batch]
-            for (i, _), text in zip(chunk, _hf_generate(model, tok, [r for _, r in chunk])):
-                out[i] = text.strip().lower().startswith("yes")
+            for (i, _), keep in zip(chunk, _hf_decide(model, tok, [r for _, r in chunk])):
+                out[i] = keep
         return pd.Series(out, dtype=object)
 
     return kids_hf
@@ -96,7 +103,9 @@ def _hf_worker_model(model_dir: str, threads: int):
     return cache.model, cache.tok
 
 
-def _hf_generate(model, tok, rows: list[dict]) -> list[str]:
+def _hf_decide(model, tok, rows: list[dict]) -> list[bool]:
+    """Per row: is the next-token logit of "yes" above that of "no"? (the first token of
+    each, encoded as a continuation like llmql's choices; left padding, one forward pass)."""
     import torch
 
     from llmql.udfs import CallSpec
@@ -104,11 +113,11 @@ def _hf_generate(model, tok, rows: list[dict]) -> list[str]:
 
     spec = CallSpec("llm_filter", KIDS, FIELDS)
     prompts = [render_prompt(spec, row, FIELDS) for row in rows]
+    yes, no = (tok.encode(w, add_special_tokens=False)[0] for w in ("yes", "no"))
     enc = tok(prompts, return_tensors="pt", padding=True)
     with torch.inference_mode():
-        gen = model.generate(**enc, max_new_tokens=2, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-    return tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        logits = model(**enc, logits_to_keep=1).logits[:, -1, :]  # NOTE: last position only
+    return (logits[:, yes] > logits[:, no]).tolist()
 
 
 def run_llmql(spark, table: str) -> tuple[float, set, dict]:
@@ -155,7 +164,7 @@ def main() -> None:
                      prefix_hit_rate=report["prefix_hit_rate"], llm_calls=report["llm_calls"],
                      prompt_tokens=report["prompt_tokens"], cached_tokens=report["cached_tokens"],
                      worker_seconds=report["seconds"], stage_seconds=report["spark_seconds"]))
-    agree = 1 - len(hf_ids ^ ours_ids) / max(1, rows)
+    agree = 1 - len(hf_ids ^ ours_ids) / max(1, rows)  # NOTE: same decision rule on both sides
     emit(dict(common, what="speedup", speedup=round(hf_s / ours_s, 2), agreement=round(agree, 3)))
     spark.stop()
     print(f"\n{'mode':<16}{'seconds':>9}{'kept':>6}{'prefix hit':>12}")
