@@ -37,9 +37,12 @@ class ModelRunner:
         input_ids, forward_batch = self.prepare(batch)
         with forward_context(forward_batch):
             hidden = self.model(input_ids, forward_batch.positions)
-        rows = _choice_tokens(batch)
-        if rows is None:
-            return self.model.compute_logits(hidden)
+        rows, every = _choice_tokens(batch)
+        if not every:
+            logits = self.model.compute_logits(hidden)
+            if getattr(self.model.lm_head, "int8", None) is not None:
+                self._exact_where_constrained(batch, hidden, logits, rows)
+            return logits
         # NOTE: every sampled request is a `choices` one: only the logits of the tokens their
         # constraints allow are computed (the LM head is a third of a decode step); the
         # others are -inf, which the sampler's masks would give them anyway.
@@ -48,6 +51,27 @@ class ModelRunner:
                             device=hidden.device)
         logits[:, index] = self.model.compute_logits(hidden, index)
         return logits
+
+    def _exact_where_constrained(self, batch: ScheduledBatch, hidden: torch.Tensor,
+                                 logits: torch.Tensor, choice_tokens: list[int]) -> None:
+        """An int8 LM head's full logits are exact only at each row's top tokens
+        (layers/quant_linear.py): give the tokens a constraint lets a request pick from
+        their exact values (all choice tokens; a grammar's best `RESCORE_TOP` allowed ones),
+        so a constrained answer does not depend on what shares its batch."""
+        from llmql.engine.constrained import ChoiceState
+        from llmql.engine.layers.quant_linear import RESCORE_TOP
+
+        if choice_tokens:
+            index = torch.tensor(choice_tokens, dtype=torch.int64, device=hidden.device)
+            logits[:, index] = self.model.compute_logits(hidden, index)
+        sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
+        for i, req in enumerate(sampled):
+            if req.constraint is None or isinstance(req.constraint, ChoiceState):
+                continue
+            allowed = torch.as_tensor(req.constraint.allowed(), dtype=torch.int64, device=hidden.device)
+            if allowed.numel() > RESCORE_TOP:
+                allowed = allowed[logits[i, allowed].topk(RESCORE_TOP).indices]
+            logits[i, allowed] = self.model.compute_logits(hidden[i : i + 1], allowed)[0]
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardBatch]:
         """Flatten the batch (layout in `llmql.engine.context`).
@@ -101,12 +125,14 @@ def _to_device(parts: list[torch.Tensor], device: torch.device) -> list[torch.Te
     return list(flat.to(device, non_blocking=True).split([p.numel() for p in parts]))
 
 
-def _choice_tokens(batch: ScheduledBatch) -> list[int] | None:
-    """The union of allowed tokens when every sampled request is a `choices` request."""
+def _choice_tokens(batch: ScheduledBatch) -> tuple[list[int], bool]:
+    """(the union of the tokens `choices` requests allow, whether every sampled request is a
+    `choices` request that needs no other logits)."""
     from llmql.engine.constrained import ChoiceState
 
     sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
-    if not sampled or not all(isinstance(r.constraint, ChoiceState) and r.params.logprobs is None
-                              for r in sampled):
-        return None  # NOTE: `logprobs` need the full distribution
-    return sorted({t for r in sampled for t in r.constraint.allowed()})  # type: ignore[union-attr]
+    choice = [r for r in sampled if isinstance(r.constraint, ChoiceState)]
+    tokens = sorted({t for r in choice for t in r.constraint.allowed()})  # type: ignore[union-attr]
+    # NOTE: `logprobs` need the full distribution
+    every = bool(sampled) and len(choice) == len(sampled) and all(r.params.logprobs is None for r in choice)
+    return tokens, every

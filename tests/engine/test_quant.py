@@ -208,3 +208,27 @@ def test_default_model_auto_greedy_parity() -> None:
         texts[mode] = [r.text for r in engine.generate(reqs, progress=False)]
     same = sum(a == b for a, b in zip(texts["none"], texts["auto"]))
     assert same >= 0.9 * len(prompts), (same, texts)
+
+
+@pytest.mark.skipif(not int8_linear_available(), reason="no FBGEMM int8 linear on this CPU")
+def test_int8_head_choices_do_not_depend_on_the_batch(tiny_model_dir, tiny_hf_model, tmp_path,
+                                                      monkeypatch) -> None:
+    """With the int8 LM head, a `choices` request's answer and choice logprobs are the exact
+    head's, alone and beside free-text requests (the runner re-scores choice tokens)."""
+    from llmql.engine.engine import load
+    from llmql.engine.types import GenerationRequest
+
+    hf = tiny_hf_model(tiny_model_dir("gemma3"))
+    path = write_gguf(hf, tmp_path / "gemma3.gguf", "gemma3", quantize=True, qtype=T.Q8_0)
+    words = tuple(f"w{i}" for i in range(5, 96, 7))  # 13 choices across the vocabulary
+    choice = GenerationRequest([1, 9, 33, 47, 12], max_tokens=1, choices=words)
+    batch = [GenerationRequest([1, 7, 8, 9], max_tokens=3), choice, GenerationRequest([1, 70], max_tokens=2)]
+    monkeypatch.setenv("LLMQL_INT8_GEMM", "0")
+    exact = load(str(path), quantization="int8", kv_tokens=512).generate([choice])[0]
+    monkeypatch.setenv("LLMQL_INT8_GEMM", "1")
+    alone = load(str(path), quantization="auto", kv_tokens=512).generate([choice])[0]
+    engine = load(str(path), quantization="auto", kv_tokens=512, prefix_cache=False)
+    assert engine.lm.model.lm_head.int8 is not None
+    for got in (alone, engine.generate(batch)[1]):
+        assert got.text == exact.text
+        assert got.choice_logprobs == pytest.approx(exact.choice_logprobs, abs=1e-4)
