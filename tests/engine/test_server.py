@@ -285,6 +285,7 @@ def test_default_model_served_equals_embedded() -> None:
             answers = list(pool.map(lambda p: client.completions.create(
                 model=engine.lm.name, prompt=p, max_tokens=6, temperature=0).choices[0].text,
                 prompts))
+        _default_model_endpoints(client, engine, url)
         remote = load(f"{url}/v1")
         with llmql.connect(engine=remote, result_cache=False) as con:
             via_remote = con.sql(sql).fetchall()
@@ -292,3 +293,28 @@ def test_default_model_served_equals_embedded() -> None:
     assert answers == _greedy(engine, prompts, max_tokens=6)
     assert via_remote == embedded
     engine.close()
+
+
+def _default_model_endpoints(client: openai.OpenAI, engine, url: str) -> None:
+    """Completions (a list of 8), streaming, choices, JSON schema and a bad request on the
+    default model, each equal to (or refused like) the embedded engine."""
+    name = engine.lm.name
+    prompts = [f"The capital of country number {i} is" for i in range(8)]
+    out = client.completions.create(model=name, prompt=prompts, max_tokens=5, temperature=0)
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == _greedy(engine, prompts, max_tokens=5)
+    stream = client.completions.create(model=name, prompt=prompts[0], max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == _greedy(engine, prompts[:1], max_tokens=8)[0]
+    review = "Review: a dull, overlong film. Sentiment (positive or negative):"
+    out = client.completions.create(model=name, prompt=review, max_tokens=4, temperature=0,
+                                    extra_body={"choices": ["positive", "negative"]})
+    expected = engine.generate([GenerationRequest(review, choices=("positive", "negative"))])[0]
+    assert out.choices[0].text == expected.text
+    schema = {"type": "object", "properties": {"year": {"type": "integer"}}, "required": ["year"]}
+    prompt = "The first moon landing, as JSON with its year:"
+    out = client.completions.create(
+        model=name, prompt=prompt, max_tokens=16, temperature=0,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"schema": schema}}})
+    assert out.choices[0].text == _greedy(engine, [prompt], max_tokens=16, json_schema=schema)[0]
+    assert isinstance(json.loads(out.choices[0].text)["year"], int)
+    bad = httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": "x", "max_tokens": -1})
+    assert bad.status_code == 400 and "error" in bad.json()
