@@ -32,7 +32,8 @@ from llmql.kernels.int8_linear import int8_linear, int8_linear_available, pack_i
 from llmql.kernels.quant_matmul import quant_matmul
 
 RESCORE_TOP = 16  # LM-head logits recomputed exactly per row on the int8 path
-PACK_BYTES = 16 << 20  # float32 bytes re-quantized at a time when packing for int8
+PACK_BYTES = 64 << 20  # float32 bytes re-quantized at a time when packing for int8 (fewer, larger
+# chunks run faster: the LM head in 11 chunks took 36 ms at 24 rows against 47 ms in 41)
 
 
 class QuantParts:
