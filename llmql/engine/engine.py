@@ -79,8 +79,6 @@ class EngineConfig:
 class EmbeddedEngine:
     """In-process engine over one model: radix prefix cache and continuous batching."""
 
-    always_choice_logprobs = True  # every `choices` result carries `choice_logprobs`
-
     def __init__(self, lm: LoadedModel, config: EngineConfig, model_name: str | None = None) -> None:
         self.lm, self.config = lm, config
         self.model_name = model_name or lm.name  # identity in result-cache keys

@@ -51,7 +51,6 @@ class BatchRunner:
         self._send_schema = spec.function == "llm_extract"
         self.null_prompt = null_prompt
         self._null_logprobs: dict[str, float] | None = None
-        self._null_future: Future | None = None
         self._chat = False
         self._resent: set[str] = set()
         self._first_admit = float("inf")
@@ -79,10 +78,6 @@ class BatchRunner:
             check(self.spec.options.adapter)  # NOTE: a bad adapter fails the call before any model call
         self._chat = _use_chat(self.spec.options.chat, engine)
         window = min(self.spec.options.chunk_size, getattr(engine, "max_in_flight", 256))
-        if self.null_prompt is not None and getattr(engine, "always_choice_logprobs", False):
-            # NOTE: sent first, so the first answer's calibration does not wait behind the
-            # whole window (the loop would stop submitting meanwhile)
-            self._null_future = self._submit(engine, PendingPrompt("", self.null_prompt))
         out: dict[str, str | None] = {}
         todo = iter(misses)
         inflight: dict[Future, PendingPrompt] = {}
@@ -102,7 +97,7 @@ class BatchRunner:
                 bar.advance(len(done), self.report)
         except BaseException:
             if hasattr(engine, "cancel"):
-                engine.cancel(list(inflight) + ([self._null_future] if self._null_future else []))
+                engine.cancel(list(inflight))
             raise
         finally:
             bar.close()
@@ -160,10 +155,7 @@ class BatchRunner:
         if self.null_prompt is None or result.choice_logprobs is None:
             return result.text
         if self._null_logprobs is None:
-            if self._null_future is not None:
-                null = _outcome(self._null_future)
-            else:
-                null = _generate_isolated(engine, [self._request(self.null_prompt)])[0]
+            null = _generate_isolated(engine, [self._request(self.null_prompt)])[0]
             self._account(null)
             self._null_logprobs = null.choice_logprobs or {}
         return calibrated_choice(result.text, result.choice_logprobs, self._null_logprobs)
