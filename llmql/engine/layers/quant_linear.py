@@ -110,19 +110,18 @@ class QuantParts:
 class Int8Packed:
     """The rows of a `QuantParts` as FBGEMM-packed per-channel int8 chunks."""
 
-    def __init__(self, weight: QuantParts, *, compensate: bool = False, residual: bool = False) -> None:
+    def __init__(self, weight: QuantParts, *, compensate: bool = False) -> None:
         self.compensate = compensate
         self.chunks = []
         step = max(1, PACK_BYTES // (4 * weight.shape[1]))
         for _, w in weight.parts:
             for start in range(0, w.shape[0], step):
                 rows = slice(start, min(w.shape[0], start + step))
-                self.chunks.append(pack_int8_weight(w.dequantize(rows), residual=residual))
+                self.chunks.append(pack_int8_weight(w.dequantize(rows)))
                 if w.shape[0] > step:
                     trim_heap()  # NOTE: or each chunk's float32 transient stays in the heap
         n, k = weight.shape
-        # NOTE: int8 values + float64 scale and int64 zero point per row, twice with a residual
-        self.nbytes = (n * k + 16 * n) * (2 if residual else 1)
+        self.nbytes = n * k + 16 * n  # int8 values + float64 scale and int64 zero point per row
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N] float32."""
