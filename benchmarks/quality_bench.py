@@ -11,11 +11,11 @@ engine with the default model):
   score_beer        beer      llm_score 1-5 vs review/overall         Spearman rho
   answer_squad      squad     llm           vs answers                contains-answer rate
 
-Variants: `reordered` (the defaults: the optimizer's per-row field order, calibrated),
-`reordered_rerun` (the same call again: the noise floor of batching and cached KV),
-`written` (`reorder_fields=False`: the fields as written), `uncalibrated` (`calibrate=False`;
-choice tasks only), `few_shot` and `few_shot_written` (a few labelled examples from rows
-outside the sample). Every call writes its fields review/question first, the way an analyst
+Variants: `reordered` (`reorder_fields=True`: the optimizer's per-row field order,
+calibrated), `reordered_rerun` (the same call again: the noise floor of batching and cached
+KV), `written` (`reorder_fields=False`, the default: the fields as written), `uncalibrated`
+(`calibrate=False`, fields reordered; choice tasks only), `few_shot` and `few_shot_written`
+(a few labelled examples from rows outside the sample, fields reordered / as written). Every call writes its fields review/question first, the way an analyst
 might, so the optimizer moves the shared field(s) first on most rows (`fields_moved`).
 
 Prints one JSON line per (task, variant) (metric, agreement with `reordered`), one per task
@@ -172,7 +172,8 @@ def tasks(seed: int) -> list[Task]:
 
 def variants(task: Task, shots: list[dict]) -> dict[str, CallSpec]:
     """The call under each variant (calibration only applies to choice functions)."""
-    spec, o = task.spec, task.spec.options
+    o = replace(task.spec.options, reorder_fields=True)
+    spec = replace(task.spec, options=o)
     out = {
         "reordered": spec,
         "reordered_rerun": spec,

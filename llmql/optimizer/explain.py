@@ -58,9 +58,11 @@ def _describe(call: LLMCall, con: Any, sources: tuple[Source, ...], dialect: str
     spec.validate()
     prefix = spec.shared_prefix()  # NOTE: the instruction and any few-shot examples
     before = measure(table, instruction=prefix, fields=fields)
-    after = measure(table, reorder(table, fields), instruction=prefix, fields=fields)
+    reorder_fields = spec.options.reorder_fields
+    after = measure(table, reorder(table, fields, reorder_fields=reorder_fields), instruction=prefix, fields=fields)
+    how = "reordered (rows and fields)" if reorder_fields else "rows sorted (fields as written)"
     lines.append(f"  rows: {rows} -> {table.num_rows} distinct inputs; ~{before.total // CHARS_PER_TOKEN} prompt tokens")
-    lines.append(f"  prefix hit rate: {before.hit_rate:.1%} in table order -> {after.hit_rate:.1%} reordered "
+    lines.append(f"  prefix hit rate: {before.hit_rate:.1%} in table order -> {after.hit_rate:.1%} {how} "
                  f"(unbounded cache: {before.trie_hit_rate:.1%} -> {after.trie_hit_rate:.1%})")
     return lines
 

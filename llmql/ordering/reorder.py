@@ -23,6 +23,7 @@ from llmql.ordering.exact import solve_exact
 from llmql.ordering.fds import determines, discover_fds
 from llmql.ordering.metrics import measure
 from llmql.ordering.reference_ggr import reference_ggr
+from llmql.ordering.render import render_cell
 from llmql.ordering.types import Ordering
 
 EXACT_ROWS = 0  # groups this small are solved exactly (one Python call each)
@@ -35,6 +36,7 @@ def reorder(
     *,
     functional_dependencies: list[list[str]] | None = None,
     exact_rows: int = EXACT_ROWS,
+    reorder_fields: bool = True,
 ) -> Ordering:
     """Order rows, and fields within each row, so consecutive prompts share long prefixes.
 
@@ -44,6 +46,9 @@ def reorder(
         functional_dependencies: groups of fields that determine each other; discovered from
             the data when None, none when [].
         exact_rows: groups with at most this many rows are solved exactly.
+        reorder_fields: False keeps `fields` in the given order in every row and only sorts
+            the rows (`written_order`): each prompt's text then does not depend on the other
+            rows.
 
     Returns:
         An `Ordering`: a permutation of the rows and, per row, a permutation of `fields`.
@@ -59,10 +64,23 @@ def reorder(
     """
     arrow = to_arrow(table)
     fields = list(fields or arrow.column_names)
+    if not reorder_fields:
+        return written_order(arrow, fields)
     ours = greedy_order(arrow, fields, functional_dependencies=functional_dependencies, exact_rows=exact_rows)
     if 0 < len(ours.row_order) <= CHECKED_ROWS:
         return _best_of(arrow, fields, ours)
     return ours
+
+
+def written_order(table, fields: list[str] | None = None) -> Ordering:
+    """Every row's fields as given; rows sorted by their rendered field values in that order
+    (the most prefix reuse one fixed field order allows)."""
+    arrow = to_arrow(table)
+    fields = list(fields or arrow.column_names)
+    columns = [[render_cell(v) for v in arrow.column(f).to_pylist()] for f in fields]
+    texts = list(zip(*columns)) if columns else [()] * arrow.num_rows
+    order = sorted(range(arrow.num_rows), key=texts.__getitem__)
+    return Ordering(row_order=order, field_orders=[list(fields) for _ in order])
 
 
 def greedy_order(

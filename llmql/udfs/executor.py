@@ -20,7 +20,6 @@ import pyarrow as pa
 from llmql.engine import is_remote
 from llmql.engine.types import Engine
 from llmql.ordering import reorder
-from llmql.ordering.render import render_value
 from llmql.settings import get_settings
 from llmql.udfs.batch import BatchRunner, PendingPrompt
 from llmql.udfs.call import CallSpec
@@ -158,19 +157,13 @@ def _ordered_prompts(
     return pending
 
 
-def _reorder(rows: list[dict], fields: Sequence[str], reorder_fields: bool = True) -> tuple[list[int], list[list[str]]]:
-    """Row send order and per-row field order from `llmql.ordering.reorder`.
-
-    With `reorder_fields=False` every row keeps `fields` as written and rows are sorted by
-    their rendered values in that order (the best row order for one fixed field order).
-    """
-    if not reorder_fields:
-        texts = [tuple(render_value(r[f]) for f in fields) for r in rows]  # NOTE: no NULLs here
-        return sorted(range(len(rows)), key=texts.__getitem__), [list(fields)] * len(rows)
-    if len(rows) > 1:
-        ordering = reorder(pa.Table.from_pylist(rows), list(fields))
-        return list(ordering.row_order), [list(f) for f in ordering.field_orders]
-    return list(range(len(rows))), [list(fields)] * len(rows)
+def _reorder(rows: list[dict], fields: Sequence[str], reorder_fields: bool = False) -> tuple[list[int], list[list[str]]]:
+    """Row send order and per-row field order from `llmql.ordering.reorder` (with
+    `reorder_fields=False`: fields as written, rows sorted by their values)."""
+    if len(rows) < 2:
+        return list(range(len(rows))), [list(fields)] * len(rows)
+    ordering = reorder(pa.Table.from_pylist(rows), list(fields), reorder_fields=reorder_fields)
+    return list(ordering.row_order), [list(f) for f in ordering.field_orders]
 
 
 def _parse(fn: FunctionSpec, spec: CallSpec, text: str | None, report: CallReport) -> Any:

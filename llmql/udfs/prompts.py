@@ -58,8 +58,8 @@ def output_signature(spec: CallSpec) -> dict[str, Any]:
         signature["calibrated"] = calibrates(spec)  # NOTE: old (uncalibrated) answers miss
     if o.chat is not None:
         signature["chat"] = o.chat  # NOTE: auto (None) is keyed by the model alone
-    if not o.reorder_fields:
-        signature["fields_as_written"] = True  # NOTE: never mixed with reordered answers
+    if o.reorder_fields:
+        signature["fields_reordered"] = True  # NOTE: never mixed with written-order answers
     if o.examples:
         signature["examples"] = examples.signature(o.examples)
     if get_spec(spec.function).stop:

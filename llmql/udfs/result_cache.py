@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS results (
 _BATCH = 500
 # NOTE: part of every key; bump it when prompts, parsing or key contents change meaning, so
 # answers of an older llmql miss instead of being replayed.
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3  # NOTE: 3: written field order became the default
 
 
 class ResultCache:

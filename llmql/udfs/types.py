@@ -61,10 +61,12 @@ class CallOptions:
             the answer by contextual calibration (Zhao et al., 2021): each choice's
             first-token log-probability minus the one the same prompt gets with every field
             "N/A". Needs an engine that reports `choice_logprobs`; else the constrained answer.
-        reorder_fields: True lets the optimizer pick each row's field order (most prefix
-            reuse; the order, and so possibly the answer, depends on the other rows of the
-            batch or partition). False keeps the fields as written for every row (rows are
-            still sorted for reuse): answers that do not depend on batching or partitioning.
+        reorder_fields: False (the default) keeps the fields in the written order in every
+            prompt; rows are still sorted for prefix reuse, and each prompt's text, so its
+            answer, does not depend on the other rows of the batch or partition. True lets
+            the optimizer pick each row's field order (GGR: more prefix reuse when a
+            repeated field is not written first), at the price of answers that can change
+            with the layout (docs/benchmarks.md, Answer quality: 5-14 points either way).
         chat: None (auto) renders each prompt as one user turn through the model's chat
             template when the (embedded) model has one, else sends it plain; True always
             does (a remote endpoint gets it on its chat endpoint); False never does.
@@ -90,7 +92,7 @@ class CallOptions:
     tenant: str | None = None
     policy: str | None = None
     calibrate: bool = True
-    reorder_fields: bool = True
+    reorder_fields: bool = False
     chat: bool | None = None
     examples: tuple[dict[str, Any], ...] | None = None
 

@@ -115,3 +115,23 @@ def test_rows_with_nothing_repeated_are_sorted_as_text():
     o = reorder(df, functional_dependencies=[])
     assert o.field_orders[0] == ["a", "b"]  # sorted neighbours of `a` share "beta "
     assert [df.a[r] for r in o.row_order] == ["alpha", "beta x", "beta y", "zeta"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(tables())
+def test_written_order_keeps_fields_and_shares_at_least_the_table_order(table):
+    ordering = reorder(table, reorder_fields=False)
+    assert sorted(ordering.row_order) == list(range(table.num_rows))
+    assert all(order == table.column_names for order in ordering.field_orders)
+    prompts = render_prompts(table, ordering)
+    assert prompts == sorted(prompts)
+    assert measure(table, ordering).hits >= measure(table).hits  # NOTE: sorted text is optimal
+
+
+def test_written_order_sorts_rows_on_the_first_written_field():
+    movies = ["A long shared description of the first movie.", "Another long shared description."]
+    table = pa.table({"review": ["b", "a", "c", "d"], "movie": [movies[1], movies[0], movies[0], movies[1]]})
+    ordering = reorder(table, ["review", "movie"], reorder_fields=False)
+    assert ordering.row_order == [1, 0, 2, 3]
+    assert ordering.field_orders == [["review", "movie"]] * 4
+    assert reorder(table, ["review", "movie"]).field_orders[0][0] == "movie"  # GGR moves it

@@ -197,13 +197,14 @@ def test_calibration_picks_by_logprobs_relative_to_the_null_prompt(cache):
 
 def test_fields_as_written_keep_their_order_and_rows_are_sorted(cache):
     table = pa.table({"review": list("cbade"), "movie": ["m1", "m2", "m1", "m2", "m1"]})
-    reordered = FakeEngine()
-    run_call(CallSpec("llm", "Say", ("review", "movie")), table, engine=reordered, cache=cache)
-    assert all(p.split("\n")[1].startswith("movie: ") for p in reordered.prompts)  # shared field first
-    fixed = FakeEngine()
-    spec = CallSpec("llm", "Say", ("review", "movie"), CallOptions(reorder_fields=False))
-    out = run_call(spec, table, engine=fixed, cache=cache)
+    fixed = FakeEngine()  # NOTE: the default: fields as written, rows sorted
+    run_call(CallSpec("llm", "Say", ("review", "movie")), table, engine=fixed, cache=cache)
     assert [p.split("\n")[1] for p in fixed.prompts] == [f"review: {c}" for c in "abcde"]
-    assert out.report.cache_hits == 0  # answers to reordered prompts are not reused
+    reordered = FakeEngine()
+    spec = CallSpec("llm", "Say", ("review", "movie"), CallOptions(reorder_fields=True))
+    out = run_call(spec, table, engine=reordered, cache=cache)
+    assert all(p.split("\n")[1].startswith("movie: ") for p in reordered.prompts)  # shared field first
+    assert [p.split("\n")[1] for p in reordered.prompts][:3] == ["movie: m1"] * 3  # grouped by it
+    assert out.report.cache_hits == 0  # answers to written-order prompts are not reused
     with pytest.raises(UDFError, match="reorder_fields must be a boolean"):
         CallOptions(reorder_fields="no")

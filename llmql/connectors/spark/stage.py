@@ -55,7 +55,7 @@ def compute_results(
     else:
         # NOTE: range partitioning keeps equal leading values together, like hashing, but
         # balances rows across partitions (the slowest partition sets the stage's time)
-        parted = inputs.repartitionByRange(n, *leading_fields(sample, spec.fields))
+        parted = inputs.repartitionByRange(n, *leading_fields(sample, spec.fields, spec.options.reorder_fields))
     out = parted.mapInArrow(_partition_fn(ctx, spec, report), result_schema(inputs.schema, spec))
     return out.localCheckpoint(eager=True)
 
@@ -69,9 +69,10 @@ def result_schema(input_schema: Any, spec: CallSpec) -> Any:
     return StructType([*input_schema.fields, StructField(RESULT, result_type, True)])
 
 
-def leading_fields(sample: pa.Table, fields: tuple[str, ...]) -> list[str]:
-    """The field the reorderer most often sends first, judged on a sample of the inputs."""
-    if len(fields) == 1 or sample.num_rows < 2:
+def leading_fields(sample: pa.Table, fields: tuple[str, ...], reorder_fields: bool = True) -> list[str]:
+    """The field the reorderer most often sends first, judged on a sample of the inputs (the
+    first written field when fields keep their written order)."""
+    if len(fields) == 1 or sample.num_rows < 2 or not reorder_fields:
         return [fields[0]]
     ordering = reorder(sample.select(list(fields)), list(fields))
     firsts = Counter(order[0] for order in ordering.field_orders if order)
@@ -85,7 +86,7 @@ def _from_driver(inputs: Any, table: pa.Table, spec: CallSpec, n: int) -> Any:
 
     if spec.function != "llm_agg" and table.num_rows > 1:
         with contextlib.suppress(pa.ArrowNotImplementedError):  # NOTE: nested types: unsorted
-            table = table.sort_by([(leading_fields(table, spec.fields)[0], "ascending")])
+            table = table.sort_by([(leading_fields(table, spec.fields, spec.options.reorder_fields)[0], "ascending")])
     schema = StructType([StructField(f.name, f.dataType, True) for f in inputs.schema.fields])
     df = inputs.sparkSession.createDataFrame(table, schema=schema)
     return df.coalesce(n) if n < df.rdd.getNumPartitions() else df
