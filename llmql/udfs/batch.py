@@ -15,6 +15,8 @@ from llmql.udfs.progress import open_progress
 from llmql.udfs.result_cache import ResultCache
 from llmql.udfs.types import EXPERT_COUNTERS, CallReport, UDFError
 
+_NULL_KEY = "\x00calibration"  # NOTE: the content-free prompt's key; no real key looks like it
+
 
 @dataclass(frozen=True)
 class PendingPrompt:
@@ -29,8 +31,11 @@ class BatchRunner:
 
     The engine is resolved lazily, so a fully cached call never loads a model. With a
     `null_prompt` (a calibrated call, see `CallOptions.calibrate`), answers with
-    `choice_logprobs` are re-selected against that content-free prompt's log-probabilities,
-    generated once, on the first such answer (engines without logprobs never send it).
+    `choice_logprobs` are re-selected against that content-free prompt's log-probabilities.
+    It is submitted once, when the first such answer arrives (engines without logprobs never
+    send it; sent first, it would prefill beside the first rows instead of reusing their
+    prefix), and the loop keeps the engine fed meanwhile: answers that need it wait until it
+    is back.
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class BatchRunner:
         self._send_schema = spec.function == "llm_extract"
         self.null_prompt = null_prompt
         self._null_logprobs: dict[str, float] | None = None
+        self._held: list[tuple[PendingPrompt, GenerationResult]] = []  # NOTE: waiting for _NULL_KEY
         self._chat = False
         self._resent: set[str] = set()
         self._first_admit = float("inf")
@@ -94,7 +100,7 @@ class BatchRunner:
                 done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
                 finished = [(inflight.pop(f), _outcome(f)) for f in done]
                 out.update(self._finish(engine, finished, inflight))
-                bar.advance(len(done), self.report)
+                bar.advance(sum(p.key != _NULL_KEY for p, _ in finished), self.report)
         except BaseException:
             if hasattr(engine, "cancel"):
                 engine.cancel(list(inflight))
@@ -128,10 +134,17 @@ class BatchRunner:
         inflight: dict[Future, PendingPrompt],
     ) -> dict[str, str | None]:
         """Account, select and cache the answers of `finished` (a schema-less engine's
-        rejections are submitted again with a JSON prompt)."""
+        rejections are submitted again with a JSON prompt; answers that need the
+        calibration prompt wait for it)."""
         texts: dict[str, str | None] = {}
-        good: list[tuple[str, str]] = []
+        ready: list[tuple[PendingPrompt, GenerationResult]] = []
         for pending, result in finished:
+            if pending.key == _NULL_KEY:
+                self._account(result)
+                self._null_logprobs = result.choice_logprobs or {}
+                ready += self._held
+                self._held = []
+                continue
             if _rejects_schema(result) and pending.key not in self._resent:
                 # NOTE: engines without json_schema decoding get a JSON prompt; we parse it ourselves.
                 self._send_schema = False
@@ -141,24 +154,31 @@ class BatchRunner:
             self._account(result)
             if result.finish_reason == "error" or result.error:
                 texts[pending.key] = None
-                continue
-            texts[pending.key] = text = self._select(engine, result)
-            good.append((pending.key, text))
+            elif self._waits_for_null(result):
+                if not self._held:
+                    null = PendingPrompt(_NULL_KEY, self.null_prompt or "")
+                    inflight[self._submit(engine, null)] = null
+                self._held.append((pending, result))
+            else:
+                ready.append((pending, result))
+        good = [(pending.key, self._select(result)) for pending, result in ready]
+        texts.update(good)
         if self.cache is not None and good:
             t1 = time.perf_counter()
             self.cache.put_many(good)
             self.report.add_time("cache", time.perf_counter() - t1)
         return texts
 
-    def _select(self, engine: Engine, result: GenerationResult) -> str:
+    def _waits_for_null(self, result: GenerationResult) -> bool:
+        """Whether this answer's selection needs the content-free prompt's log-probs, not
+        back yet."""
+        return self.null_prompt is not None and result.choice_logprobs is not None and self._null_logprobs is None
+
+    def _select(self, result: GenerationResult) -> str:
         """The answer: calibrated when this call calibrates and the engine gave logprobs."""
         if self.null_prompt is None or result.choice_logprobs is None:
             return result.text
-        if self._null_logprobs is None:
-            null = _generate_isolated(engine, [self._request(self.null_prompt)])[0]
-            self._account(null)
-            self._null_logprobs = null.choice_logprobs or {}
-        return calibrated_choice(result.text, result.choice_logprobs, self._null_logprobs)
+        return calibrated_choice(result.text, result.choice_logprobs, self._null_logprobs or {})
 
     def _request(self, prompt: str) -> GenerationRequest:
         return self.spec.request(prompt, json_schema=self._send_schema, chat=self._chat)
@@ -221,16 +241,6 @@ def _use_chat(option: bool | None, engine: Engine) -> bool:
 def _rejects_schema(result: GenerationResult) -> bool:
     # NOTE: asked only of requests that carried a schema; the retry without it parses JSON itself
     return result.finish_reason == "error" and result.error_kind == ErrorKind.BAD_REQUEST
-
-
-def _generate_isolated(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationResult]:
-    """One engine call; if it raises, retry one by one so one bad prompt fails alone."""
-    try:
-        return list(engine.generate(requests, progress=False))
-    except Exception as exc:
-        if len(requests) == 1:
-            return [_failed(f"{type(exc).__name__}: {exc}")]
-    return [_generate_isolated(engine, [r])[0] for r in requests]
 
 
 def submit_request(engine: Engine, request: GenerationRequest) -> Future:

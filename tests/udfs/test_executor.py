@@ -208,3 +208,42 @@ def test_fields_as_written_keep_their_order_and_rows_are_sorted(cache):
     assert out.report.cache_hits == 0  # answers to written-order prompts are not reused
     with pytest.raises(UDFError, match="reorder_fields must be a boolean"):
         CallOptions(reorder_fields="no")
+
+
+def test_calibration_prompt_is_submitted_beside_the_rows_and_held_answers_wait_for_it(cache):
+    """With an engine that answers in the background (FIFO), the content-free prompt goes
+    through `submit` while rows are still in flight; answers that arrive before it are held,
+    then calibrated like the rest."""
+    import dataclasses
+    import threading
+    import time
+    from concurrent.futures import Future
+
+    lp = {"N/A": (-1.0, -3.0), "x": (-1.0, -2.0), "y": (-1.0, -4.0), "w": (-0.5, -2.6), "v": (-1.0, -1.5)}
+
+    class BackgroundEngine(FakeEngine):
+        def _one(self, request):
+            result = super()._one(request)
+            yes, no = lp[request.prompt.splitlines()[1].split(": ", 1)[1]]
+            return dataclasses.replace(result, text="yes", choice_logprobs={"yes": yes, "no": no})
+
+        def submit(self, request, *, on_text=None):
+            self.submitted += 1
+            future: Future = Future()
+
+            def answer():
+                time.sleep(0.01 * self.submitted)
+                future.set_result(self.generate([request])[0])
+
+            threading.Thread(target=answer).start()
+            return future
+
+    table = pa.table({"review": ["x", "y", "w", "v", "x", "y"]})
+    spec = CallSpec("llm_filter", "Good?", ("review",), CallOptions(chunk_size=2))
+    engine = BackgroundEngine()
+    out = run_call(spec, table, engine=engine, cache=cache)
+    assert out.values.to_pylist() == [False, True, True, False, False, True]
+    assert engine.submitted == 5  # 4 distinct rows + the null prompt, all through submit
+    null = "Good?\nreview: N/A\nAnswer (yes or no):"
+    assert engine.prompts.count(null) == 1
+    assert out.report.llm_calls == 5
