@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import sqlglot
@@ -12,6 +13,7 @@ from llmql.optimizer.types import LLMCall, Source
 from llmql.ordering import measure, reorder
 
 CHARS_PER_TOKEN = 4  # NOTE: prompt-token estimates without a tokenizer
+HINT_GAIN = 0.10  # NOTE: EXPLAIN suggests field reordering when it would reuse this much more
 
 
 def explain(sql: str, *, con: Any = None, dialect: str = "duckdb") -> str:
@@ -19,7 +21,8 @@ def explain(sql: str, *, con: Any = None, dialect: str = "duckdb") -> str:
 
     With a DuckDB connection holding the tables, calls that depend on no other call are
     measured: input rows, distinct inputs, estimated prompt tokens, and the prefix hit rate
-    of their prompts in table order and after `reorder`. No model is called.
+    of their prompts in table order and in the order the call sends them (with fields as
+    written, a hint when reordering them would reuse 10 points more). No model is called.
 
     >>> print(explain("SELECT llm('Name', a) FROM t WHERE llm_filter('Ok?', b)"))
     LLM filters, in order: llm_0 (llm_filter)
@@ -64,6 +67,13 @@ def _describe(call: LLMCall, con: Any, sources: tuple[Source, ...], dialect: str
     lines.append(f"  rows: {rows} -> {table.num_rows} distinct inputs; ~{before.total // CHARS_PER_TOKEN} prompt tokens")
     lines.append(f"  prefix hit rate: {before.hit_rate:.1%} in table order -> {after.hit_rate:.1%} {how} "
                  f"(unbounded cache: {before.trie_hit_rate:.1%} -> {after.trie_hit_rate:.1%})")
+    if not reorder_fields and len(fields) > 1:
+        ordering = reorder(table, fields)
+        best = measure(table, ordering, instruction=prefix, fields=fields)
+        if best.trie_hit_rate - after.trie_hit_rate >= HINT_GAIN:
+            first = Counter(order[0] for order in ordering.field_orders).most_common(1)[0][0]
+            lines.append(f"  hint: {best.trie_hit_rate:.1%} with reorder_fields := true, or write {first} first "
+                         "(the field order can change answers)")
     return lines
 
 
