@@ -11,6 +11,7 @@
 
 Prints one JSON line per policy and scenario, then the ratios. Usage:
     .venv/bin/python benchmarks/sched_bench.py [--quick] [--only a,b,c] [--mixed 48,16,8]
+        [--max-batch-tokens N]
 """
 
 from __future__ import annotations
@@ -75,11 +76,20 @@ def kendall_tau(x: list[float], y: list[float]) -> float:
     return concord / denom if denom else 0.0
 
 
+BATCH_TOKENS = {"max_batch_tokens": 0}  # NOTE: --max-batch-tokens (0: the engine's default)
+
+
+def _config(policy: str, **kw):
+    from llmql.engine.engine import EngineConfig
+
+    return EngineConfig(policy=policy, **BATCH_TOKENS, **kw)
+
+
 def run_mixed(lm, policy: str, n: int, warmup: int, max_running: int) -> dict:
-    from llmql.engine.engine import EmbeddedEngine, EngineConfig
+    from llmql.engine.engine import EmbeddedEngine
 
     rows = movies()
-    engine = EmbeddedEngine(lm, EngineConfig(policy=policy, max_running=max_running))
+    engine = EmbeddedEngine(lm, _config(policy, max_running=max_running))
     history = getattr(engine.scheduler.policy, "history", None)
     # NOTE: a policy without a predictor needs no training data: one row per template warms
     # the model and the templates' cached prefixes as well
@@ -97,6 +107,7 @@ def run_mixed(lm, policy: str, n: int, warmup: int, max_running: int) -> dict:
     results = [f.result() for f in futures]
     latencies = np.asarray(done) - t0
     out = {"scenario": "mixed", "policy": policy, "rows": n, "max_running": max_running,
+           "batch_tokens": engine.config.batch_tokens,
            "warmup_rows": warm_rows,
            "mean_latency_s": round(float(latencies.mean()), 3),
            "p90_latency_s": round(float(np.percentile(latencies, 90)), 3),
@@ -131,9 +142,9 @@ def _timed_query(con, sql: str, out: dict, key: str, t0: float) -> None:
 
 
 def run_fair(lm, policy: str, big: int, small: int, delay: float) -> dict:
-    from llmql.engine.engine import EmbeddedEngine, EngineConfig
+    from llmql.engine.engine import EmbeddedEngine
 
-    engine = EmbeddedEngine(lm, EngineConfig(policy=policy))
+    engine = EmbeddedEngine(lm, _config(policy))
     cons = {"big": _connection(engine, "big", big), "small": _connection(engine, "small", small, big)}
     times: dict = {}
     t0 = time.perf_counter()
@@ -148,6 +159,7 @@ def run_fair(lm, policy: str, big: int, small: int, delay: float) -> dict:
     durations = [end - start for start, end, _ in times.values()]
     engine.close()
     return {"scenario": "fairness", "policy": policy, "rows": big + small,
+            "batch_tokens": engine.config.batch_tokens,
             "small_tenant_finish_s": round(times["small"][1] - times["small"][0], 3),
             "big_finish_s": round(times["big"][1], 3),
             "mean_latency_s": round(float(np.mean(durations)), 3),
@@ -156,9 +168,9 @@ def run_fair(lm, policy: str, big: int, small: int, delay: float) -> dict:
 
 
 def run_concurrent(lm, rows: int, concurrent: bool) -> dict:
-    from llmql.engine.engine import EmbeddedEngine, EngineConfig
+    from llmql.engine.engine import EmbeddedEngine
 
-    engine = EmbeddedEngine(lm, EngineConfig(policy="fair"))
+    engine = EmbeddedEngine(lm, _config("fair"))
     queries = [(_connection(engine, "big", rows), BIG),
                (_connection(engine, "small", rows, rows), SMALL)]
     times: dict = {}
@@ -178,6 +190,7 @@ def run_concurrent(lm, rows: int, concurrent: bool) -> dict:
     engine.close()
     return {"scenario": "two_queries", "policy": "fair",
             "mode": "concurrent" if concurrent else "sequential", "rows": 2 * rows,
+            "batch_tokens": engine.config.batch_tokens,
             "mean_latency_s": round(float(np.mean(durations)), 3),
             "p90_latency_s": round(float(np.max(durations)), 3),
             "throughput_rows_s": round(2 * rows / makespan, 3)}
@@ -190,6 +203,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--mixed", default="", help="scenario (a) as rows,warmup,max_running "
                         "(default 240,20,32; --quick 96,16,16)")
+    parser.add_argument("--max-batch-tokens", type=int, default=0,
+                        help="tokens per engine step (0: the engine's default for the device)")
     args = parser.parse_args()
     import torch
 
@@ -197,6 +212,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    BATCH_TOKENS["max_batch_tokens"] = args.max_batch_tokens
     lm = load_model()
     only = set(args.only.split(","))
     lines: list[dict] = []
