@@ -11,6 +11,7 @@
 
 Prints one JSON line per policy and scenario, then the ratios. Usage:
     .venv/bin/python benchmarks/sched_bench.py [--quick] [--only a,b,c] [--mixed 48,16,8]
+        [--mix 1,1,1,1] [--max-batch-tokens N]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
+from sched_sim import StepLog, sjf_bound  # sibling script
 
 TEMPLATES = [  # (instruction, max_tokens, choices, stop)
     ("Write a detailed paragraph about the movie and what the review says about it.", 48, None, ()),
@@ -54,14 +56,19 @@ def _prompt(instruction: str, row: dict) -> str:
     return f"{instruction}\nmovie_title: {row['movie_title']}\nreview_content: {row['review_content']}\nAnswer:"
 
 
-def mixed_requests(rows: list[dict], n: int, seed: int):
+def mixed_requests(rows: list[dict], n: int, seed: int, mix: tuple[int, ...] = (1, 1, 1, 1)):
+    """`n` requests, template t in proportion `mix[t]`; the k-th request of a template reads
+    row k (with the even mix: each row under all four templates), then shuffled."""
     from llmql.engine.types import GenerationRequest
 
-    out = []
+    pattern = [t for t, w in enumerate(mix) for _ in range(w)]
+    out, used = [], [0] * len(TEMPLATES)
     for i in range(n):
-        instruction, max_tokens, choices, stop = TEMPLATES[i % len(TEMPLATES)]
-        out.append(GenerationRequest(_prompt(instruction, rows[i // len(TEMPLATES)]),
+        t = pattern[i % len(pattern)]
+        instruction, max_tokens, choices, stop = TEMPLATES[t]
+        out.append(GenerationRequest(_prompt(instruction, rows[used[t]]),
                                      max_tokens=max_tokens, choices=choices, stop=stop))
+        used[t] += 1
     random.Random(seed).shuffle(out)
     return out
 
@@ -75,18 +82,29 @@ def kendall_tau(x: list[float], y: list[float]) -> float:
     return concord / denom if denom else 0.0
 
 
-def run_mixed(lm, policy: str, n: int, warmup: int, max_running: int) -> dict:
-    from llmql.engine.engine import EmbeddedEngine, EngineConfig
+BATCH_TOKENS = {"max_batch_tokens": 0}  # NOTE: --max-batch-tokens (0: the engine's default)
+
+
+def _config(policy: str, **kw):
+    from llmql.engine.engine import EngineConfig
+
+    return EngineConfig(policy=policy, **BATCH_TOKENS, **kw)
+
+
+def run_mixed(lm, policy: str, n: int, warmup: int, max_running: int,
+              mix: tuple[int, ...] = (1, 1, 1, 1)) -> dict:
+    from llmql.engine.engine import EmbeddedEngine
 
     rows = movies()
-    engine = EmbeddedEngine(lm, EngineConfig(policy=policy, max_running=max_running))
+    engine = EmbeddedEngine(lm, _config(policy, max_running=max_running))
     history = getattr(engine.scheduler.policy, "history", None)
     # NOTE: a policy without a predictor needs no training data: one row per template warms
     # the model and the templates' cached prefixes as well
     warm_rows = warmup if history is not None else 1
-    engine.generate(mixed_requests(rows[n:], warm_rows * len(TEMPLATES), seed=1))
+    engine.generate(mixed_requests(rows[n:], warm_rows * sum(mix), seed=1, mix=mix))
     seen = len(history) if history is not None else 0
-    requests = mixed_requests(rows, n, seed=0)
+    requests = mixed_requests(rows, n, seed=0, mix=mix)
+    log = StepLog(engine)
     done: list[float] = [0.0] * n
     t0 = time.perf_counter()
     futures: list[Future] = []
@@ -97,18 +115,32 @@ def run_mixed(lm, policy: str, n: int, warmup: int, max_running: int) -> dict:
     results = [f.result() for f in futures]
     latencies = np.asarray(done) - t0
     out = {"scenario": "mixed", "policy": policy, "rows": n, "max_running": max_running,
+           "batch_tokens": engine.config.batch_tokens, "mix": list(mix),
            "warmup_rows": warm_rows,
            "mean_latency_s": round(float(latencies.mean()), 3),
            "p90_latency_s": round(float(np.percentile(latencies, 90)), 3),
            "throughput_rows_s": round(n / float(latencies.max()), 3),
            "output_tokens": sum(r.output_tokens for r in results),
-           "errors": sum(r.finish_reason == "error" for r in results)}
+           "errors": sum(r.finish_reason == "error" for r in results),
+           "mean_output_tokens_by_template": _by_template(requests, results)}
+    if policy == "fcfs":  # NOTE: what an oracle shortest-first order could reach on this run
+        out.update(sjf_bound([r.prompt_tokens - r.cached_tokens for r in results],
+                             [r.output_tokens for r in results], max_running=max_running,
+                             budget=engine.config.batch_tokens, steps=log.steps))
     if history is not None:
         pairs = list(history)[seen:]
         out["kendall_tau"] = round(kendall_tau([p for p, _ in pairs], [a for _, a in pairs]), 3)
         out["predicted_requests"] = len(pairs)
     engine.close()
     return out
+
+
+def _by_template(requests, results) -> list[float]:
+    lengths: dict[int, list[int]] = {}
+    for req, res in zip(requests, results):
+        t = next(i for i, tpl in enumerate(TEMPLATES) if req.prompt.startswith(tpl[0]))
+        lengths.setdefault(t, []).append(res.output_tokens)
+    return [round(float(np.mean(lengths[t])), 1) if t in lengths else 0.0 for t in range(len(TEMPLATES))]
 
 
 def _connection(engine, table: str, rows: int, offset: int = 0):
@@ -131,9 +163,9 @@ def _timed_query(con, sql: str, out: dict, key: str, t0: float) -> None:
 
 
 def run_fair(lm, policy: str, big: int, small: int, delay: float) -> dict:
-    from llmql.engine.engine import EmbeddedEngine, EngineConfig
+    from llmql.engine.engine import EmbeddedEngine
 
-    engine = EmbeddedEngine(lm, EngineConfig(policy=policy))
+    engine = EmbeddedEngine(lm, _config(policy))
     cons = {"big": _connection(engine, "big", big), "small": _connection(engine, "small", small, big)}
     times: dict = {}
     t0 = time.perf_counter()
@@ -148,6 +180,7 @@ def run_fair(lm, policy: str, big: int, small: int, delay: float) -> dict:
     durations = [end - start for start, end, _ in times.values()]
     engine.close()
     return {"scenario": "fairness", "policy": policy, "rows": big + small,
+            "batch_tokens": engine.config.batch_tokens,
             "small_tenant_finish_s": round(times["small"][1] - times["small"][0], 3),
             "big_finish_s": round(times["big"][1], 3),
             "mean_latency_s": round(float(np.mean(durations)), 3),
@@ -156,9 +189,9 @@ def run_fair(lm, policy: str, big: int, small: int, delay: float) -> dict:
 
 
 def run_concurrent(lm, rows: int, concurrent: bool) -> dict:
-    from llmql.engine.engine import EmbeddedEngine, EngineConfig
+    from llmql.engine.engine import EmbeddedEngine
 
-    engine = EmbeddedEngine(lm, EngineConfig(policy="fair"))
+    engine = EmbeddedEngine(lm, _config("fair"))
     queries = [(_connection(engine, "big", rows), BIG),
                (_connection(engine, "small", rows, rows), SMALL)]
     times: dict = {}
@@ -178,6 +211,7 @@ def run_concurrent(lm, rows: int, concurrent: bool) -> dict:
     engine.close()
     return {"scenario": "two_queries", "policy": "fair",
             "mode": "concurrent" if concurrent else "sequential", "rows": 2 * rows,
+            "batch_tokens": engine.config.batch_tokens,
             "mean_latency_s": round(float(np.mean(durations)), 3),
             "p90_latency_s": round(float(np.max(durations)), 3),
             "throughput_rows_s": round(2 * rows / makespan, 3)}
@@ -190,6 +224,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--mixed", default="", help="scenario (a) as rows,warmup,max_running "
                         "(default 240,20,32; --quick 96,16,16)")
+    parser.add_argument("--mix", default="1,1,1,1", help="scenario (a): weights of the "
+                        "templates (paragraph, sentence, one word, yes/no)")
+    parser.add_argument("--max-batch-tokens", type=int, default=0,
+                        help="tokens per engine step (0: the engine's default for the device)")
     args = parser.parse_args()
     import torch
 
@@ -197,6 +235,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    BATCH_TOKENS["max_batch_tokens"] = args.max_batch_tokens
     lm = load_model()
     only = set(args.only.split(","))
     lines: list[dict] = []
@@ -209,8 +248,9 @@ def main() -> None:
         n, warmup, running = (96, 16, 16) if args.quick else (240, 20, 32)
         if args.mixed:
             n, warmup, running = map(int, args.mixed.split(","))
+        mix = tuple(int(w) for w in args.mix.split(","))
         for policy in ("fcfs", "ltr"):
-            emit(run_mixed(lm, policy, n, warmup, running))
+            emit(run_mixed(lm, policy, n, warmup, running, mix))
     if "b" in only:
         big, small = (160, 12) if args.quick else (400, 20)
         for policy in ("fcfs", "fair"):
@@ -231,6 +271,7 @@ def ratios(lines: list[dict]) -> dict:
         out["mixed_ltr_latency_x_fcfs"] = round(ltr["mean_latency_s"] / fcfs["mean_latency_s"], 3)
         out["mixed_ltr_throughput_x_fcfs"] = round(ltr["throughput_rows_s"] / fcfs["throughput_rows_s"], 3)
         out["mixed_ltr_kendall_tau"] = ltr.get("kendall_tau")
+        out["mixed_oracle_sjf_x_fcfs_simulated"] = fcfs.get("sim_oracle_sjf_x_fcfs")
     f_fcfs, f_fair = by.get(("fairness", "fcfs", None)), by.get(("fairness", "fair", None))
     if f_fcfs and f_fair:
         out["fair_small_finish_speedup"] = round(

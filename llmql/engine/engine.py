@@ -41,6 +41,9 @@ from llmql.engine.types import (
 )
 from llmql.settings import get_settings
 
+CPU_BATCH_TOKENS = 512  # default step budget on CPU (see `EngineConfig.batch_tokens`)
+GPU_BATCH_TOKENS = 2048
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -53,7 +56,7 @@ class EngineConfig:
     page_size: int = 1
     prefix_cache: bool = True
     chunk_size: int = 512
-    max_batch_tokens: int = 2048
+    max_batch_tokens: int = 0  # 0: by device (`batch_tokens`)
     max_running: int = 64
     policy: str = "fair"
     threads: int = 0
@@ -64,8 +67,22 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.kv_tokens < 0 or self.kv_gib <= 0 or self.threads < 0:
             raise ValueError("kv_tokens and threads must be >= 0 and kv_gib > 0")
-        if min(self.page_size, self.chunk_size, self.max_batch_tokens, self.max_running) <= 0:
-            raise ValueError("page_size, chunk_size, max_batch_tokens, max_running must be > 0")
+        if min(self.page_size, self.chunk_size, self.max_running) <= 0 or self.max_batch_tokens < 0:
+            raise ValueError("page_size, chunk_size, max_running must be > 0 and max_batch_tokens >= 0")
+
+    @property
+    def batch_tokens(self) -> int:
+        """Most tokens in one step: `max_batch_tokens`, or by device when 0.
+
+        On a CPU a step's time grows linearly with its tokens while the throughput per
+        token stays flat from a few hundred tokens up, so a smaller budget (`CPU_BATCH_TOKENS`)
+        costs no throughput and bounds how long a newly arrived request waits for the step
+        in flight (a 2048-token prefill step runs 6-15 s on 2 cores; 512 tokens, 1-2 s).
+        A GPU runs extra prefill tokens nearly free, so it keeps the larger budget.
+        """
+        if self.max_batch_tokens:
+            return self.max_batch_tokens
+        return CPU_BATCH_TOKENS if torch.device(self.device).type == "cpu" else GPU_BATCH_TOKENS
 
     def pool_tokens(self, lm: LoadedModel) -> int:
         """KV pool size in tokens: `kv_tokens`, else as many as fit in `kv_gib`."""
@@ -94,7 +111,7 @@ class EmbeddedEngine:
         )
         self.scheduler = Scheduler(
             self.kv, create_policy(config.policy), chunk_size=config.chunk_size,
-            max_batch_tokens=config.max_batch_tokens, max_running=config.max_running,
+            max_batch_tokens=config.batch_tokens, max_running=config.max_running,
             checks=[AdapterAdmission(config.max_loras_per_batch)],
         )
         self.runner = ModelRunner(lm.model, self.pool, config.device,

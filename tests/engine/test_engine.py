@@ -100,6 +100,20 @@ def test_bad_input_is_per_request(tiny) -> None:
         EngineConfig(page_size=0)
 
 
+def test_step_token_budget_by_device(tiny) -> None:
+    """max_batch_tokens 0 (the default) is a smaller step on CPU than on a GPU; an explicit
+    budget wins; the scheduler gets the resolved budget."""
+    from llmql.engine.engine import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
+
+    assert EngineConfig().batch_tokens == CPU_BATCH_TOKENS < GPU_BATCH_TOKENS
+    assert EngineConfig(device="cuda").batch_tokens == GPU_BATCH_TOKENS
+    assert EngineConfig(device="cuda:1", max_batch_tokens=300).batch_tokens == 300
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        EngineConfig(max_batch_tokens=-1)
+    engine = EmbeddedEngine(tiny, EngineConfig(kv_tokens=256))
+    assert engine.scheduler.max_batch_tokens == CPU_BATCH_TOKENS
+
+
 def test_choices_and_seeds(tiny) -> None:
     engine = EmbeddedEngine(tiny, EngineConfig(kv_tokens=1024))
     choices = ("w10", "w10 w11", "w12 w13 w14")

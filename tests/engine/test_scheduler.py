@@ -146,3 +146,51 @@ def test_bad_settings() -> None:
         Scheduler(kv, create_policy("fcfs"), chunk_size=0)
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         create_policy("sjf")
+
+
+def _on_token(req: Req, tok: int) -> None:
+    req.token_ids.append(tok)
+    if len(req.output_ids) >= req.max_new_tokens:
+        req.finish("length")
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "fair"])
+def test_newcomer_tenant_waits_one_small_step_under_fair(policy: str) -> None:
+    """A large tenant's prefill backlog is cut into steps of at most the token budget; a small
+    tenant that arrives between two steps starts in the next one under `fair` (in what is
+    left of the budget after the running requests' chunks) and finishes before most of the
+    backlog; under `fcfs` it waits behind the backlog. Answers stay exact either way."""
+    budget = 32
+    pool = KVPool(4096, num_layers=1, num_kv_heads=1, head_dim=2)
+    kv = CacheManager(pool, create_prefix_cache("radix", pool))
+    sched = Scheduler(kv, create_policy(policy), chunk_size=16, max_batch_tokens=budget)
+    big = [Req(i, p, GenerationRequest("big", max_tokens=2, tenant="big"), 2)
+           for i, p in enumerate(_prompts(60, seed=3))]
+    small = [Req(100 + i, p[-6:], GenerationRequest("small", max_tokens=3, tenant="small"), 3)
+             for i, p in enumerate(_prompts(3, seed=4))]
+    for r in big:
+        sched.add(r)
+    small_done = -1
+    started: list[set[Req]] = []
+    seen: set[Req] = set()
+    for step in range(100):
+        if step == 2:
+            for r in small:
+                sched.add(r)
+        batch, failed = sched.schedule()
+        assert not failed and batch is not None and batch.num_tokens <= budget
+        if step in (2, 3):
+            started.append({r for r in batch.reqs if r in small and r not in seen})
+        seen.update(batch.reqs)
+        done = sched.postprocess(batch, _fake_forward(pool, batch), _on_token)
+        small_done = step if set(done) & set(small) else small_done
+        if not sched.has_work:
+            break
+    assert not sched.has_work
+    for r in (*big, *small):
+        assert r.output_ids == _expected(r.token_ids[: r.prompt_len], r.max_new_tokens)
+    if policy == "fair":
+        assert started[0] and started[0] | started[1] == set(small)
+        assert small_done <= 2 + 4 < step - 4  # done before most of the backlog
+    else:
+        assert not started[0] | started[1] and small_done >= step - 1
