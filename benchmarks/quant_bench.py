@@ -7,7 +7,8 @@ Workloads: "prefill" (a one-word SQL classification batch, max_tokens 2) and "de
 Llama as a Q4_0 GGUF and reports its load + generate peak RSS.
 
 Prints one JSON line per measurement, then a table. Usage:
-    .venv/bin/python benchmarks/quant_bench.py [--rows 60] [--threads 2] [--synthetic-1b]
+    .venv/bin/python benchmarks/quant_bench.py [--rows 60] [--threads 2] [--repeat 3]
+        [--sides none,auto,int8] [--synthetic-1b]
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_side(side: str, rows: int, threads: int, model: str | None) -> dict:
-    """In this process: load `side`, run every workload; returns the measurements."""
+def run_side(side: str, rows: int, threads: int, model: str | None, repeat: int = 1) -> dict:
+    """In this process: load `side`, run every workload `repeat` times (the prefix cache
+    emptied before each round, so each round starts cold); returns the measurements, with
+    each workload's median rows/s."""
     sys.path.insert(0, str(Path(__file__).parent))
     from engine_bench import load_prompts
 
@@ -42,21 +45,33 @@ def run_side(side: str, rows: int, threads: int, model: str | None) -> dict:
     import torch
 
     from llmql.engine import load
-    from llmql.engine.types import GenerationRequest
 
     torch.set_num_threads(threads)
     engine = load(model or "default", quantization=side, kv_tokens=16384, threads=threads)
     out: dict = {"side": side, "load_s": round(time.perf_counter() - t0, 1),
                  "rss_loaded_mib": round(peak_rss_mib())}
-    for name, max_tokens in WORKLOADS.items():
-        reqs = [GenerationRequest(p, max_tokens=max_tokens) for p in prompts]
-        start = time.perf_counter()
-        results = engine.generate(reqs, progress=False)
-        seconds = time.perf_counter() - start
-        out[name] = {"rows_per_s": round(len(prompts) / seconds, 3), "seconds": round(seconds, 2),
-                     "texts": [r.text for r in results]}
+    rounds = []
+    for _ in range(repeat):
+        engine.kv.cache.evict(engine.pool.num_slots)
+        rounds.append({name: _timed(engine, prompts, max_tokens) for name, max_tokens in WORKLOADS.items()})
+    for name in WORKLOADS:
+        runs = [r[name] for r in rounds]
+        rates = sorted(r["rows_per_s"] for r in runs)
+        out[name] = {**runs[0], "rows_per_s": rates[len(rates) // 2],
+                     "runs_rows_per_s": [r["rows_per_s"] for r in runs]}
     out["peak_rss_mib"] = round(peak_rss_mib())
     return out
+
+
+def _timed(engine, prompts: list[str], max_tokens: int) -> dict:
+    from llmql.engine.types import GenerationRequest
+
+    reqs = [GenerationRequest(p, max_tokens=max_tokens) for p in prompts]
+    start = time.perf_counter()
+    results = engine.generate(reqs, progress=False)
+    seconds = time.perf_counter() - start
+    return {"rows_per_s": round(len(prompts) / seconds, 3), "seconds": round(seconds, 2),
+            "texts": [r.text for r in results]}
 
 
 def _run_llama_cpp(prompts: list[str], threads: int, model: str | None) -> dict:
@@ -171,23 +186,29 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--synthetic-1b", action="store_true")
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of none,auto,int8")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of the workloads per side (prefix cache emptied between); median reported")
     parser.add_argument("--synthetic-path", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        print(json.dumps(run_side(args.side, args.rows, args.threads, args.model)))
+        print(json.dumps(run_side(args.side, args.rows, args.threads, args.model, args.repeat)))
         return
     if args.synthetic_path:
         print(json.dumps(synthetic_1b(Path(args.synthetic_path), args.threads)))
         return
-    sides = list(SIDES) + (["llama_cpp"] if importlib.util.find_spec("llama_cpp") else [])
-    common = ["--rows", str(args.rows), "--threads", str(args.threads)]
+    sides = args.sides.split(",") + (["llama_cpp"] if importlib.util.find_spec("llama_cpp") else [])
+    common = ["--rows", str(args.rows), "--threads", str(args.threads), "--repeat", str(args.repeat)]
     common += ["--model", args.model] if args.model else []
-    results = {s: _child([*common, "--side", s]) for s in sides}
+    print(json.dumps({"start_utc": time.strftime("%H:%M:%S", time.gmtime()), "load": os.getloadavg()}), flush=True)
+    results = {}
+    for side in sides:
+        results[side] = r = _child([*common, "--side", side])
+        print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "texts"} if isinstance(v, dict) else v)
+                          for k, v in r.items()}), flush=True)
     if "llama_cpp" not in results:
         print(json.dumps({"side": "llama_cpp", "measured": False, "reason": "llama_cpp not importable"}))
-    for r in results.values():
-        print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "texts"} if isinstance(v, dict) else v)
-                          for k, v in r.items()}))
+    print(json.dumps({"time_utc": time.strftime("%H:%M:%S", time.gmtime()), "load": os.getloadavg()}))
     if args.synthetic_1b:
         import tempfile
 

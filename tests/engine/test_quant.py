@@ -60,6 +60,20 @@ def test_default_model_types_match(default_tensors, kind) -> None:
     _check_exact(t.data[:48], t.ggml_type, 48, t.dims[0])
 
 
+def test_file_weight_reads_rows_as_the_map_holds_them(default_tensors) -> None:
+    """`FileQuantWeight` (rows read with preadv, not through the memory map): unsorted,
+    repeated and consecutive rows and slices equal the mapped rows' conversion."""
+    t = default_tensors["Q8_0"]
+    weight = FileQuantWeight(t.data, t.ggml_type, t.dims[0])
+    n = t.data.shape[0]
+    for index in (torch.tensor([5, 6, 7, n - 1, 5, 0, 8]), torch.arange(10, 40)):
+        want = from_gguf(np.asarray(t.data[index.numpy()]), t.ggml_type, (len(index), t.dims[0]))
+        torch.testing.assert_close(weight.dequantize(index), want.dequantize(), atol=0, rtol=0)
+    torch.testing.assert_close(weight.dequantize(slice(3, 9)), weight.dequantize(torch.arange(3, 9)))
+    with pytest.raises(IndexError):
+        weight.select_rows(torch.tensor([n]))
+
+
 def test_q5_k_blocks_match() -> None:
     """Q5_K from random raw blocks (sane float16 d/dmin; every other byte random)."""
     rng = np.random.default_rng(3)

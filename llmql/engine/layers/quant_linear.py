@@ -121,12 +121,22 @@ class Int8Packed:
                 if w.shape[0] > step:
                     trim_heap()  # NOTE: or each chunk's float32 transient stays in the heap
         n, k = weight.shape
+        self.n = n
         self.nbytes = n * k + 16 * n  # int8 values + float64 scale and int64 zero point per row
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] -> [..., N] float32."""
-        outs = [int8_linear(x, packed, compensate=self.compensate) for packed in self.chunks]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        """x [..., K] -> [..., N] float32 (each chunk's output copied into one tensor as it
+        comes: a 60-row LM head's logits are 63 MiB, held once, not twice as by a `cat`)."""
+        if len(self.chunks) == 1:
+            return int8_linear(x, self.chunks[0], compensate=self.compensate)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.empty(flat.shape[0], self.n, dtype=torch.float32, device=x.device)
+        col = 0
+        for packed in self.chunks:
+            y = int8_linear(flat, packed, compensate=self.compensate)
+            out[:, col : col + y.shape[1]] = y
+            col += y.shape[1]
+        return out.reshape(*x.shape[:-1], self.n)
 
 
 def rescored_logits(hidden: torch.Tensor, approx: Int8Packed, exact: QuantParts,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -99,32 +100,59 @@ def _convert_rows(t: TensorInfo, n: int, k: int, chunk_bytes: int = 16 << 20) ->
 
 
 class FileQuantWeight:
-    """A quantized GGUF tensor left in its memory-mapped file: rows are converted when asked
-    for (an embedding lookup, the LM head's re-scored tokens), so only the pages of rows in
-    use are resident. Duck-types the parts of `QuantWeight` that `QuantParts` uses."""
+    """A quantized GGUF tensor left in its file: rows are read (`os.preadv` into buffers this
+    process owns) and converted when asked for (an embedding lookup, the LM head's re-scored
+    tokens). Reading, not touching the memory map, keeps the file's pages out of this
+    process's RSS: a page fault on a cached file maps its neighbours too (fault-around), so
+    lookups scattered over a 262k-row embedding made nearly all of it resident. Duck-types
+    the parts of `QuantWeight` that `QuantParts` uses."""
 
     def __init__(self, data: np.ndarray, ggml_type: int, k: int) -> None:
-        self.data = data  # uint8 [N, bytes per row], memory-mapped
+        root = _root(data)
+        self._file = open(root.filename, "rb", buffering=0)  # noqa: SIM115  (lives with self)
+        self._offset = int(getattr(root, "offset", 0)) + data.ctypes.data - root.ctypes.data
+        self._rows, self._row_bytes = data.shape  # uint8 [N, bytes per row]
         self.ggml_type = ggml_type
         self.k = k
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.data.shape[0], self.k
+        return self._rows, self.k
 
-    nbytes = 0  # NOTE: file pages, resident only while in use
+    nbytes = 0  # NOTE: read from the file when used
 
     def layout(self) -> tuple:
         return ("file", self.ggml_type, self.k)
 
     def select_rows(self, index: torch.Tensor | slice) -> QuantWeight:
         """The rows `index` as an in-memory `QuantWeight`."""
-        rows = self.data[index.cpu().numpy() if isinstance(index, torch.Tensor) else index]
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._rows)
+            index = torch.arange(start, stop, step)
+        rows = self.read_rows(index.cpu().numpy().astype(np.int64, copy=False))
         weight = from_gguf(rows, self.ggml_type, (rows.shape[0], self.k))
         assert weight is not None
-        if rows.shape[0] > 4096:  # NOTE: a bulk read (packing): hand its pages back
-            _release_array(rows if isinstance(index, slice) else self.data)
         return weight
+
+    def read_rows(self, index: np.ndarray) -> np.ndarray:
+        """Raw bytes uint8 [len(index), bytes per row] of rows `index` (any order, repeats
+        allowed): each run of consecutive distinct rows is one `preadv`."""
+        if index.size and (index.min() < 0 or index.max() >= self._rows):
+            raise IndexError(f"rows out of range for a tensor of {self._rows} rows")
+        unique, inverse = np.unique(index, return_inverse=True)
+        out = np.empty((unique.size, self._row_bytes), dtype=np.uint8)
+        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+        fd = self._file.fileno()
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, unique.size]):
+            view = memoryview(out[lo:hi]).cast("B")
+            offset = self._offset + int(unique[lo]) * self._row_bytes
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise OSError(f"short read from {self._file.name} at {offset + done}")
+                done += n
+        return out if np.array_equal(unique, index) else out[inverse.reshape(-1)]
 
     def dequantize(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """float32 [n, K] of `rows`."""
@@ -151,10 +179,16 @@ def _release(t: TensorInfo) -> None:
     _release_array(t.data)
 
 
-def _release_array(data: np.ndarray) -> None:
+def _root(data: np.ndarray) -> np.ndarray:
+    """The array (a `np.memmap` of the whole file) `data` is a view of."""
     root = data
     while isinstance(root.base, np.ndarray):
         root = root.base
+    return root
+
+
+def _release_array(data: np.ndarray) -> None:
+    root = _root(data)
     mapped = getattr(root, "_mmap", None)
     if mapped is None or not hasattr(mapped, "madvise") or data.size == 0:
         return
