@@ -155,8 +155,10 @@ def bench_cpu_paths(repeat: int = 20) -> None:
     """Per module shape: the LoRA delta (shrink + expand) by segment matmuls (`segments`,
     SGMV-style), by one padded bmm over slots (`padded_bmm`, BGMV-style) and by one matmul
     per slot over gathered rows (`grouped`, the torch reference), next to the base projection
-    itself (`base_linear`), for decode rows and prefill segments. Plans are built once per
-    forward in the engine, so outside the timing here."""
+    itself (`base_linear`), for decode rows and prefill segments; and the engine's own mix
+    (`engine_plan`: long segments one matmul each, the rows of a slot with >= HEAVY_SLOT
+    short rows gathered apart, the other short rows in the padded bmm). Plans are built
+    once per forward in the engine, so outside the timing here."""
     gen = torch.Generator().manual_seed(0)
     ranks = [0, 8, 16, 32, 8, 16, 32, 8, 16]
     for module, (k, outs) in {"qkv": (640, (1024, 256, 256)), "o": (1024, (640,)),
@@ -185,7 +187,8 @@ def _stacked(gen, k: int, outs: tuple[int, ...], stride: int, ranks: list[int]):
 
 
 def _time_paths(repeat, x, a, b, out, offsets, ranks, lens, seg) -> dict[str, float]:
-    from llmql.kernels.lora_cpu import bmm_lora, padded_rows, segment_lora
+    from llmql.engine.lora.batch import cpu_plan
+    from llmql.kernels.lora_cpu import bmm_lora, gathered_lora, padded_rows, segment_lora
     from llmql.kernels.lora_expand import ref_lora_expand
     from llmql.kernels.lora_shrink import ref_lora_shrink, slot_groups
 
@@ -200,9 +203,18 @@ def _time_paths(repeat, x, a, b, out, offsets, ranks, lens, seg) -> dict[str, fl
         xa = ref_lora_shrink(x, a, indptr, seg_t, rank_t, b.shape[2], groups=groups)
         return ref_lora_expand(xa, b, out, indptr, seg_t, rank_t, offsets, groups=groups)
 
+    long, light, heavy = cpu_plan(seg, bounds)
+
+    def engine():  # NOTE: what add_lora runs: long segments, the light grid, heavy slots
+        segment_lora(x, a, b, out, offsets, ranks, long)
+        if light is not None:
+            bmm_lora(x, a, b, out, offsets, light)
+        return gathered_lora(x, a, b, out, offsets, ranks, heavy)
+
     return dict(segments_ms=round(_time(repeat, segment_lora, x, a, b, out, offsets, ranks, segments), 3),
                 padded_bmm_ms=round(_time(repeat, bmm_lora, x, a, b, out, offsets, grid), 3),
-                grouped_ms=round(_time(repeat, grouped), 3))
+                grouped_ms=round(_time(repeat, grouped), 3),
+                engine_plan_ms=round(_time(repeat, engine), 3))
 
 
 def _time(repeat: int, fn, *args, **kwargs) -> float:

@@ -3,7 +3,8 @@
 Same model, adapters and prompts as `lora_bench.py`. Per run, wall seconds split into
 forward steps with and without prefill rows (`ModelRunner.run`), and inside them the LoRA
 delta by CPU path: long segments (`segment_lora`, SGMV-style), short rows (`bmm_lora`,
-BGMV-style) and the per-forward segment plan (`LoraBatch.build`); plus prompt tokens
+BGMV-style), a popular slot's short rows (`gathered_lora`) and the per-forward segment
+plan (`LoraBatch.build`); plus prompt tokens
 computed. Timers wrap our own functions in this process only (restored on exit); on one
 thread every op is synchronous, so the wrapped wall time is the op time. Usage:
     .venv/bin/python benchmarks/lora_profile.py [--prompts 128] [--popularity uniform]
@@ -45,7 +46,8 @@ def timers(engine_cls):
                 spent[name][1] += 1
         return wrapper
 
-    saved = (lb.segment_lora, lb.bmm_lora, LoraBatch.__dict__["build"], engine_cls.__init__)
+    saved = (lb.segment_lora, lb.bmm_lora, LoraBatch.__dict__["build"], engine_cls.__init__,
+             lb.gathered_lora)
     init = engine_cls.__init__
 
     def engine_init(self, *args, **kwargs):
@@ -56,12 +58,14 @@ def timers(engine_cls):
 
     lb.segment_lora = timed("lora_long_segments", lb.segment_lora)
     lb.bmm_lora = timed("lora_short_rows_bmm", lb.bmm_lora)
+    lb.gathered_lora = timed("lora_heavy_slot_rows", lb.gathered_lora)
     LoraBatch.build = classmethod(timed("lora_plan", saved[2].__func__))
     engine_cls.__init__ = engine_init
     try:
         yield spent
     finally:
         lb.segment_lora, lb.bmm_lora, engine_cls.__init__ = saved[0], saved[1], saved[3]
+        lb.gathered_lora = saved[4]
         LoraBatch.build = saved[2]
 
 

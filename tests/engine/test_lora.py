@@ -18,7 +18,7 @@ from llmql.engine.engine import EmbeddedEngine, EngineConfig
 from llmql.engine.kvcache.base import create_prefix_cache
 from llmql.engine.kvcache.pool import KVPool
 from llmql.engine.lora import AdapterError, AdapterPool
-from llmql.engine.lora.batch import LONG_SEGMENT, LoraBatch
+from llmql.engine.lora.batch import HEAVY_SLOT, LONG_SEGMENT, LoraBatch
 from llmql.engine.models import load_model
 from llmql.engine.scheduler.cache import CacheManager
 from llmql.engine.scheduler.policy import create_policy
@@ -155,10 +155,14 @@ def test_mixed_prefill_logits_match_peft(family) -> None:
     lm = load_model(str(base))
     c = lm.config
     pool = AdapterPool(c, max_loras_per_batch=2)
-    names = ["a2", None, "a1", "a2", "a1"]
+    names = ["a2", None, "a1", "a2", "a1", "a2", None, "a2", "a1"]
     adapters = [None if n is None else pool.get(str(folders[n])) for n in names]
-    # NOTE: short and long segments: the CPU path batches the short ones, one matmul per long one
-    lengths = [6, 7, LONG_SEGMENT + 3, 3, LONG_SEGMENT]
+    # NOTE: the CPU paths: one matmul per long segment (a1), a1's short rows in the padded
+    # grid, a2's short rows (HEAVY_SLOT of them) gathered apart
+    lengths = [6, 7, LONG_SEGMENT + 3, 3, LONG_SEGMENT, HEAVY_SLOT - 13, 2, 4, 3]
+    slots = pool.activate(adapters)
+    plan = LoraBatch.build(pool, lengths, slots)
+    assert plan.long and plan.grid is not None and [s for s, _ in plan.gathered] == [slots[0]]
     seqs = [prompt(n, seed=10 + i) for i, n in enumerate(lengths)]
     kv = KVPool(128, c.num_layers, c.num_kv_heads, c.head_dim)
     logits = _forward(lm, pool, kv, seqs, adapters).split([len(s) for s in seqs])
