@@ -7,7 +7,8 @@ batched `generate(adapter_names=...)`; ours base-only on the same prompts (LoRA 
 
 Prints one JSON line per measurement, then a table. Usage:
     .venv/bin/python benchmarks/lora_bench.py [--prompts 256] [--max-tokens 16] [--no-peft]
-        [--peft-prompts N] [--no-sequential] [--no-prefix-cache] [--threads N]
+        [--peft-batch 16,32,64 --peft-tune 32] [--peft-prompts N] [--no-base]
+        [--no-sequential] [--no-prefix-cache] [--popularity uniform,zipf] [--threads N]
     .venv/bin/python benchmarks/lora_bench.py --cpu-paths   # the CPU delta paths per shape
 """
 
@@ -92,6 +93,19 @@ def run_ours(lm, config, ids, names, max_tokens: int) -> tuple[Timer, list]:
     return timer, results
 
 
+def best_of(repeat: int, run, *args) -> tuple[Timer, list, list[float]]:
+    """`run(*args)` `repeat` times: the fastest (timer, results) and every wall time."""
+    runs = [run(*args) for _ in range(repeat)]
+    best = min(runs, key=lambda r: r[0].wall)
+    return best[0], best[1], [round(t.wall, 2) for t, _ in runs]
+
+
+def timing(t: Timer) -> dict[str, float]:
+    """Wall seconds and this process's CPU seconds (with one thread, CPU seconds barely
+    move with other processes' load; wall seconds do)."""
+    return dict(seconds=round(t.wall, 2), cpu_seconds=round(t.cpu, 2))
+
+
 def tokens(results) -> dict[str, int]:
     """Output, prompt and prefix-cached prompt tokens of a run (adapters split the cache)."""
     return dict(output_tokens=sum(r.output_tokens for r in results),
@@ -115,8 +129,11 @@ def run_sequential(lm, config, ids, names, max_tokens: int) -> tuple[Timer, int]
 
 
 def run_peft(model, ids, names, max_tokens: int, batch: int, pad: int) -> tuple[Timer, int]:
-    """peft mixed-adapter batched greedy generate (left padding)."""
+    """peft mixed-adapter batched greedy generate: prompts sorted by length (least
+    padding, as `engine_bench.run_hf`), left padding, `adapter_names=` per row."""
     out = 0
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    ids, names = [ids[i] for i in order], [names[i] for i in order]
     with Timer() as timer, torch.inference_mode():
         for i in range(0, len(ids), batch):
             chunk, who = ids[i : i + batch], names[i : i + batch]
@@ -138,8 +155,10 @@ def bench_cpu_paths(repeat: int = 20) -> None:
     """Per module shape: the LoRA delta (shrink + expand) by segment matmuls (`segments`,
     SGMV-style), by one padded bmm over slots (`padded_bmm`, BGMV-style) and by one matmul
     per slot over gathered rows (`grouped`, the torch reference), next to the base projection
-    itself (`base_linear`), for decode rows and prefill segments. Plans are built once per
-    forward in the engine, so outside the timing here."""
+    itself (`base_linear`), for decode rows and prefill segments; and the engine's own mix
+    (`engine_plan`: long segments one matmul each, the rows of a slot with >= HEAVY_SLOT
+    short rows gathered apart, the other short rows in the padded bmm). Plans are built
+    once per forward in the engine, so outside the timing here."""
     gen = torch.Generator().manual_seed(0)
     ranks = [0, 8, 16, 32, 8, 16, 32, 8, 16]
     for module, (k, outs) in {"qkv": (640, (1024, 256, 256)), "o": (1024, (640,)),
@@ -168,7 +187,8 @@ def _stacked(gen, k: int, outs: tuple[int, ...], stride: int, ranks: list[int]):
 
 
 def _time_paths(repeat, x, a, b, out, offsets, ranks, lens, seg) -> dict[str, float]:
-    from llmql.kernels.lora_cpu import bmm_lora, padded_rows, segment_lora
+    from llmql.engine.lora.batch import cpu_plan
+    from llmql.kernels.lora_cpu import bmm_lora, gathered_lora, padded_rows, segment_lora
     from llmql.kernels.lora_expand import ref_lora_expand
     from llmql.kernels.lora_shrink import ref_lora_shrink, slot_groups
 
@@ -183,9 +203,18 @@ def _time_paths(repeat, x, a, b, out, offsets, ranks, lens, seg) -> dict[str, fl
         xa = ref_lora_shrink(x, a, indptr, seg_t, rank_t, b.shape[2], groups=groups)
         return ref_lora_expand(xa, b, out, indptr, seg_t, rank_t, offsets, groups=groups)
 
+    long, light, heavy = cpu_plan(seg, bounds)
+
+    def engine():  # NOTE: what add_lora runs: long segments, the light grid, heavy slots
+        segment_lora(x, a, b, out, offsets, ranks, long)
+        if light is not None:
+            bmm_lora(x, a, b, out, offsets, light)
+        return gathered_lora(x, a, b, out, offsets, ranks, heavy)
+
     return dict(segments_ms=round(_time(repeat, segment_lora, x, a, b, out, offsets, ranks, segments), 3),
                 padded_bmm_ms=round(_time(repeat, bmm_lora, x, a, b, out, offsets, grid), 3),
-                grouped_ms=round(_time(repeat, grouped), 3))
+                grouped_ms=round(_time(repeat, grouped), 3),
+                engine_plan_ms=round(_time(repeat, engine), 3))
 
 
 def _time(repeat: int, fn, *args, **kwargs) -> float:
@@ -204,15 +233,22 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=8)
-    ap.add_argument("--peft-batch", type=int, default=32)
+    ap.add_argument("--peft-batch", default="32",
+                    help="peft batch size, or several (comma-separated): each is timed on the "
+                    "first --peft-tune prompts and the fastest runs the comparison")
+    ap.add_argument("--peft-tune", type=int, default=32)
     ap.add_argument("--peft-prompts", type=int, default=0,
                     help="time peft (and ours again) on the first N prompts only (0: all)")
     ap.add_argument("--no-peft", action="store_true", help="skip the (slow) peft baseline")
+    ap.add_argument("--no-base", action="store_true",
+                    help="skip ours base-only (and so the LoRA overhead row)")
     ap.add_argument("--no-sequential", action="store_true", help="skip one-adapter-at-a-time")
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="both sides without the prefix cache (the LoRA compute alone)")
     ap.add_argument("--popularity", default="uniform,zipf")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run ours base-only and mixed this many times each; keep the fastest")
     ap.add_argument("--cpu-paths", action="store_true", help="only time the CPU delta paths")
     ap.add_argument("--lock", type=Path, help="hold an exclusive flock on this file while timing "
                     "(after loading the models and writing the adapters)")
@@ -240,9 +276,12 @@ def main() -> None:
     rows = []
     with override(adapters=root), _locked(args.lock):
         run_ours(lm, config, ids[:8], assign(8, args.adapters, "uniform", 1), 2)  # NOTE: warm-up
-        t_base, base_res = run_ours(lm, config, ids, [None] * len(ids), args.max_tokens)
-        rows.append(emit(dict(common, what="ours_base_only", seconds=round(t_base.wall, 2),
-                              **tokens(base_res))))
+        t_base = None
+        if not args.no_base:
+            t_base, base_res, walls = best_of(args.repeat, run_ours, lm, config, ids,
+                                              [None] * len(ids), args.max_tokens)
+            rows.append(emit(dict(common, what="ours_base_only", **timing(t_base), runs=walls,
+                                  **tokens(base_res))))
         for pop in args.popularity.split(","):
             rows += _one_popularity(args, common, lm, config, ids, pop, t_base, peft_model)
     _table(rows)
@@ -251,26 +290,47 @@ def main() -> None:
 def _one_popularity(args, common, lm, config, ids, pop, t_base, peft_model) -> list[dict]:
     names = assign(len(ids), args.adapters, pop, seed=0)
     c = dict(common, popularity=pop)
-    t_mixed, mixed = run_ours(lm, config, ids, names, args.max_tokens)
-    out = [emit(dict(c, what="ours_mixed", seconds=round(t_mixed.wall, 2), **tokens(mixed))),
-           emit(dict(c, what="lora_overhead_vs_base", overhead=round(t_mixed.wall / t_base.wall - 1, 3)))]
+    t_mixed, mixed, walls = best_of(args.repeat, run_ours, lm, config, ids, names, args.max_tokens)
+    out = [emit(dict(c, what="ours_mixed", **timing(t_mixed), runs=walls, **tokens(mixed)))]
+    if t_base is not None:
+        out.append(emit(dict(c, what="lora_overhead_vs_base",
+                             overhead=round(t_mixed.wall / t_base.wall - 1, 3))))
     if not args.no_sequential:
         t_seq, seq_out = run_sequential(lm, config, ids, names, args.max_tokens)
-        out += [emit(dict(c, what="ours_one_adapter_at_a_time", seconds=round(t_seq.wall, 2),
+        out += [emit(dict(c, what="ours_one_adapter_at_a_time", **timing(t_seq),
                           output_tokens=seq_out)),
                 emit(dict(c, what="mixed_vs_sequential", speedup=round(t_seq.wall / t_mixed.wall, 2)))]
     if not args.no_peft:
-        n = args.peft_prompts or len(ids)
-        t_ours = t_mixed
-        if n < len(ids):  # NOTE: the same subset on both sides
-            t_ours, _ = run_ours(lm, config, ids[:n], names[:n], args.max_tokens)
-            out.append(emit(dict(c, what="ours_mixed_subset", prompts=n, seconds=round(t_ours.wall, 2))))
-        pad = lm.config.pad_token_id or 0
-        t_peft, peft_out = run_peft(peft_model, ids[:n], names[:n], args.max_tokens, args.peft_batch, pad)
-        out += [emit(dict(c, what="peft_mixed_generate", prompts=n, seconds=round(t_peft.wall, 2),
-                          output_tokens=peft_out, batch=args.peft_batch)),
-                emit(dict(c, what="ours_mixed_vs_peft", prompts=n,
-                          speedup=round(t_peft.wall / t_ours.wall, 2)))]
+        out += _vs_peft(args, c, lm, config, ids, names, t_mixed, peft_model)
+    return out
+
+
+def _vs_peft(args, c, lm, config, ids, names, t_mixed, peft_model) -> list[dict]:
+    """peft's mixed-adapter generate on the first `--peft-prompts` prompts (ours again on
+    the same subset when it is one), at the given or the fastest tuned batch size."""
+    n, out = args.peft_prompts or len(ids), []
+    t_ours = t_mixed
+    if n < len(ids):  # NOTE: the same subset on both sides
+        t_ours, _ = run_ours(lm, config, ids[:n], names[:n], args.max_tokens)
+        out.append(emit(dict(c, what="ours_mixed_subset", prompts=n, **timing(t_ours))))
+    pad = lm.config.pad_token_id or 0
+    sizes = [int(b) for b in str(args.peft_batch).split(",")]
+    tuned: dict[int, tuple[Timer, int]] = {}
+    if len(sizes) > 1:  # NOTE: what a user tuning peft for this workload would pick
+        for b in sizes:
+            tuned[b] = run_peft(peft_model, ids[: args.peft_tune], names[: args.peft_tune],
+                                args.max_tokens, b, pad)
+            out.append(emit(dict(c, what="peft_batch_tuning", prompts=args.peft_tune, batch=b,
+                                 **timing(tuned[b][0]))))
+    batch = min(tuned, key=lambda b: tuned[b][0].wall) if tuned else sizes[0]
+    if n == args.peft_tune and batch in tuned:  # NOTE: already timed on these prompts
+        t_peft, peft_out = tuned[batch]
+    else:
+        t_peft, peft_out = run_peft(peft_model, ids[:n], names[:n], args.max_tokens, batch, pad)
+    out.append(emit(dict(c, what="peft_mixed_generate", prompts=n, **timing(t_peft),
+                         output_tokens=peft_out, batch=batch)))
+    out.append(emit(dict(c, what="ours_mixed_vs_peft", prompts=n,
+                         speedup=round(t_peft.wall / t_ours.wall, 2))))
     return out
 
 

@@ -10,9 +10,12 @@ row 0 of x and are never written back. Shapes and weight layout as in
 `llmql.kernels.lora_shrink` / `lora_expand` (A [S, n_sub*R, K] and B [S, N, R], zero
 beyond each slot's rank, so padded ranks add exact zeros).
 
+A slot with many short rows (a popular adapter's decode rows) would set M for every slot,
+so its rows skip the grid: gathered, then one matmul per projection (`gathered_lora`).
+
 Long segments (prefill): per segment, a shrink matmul with A trimmed to the slot's rank and
 an in-place addmm per sub-projection into `out` (no padding, no gathers, no temporaries of
-out's size). `benchmarks/lora_bench.py --cpu-paths` measures both paths on both shapes.
+out's size). `benchmarks/lora_bench.py --cpu-paths` measures the paths on these shapes.
 """
 
 from __future__ import annotations
@@ -67,6 +70,28 @@ def bmm_lora(
              for i in range(len(offsets) - 1)]
     delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.index_add_(0, grid.rows, delta.view(-1, out.shape[1]).index_select(0, grid.pos))
+
+
+def gathered_lora(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+    offsets: Sequence[int], ranks: Sequence[int], groups: Sequence[tuple[int, torch.Tensor]],
+) -> torch.Tensor:
+    """`out` += the delta of each (slot, rows [n] int64) group: the slot's rows of x gathered,
+    one rank-trimmed shrink matmul, one expand matmul per sub-projection, one scatter-add.
+    For a slot with many short-segment rows (a popular adapter's decode rows), which would
+    otherwise set the padded grid's height for every slot."""
+    stride, k = b.shape[2], x.shape[1]
+    n_sub = len(offsets) - 1
+    for slot, rows in groups:
+        r = ranks[slot]
+        if r == 0:
+            continue
+        a_r = a[slot].view(n_sub, stride, k)[:, :r].reshape(n_sub * r, k)
+        xa = x.index_select(0, rows) @ a_r.T
+        parts = [xa[:, i * r : (i + 1) * r] @ b[slot, offsets[i] : offsets[i + 1], :r].T
+                 for i in range(n_sub)]
+        out.index_add_(0, rows, parts[0] if n_sub == 1 else torch.cat(parts, dim=1))
+    return out
 
 
 Segment = tuple[int, int, int]  # (slot, first row, end row)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,15 @@ import torch
 import llmql
 from llmql.engine.context import ForwardBatch, forward_context
 from llmql.engine.engine import EmbeddedEngine, EngineConfig
+from llmql.engine.kvcache.base import create_prefix_cache
 from llmql.engine.kvcache.pool import KVPool
 from llmql.engine.lora import AdapterError, AdapterPool
-from llmql.engine.lora.batch import LONG_SEGMENT, LoraBatch
+from llmql.engine.lora.batch import HEAVY_SLOT, LONG_SEGMENT, LoraBatch
 from llmql.engine.models import load_model
+from llmql.engine.scheduler.cache import CacheManager
+from llmql.engine.scheduler.policy import create_policy
+from llmql.engine.scheduler.prefill import PrefillAdmitter
+from llmql.engine.scheduler.request import Req
 from llmql.engine.types import GenerationRequest
 from llmql.optimizer.explain import explain
 from llmql.settings import override
@@ -149,10 +155,14 @@ def test_mixed_prefill_logits_match_peft(family) -> None:
     lm = load_model(str(base))
     c = lm.config
     pool = AdapterPool(c, max_loras_per_batch=2)
-    names = ["a2", None, "a1", "a2", "a1"]
+    names = ["a2", None, "a1", "a2", "a1", "a2", None, "a2", "a1"]
     adapters = [None if n is None else pool.get(str(folders[n])) for n in names]
-    # NOTE: short and long segments: the CPU path batches the short ones, one matmul per long one
-    lengths = [6, 7, LONG_SEGMENT + 3, 3, LONG_SEGMENT]
+    # NOTE: the CPU paths: one matmul per long segment (a1), a1's short rows in the padded
+    # grid, a2's short rows (HEAVY_SLOT of them) gathered apart
+    lengths = [6, 7, LONG_SEGMENT + 3, 3, LONG_SEGMENT, HEAVY_SLOT - 13, 2, 4, 3]
+    slots = pool.activate(adapters)
+    plan = LoraBatch.build(pool, lengths, slots)
+    assert plan.long and plan.grid is not None and [s for s, _ in plan.gathered] == [slots[0]]
     seqs = [prompt(n, seed=10 + i) for i, n in enumerate(lengths)]
     kv = KVPool(128, c.num_layers, c.num_kv_heads, c.head_dim)
     logits = _forward(lm, pool, kv, seqs, adapters).split([len(s) for s in seqs])
@@ -180,6 +190,23 @@ def test_radix_cache_is_keyed_by_adapter(llama) -> None:
     fresh = _engine(base, prefix_cache=False)
     assert fresh.generate([GenerationRequest(p, max_tokens=4, adapter=a1)],
                           progress=False)[0].text == other.text
+
+
+def test_admission_defers_shared_prefixes_only_under_one_adapter(llama) -> None:
+    """In one step, a request whose prefix another admitted request computes waits for the
+    cache only if both use the same adapter (K/V never crosses adapters)."""
+    base, folders = llama
+    pool = AdapterPool(load_model(str(base)).config)
+    a1, a2 = pool.get(str(folders["a1"])), pool.get(str(folders["a2"]))
+    kv_pool = KVPool(512, num_layers=1, num_kv_heads=1, head_dim=2)
+    admitter = PrefillAdmitter(CacheManager(kv_pool, create_prefix_cache("radix", kv_pool)),
+                               create_policy("fcfs"), chunk_size=64, max_running=8)
+    p = prompt(40, seed=7)
+    reqs = [Req(i, list(p), GenerationRequest(p, max_tokens=2), 2) for i in range(4)]
+    for req, adapter in zip(reqs, [a1, a2, None, a1]):
+        req.extra["lora"] = adapter
+    picked = admitter.admit(deque(reqs), [], budget=1024)
+    assert [r.rid for r, _ in picked] == [0, 1, 2]  # NOTE: the second a1 request waits
 
 
 def test_adapter_by_name_from_settings(llama) -> None:

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from llmql.kernels.lora_cpu import bmm_lora, padded_rows, segment_lora
+from llmql.kernels.lora_cpu import bmm_lora, gathered_lora, padded_rows, segment_lora
 from llmql.kernels.lora_expand import ref_lora_expand
 from llmql.kernels.lora_shrink import ref_lora_shrink
 
@@ -94,6 +94,15 @@ def test_cpu_paths_match_oracle(lens, slots, long_from) -> None:
         bmm_lora(x, a, b, out, offsets, grid)
     torch.testing.assert_close(out, base + want_delta)
     base_rows = torch.repeat_interleave(seg, indptr.diff()) == 0
+    assert torch.equal(out[base_rows], base[base_rows])
+    # NOTE: the short rows by slot, gathered apart (what a heavy slot takes instead of the grid)
+    by_slot: dict[int, list[int]] = {}
+    for row, slot in zip(rows, row_slots):
+        by_slot.setdefault(slot, []).append(row)
+    groups = [(slot, torch.tensor(r, dtype=torch.int64)) for slot, r in by_slot.items()]
+    out = segment_lora(x, a, b, base.clone(), offsets, ranks.tolist(), long)
+    gathered_lora(x, a, b, out, offsets, ranks.tolist(), groups)
+    torch.testing.assert_close(out, base + want_delta)
     assert torch.equal(out[base_rows], base[base_rows])
 
 

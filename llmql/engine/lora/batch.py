@@ -6,7 +6,8 @@ adapter delta to a base projection's output: shrink (x @ A^T) then expand (@ B^T
 segment of one slot. CUDA runs the Triton SGMV kernels over all segments. CPU splits the
 segments once per forward (`llmql.kernels.lora_cpu`): segments of at least `LONG_SEGMENT`
 rows (prefill) get one matmul each, the shorter ones (decode rows, BGMV) one padded bmm
-over slots per module; base rows are skipped by both.
+over slots per module, except a slot with `HEAVY_SLOT` or more short rows (a popular
+adapter), whose rows are gathered and multiplied apart; base rows are skipped by all.
 """
 
 from __future__ import annotations
@@ -16,12 +17,22 @@ from dataclasses import dataclass, field
 import torch
 
 from llmql.engine.lora.pool import AdapterPool
-from llmql.kernels.lora_cpu import PaddedRows, Segment, bmm_lora, padded_rows, segment_lora
+from llmql.kernels.lora_cpu import (
+    PaddedRows,
+    Segment,
+    bmm_lora,
+    gathered_lora,
+    padded_rows,
+    segment_lora,
+)
 from llmql.kernels.lora_expand import lora_expand
 from llmql.kernels.lora_shrink import lora_shrink
 
 # NOTE: below this many rows a segment joins the padded bmm (measured: lora_bench --cpu-paths)
 LONG_SEGMENT = 16
+# NOTE: a slot with this many short rows is gathered apart instead of setting the grid's
+# height for every slot (Zipf decode steps; measured: lora_bench --cpu-paths)
+HEAVY_SLOT = 16
 
 
 @dataclass
@@ -34,6 +45,7 @@ class LoraBatch:
     use_triton: bool = False
     long: list[Segment] = field(default_factory=list)  # CPU: (slot, lo, hi) of long segments
     grid: PaddedRows | None = None  # CPU: the rows of short adapter segments
+    gathered: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # CPU: heavy slots
 
     @classmethod
     def build(cls, pool: AdapterPool, lengths: list[int], slots: list[int]) -> LoraBatch:
@@ -50,18 +62,8 @@ class LoraBatch:
         seg = torch.tensor(seg_slots, dtype=torch.int64)
         if dev.type == "cuda":
             return cls(pool, indptr.to(dev), seg.to(dev), use_triton=True)
-        long, short_rows, short_slots = [], [], []
-        for slot, lo, hi in zip(seg_slots, bounds, bounds[1:]):
-            if slot == 0 or hi == lo:
-                continue
-            if hi - lo >= LONG_SEGMENT:
-                long.append((slot, lo, hi))
-            else:
-                short_rows.extend(range(lo, hi))
-                short_slots.extend([slot] * (hi - lo))
-        grid = padded_rows(torch.tensor(short_rows, dtype=torch.int64),
-                           torch.tensor(short_slots, dtype=torch.int64))
-        return cls(pool, indptr, seg, False, long, grid)
+        long, grid, gathered = cpu_plan(seg_slots, bounds)
+        return cls(pool, indptr, seg, False, long, grid, gathered)
 
 
 def add_lora(out: torch.Tensor, x: torch.Tensor, layer_id: int, module: str) -> torch.Tensor:
@@ -82,4 +84,26 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, layer_id: int, module: str) -> 
         segment_lora(x, w.a, w.b, out, w.offsets, w.rank_list, lora.long)
     if lora.grid is not None:
         bmm_lora(x, w.a, w.b, out, w.offsets, lora.grid)
+    if lora.gathered:
+        gathered_lora(x, w.a, w.b, out, w.offsets, w.rank_list, lora.gathered)
     return out
+
+
+def cpu_plan(
+    seg_slots: list[int], bounds: list[int],
+) -> tuple[list[Segment], PaddedRows | None, list[tuple[int, torch.Tensor]]]:
+    """CPU: (long segments, the padded grid of short rows, the heavy slots' gathered rows)."""
+    long, short = [], {}
+    for slot, lo, hi in zip(seg_slots, bounds, bounds[1:]):
+        if slot == 0 or hi == lo:
+            continue
+        if hi - lo >= LONG_SEGMENT:
+            long.append((slot, lo, hi))
+        else:
+            short.setdefault(slot, []).extend(range(lo, hi))
+    gathered = [(s, torch.tensor(r, dtype=torch.int64)) for s, r in short.items()
+                if len(r) >= HEAVY_SLOT]
+    light = [(s, r) for s, r in short.items() if len(r) < HEAVY_SLOT]
+    grid = padded_rows(torch.tensor([i for _, r in light for i in r], dtype=torch.int64),
+                       torch.tensor([s for s, r in light for _ in r], dtype=torch.int64))
+    return long, grid, gathered

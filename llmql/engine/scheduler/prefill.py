@@ -9,6 +9,7 @@ from typing import Protocol
 
 import numpy as np
 
+from llmql.engine.lora.admission import adapter_key
 from llmql.engine.scheduler.cache import CacheManager
 from llmql.engine.scheduler.policy import SchedulingPolicy
 from llmql.engine.scheduler.request import Req
@@ -24,8 +25,9 @@ class PrefillAdmitter:
     """Admits waiting requests in policy order within a token budget and free memory.
 
     A request that shares more than `defer_tokens` uncached tokens with one admitted in the
-    same step waits one step, so that it reuses that request's prefix from the cache
-    instead of computing it a second time (in-batch prefix sharing).
+    same step (under the same LoRA adapter: the cache is keyed by adapter) waits one step,
+    so that it reuses that request's prefix from the cache instead of computing it a second
+    time (in-batch prefix sharing).
     """
 
     def __init__(
@@ -88,8 +90,9 @@ class PrefillAdmitter:
     def _defer(self, req: Req, picked: list[tuple[Req, int]], matched: int) -> bool:
         if not self.kv.caching or not picked:
             return False
-        mine = np.asarray(req.token_ids[: req.seq_len - 1])
-        return any(_lcp(mine, o.token_ids) - matched > self.defer_tokens for o, _ in picked)
+        mine, key = np.asarray(req.token_ids[: req.seq_len - 1]), adapter_key(req)
+        return any(adapter_key(o) == key and _lcp(mine, o.token_ids) - matched > self.defer_tokens
+                   for o, _ in picked)
 
 
 def _lcp(a: np.ndarray, b: list[int]) -> int:
