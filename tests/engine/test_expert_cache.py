@@ -174,3 +174,32 @@ def test_store_reads_experts_exactly_converts_dtype_and_reports_short_reads(tiny
         f.truncate(start + header[name]["data_offsets"][0] + 10)
     with pytest.raises(ValueError, match="could not be read"):
         bf16.load(2, 7)
+
+
+def test_cyclic_groups_keep_the_next_layers_experts() -> None:
+    """Layers visited in a cycle: room for a miss comes from the layer used longest from now,
+    not from the least recently used one (the layer visited next: what LRU would evict)."""
+    cache, _ = _cache(2, groups=3)
+    for layer in range(3):
+        cache.begin(layer)
+        cache.acquire((layer, 0))  # NOTE: at layer 2, (0, 0) is needed next, (1, 0) after it
+        cache.release((layer, 0))
+    assert cache.contains((0, 0)) and not cache.contains((1, 0)) and cache.contains((2, 0))
+    assert cache.snapshot()["evictions"] == 1
+
+
+def test_started_loads_are_pinned_misses_within_budget() -> None:
+    cache, loads = _cache(3, delay=0.01, groups=2)
+    cache.begin(0)
+    cache.acquire((0, 0))  # NOTE: pinned: start_loads may not evict it
+    started = cache.start_loads([(0, 1), (0, 2), (0, 3)])
+    assert started == [(0, 1), (0, 2)]  # NOTE: no room for a third without evicting a pin
+    assert cache.resident_bytes <= cache.budget_bytes
+    values = [cache.acquire_pinned(k) for k in started]
+    assert all(v is not None for v in values) and sorted(loads) == [(0, 0), (0, 1), (0, 2)]
+    for key in [(0, 0), *started]:
+        cache.release(key)
+    cache.acquire((0, 3))  # NOTE: now there is room (unpinned entries to evict)
+    stats = cache.snapshot()
+    assert (stats["misses"], stats["hits"]) == (4, 0) and stats["peak_resident_bytes"] <= 3 * ITEM
+    assert _cache(0)[0].start_loads([(0, 1)]) == []  # NOTE: on-demand mode: the caller loads

@@ -3,11 +3,19 @@
 Contract:
     acquire(key) -> expert   pins the expert (loading it on a miss) until release(key);
     release(key)             unpins it;
-    prefetch(keys)           loads experts on a background thread, when room can be made
+    start_loads(keys)        starts loading missing experts on the background thread, pinned
+                             for the caller (who computes other experts meanwhile);
+    prefetch(keys)           loads experts on the background thread, when room can be made
                              without touching pinned entries.
 Invariants: resident bytes (loaded or loading) never exceed the budget; a pinned or loading
-entry is never evicted; eviction takes the unpinned entry with the lowest frequency decayed by
-recency (`score`). Budget 0 is naive on-demand loading: every acquire loads, nothing is kept.
+entry is never evicted; eviction takes the unpinned entry with the lowest `score`: frequency
+decayed by recency, divided by how far away its next use is.
+
+With `groups` > 1, keys are (group, id) and the groups are visited in a cycle (the MoE layers
+of one forward: `begin(layer)`). Recency then counts visits of the entry's own group, and an
+entry of the group visited next scores higher than one of the group just left: in a cycle,
+plain recency (LRU) evicts exactly the entries needed soonest. Budget 0 is naive on-demand
+loading: every acquire loads, nothing is kept.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ class _Entry:
     ready: threading.Event = field(default_factory=threading.Event)
     pins: int = 0
     freq: float = 0.0
-    last_use: int = 0
+    last_use: int = 0  # the clock of the entry's group at its last use
+    group: int = 0
     prefetched: bool = False  # brought in by prefetch and not used yet
 
 
@@ -53,16 +62,17 @@ class ExpertCache:
     evicted value whose buffers may be reused, or None."""
 
     def __init__(self, load: Callable[[Key, Any], Any], item_bytes: int, budget_bytes: int,
-                 *, half_life: float = 64.0, prefetch_thread: bool = True) -> None:
+                 *, half_life: float = 64.0, prefetch_thread: bool = True, groups: int = 1) -> None:
         if budget_bytes and budget_bytes < item_bytes:
             raise ValueError(f"expert cache budget {budget_bytes} B holds no expert ({item_bytes} B each); "
                              "use 0 for on-demand loading or a larger budget")
         self._load, self.item_bytes, self.budget_bytes = load, item_bytes, budget_bytes
-        self.half_life = half_life
+        self.half_life, self.groups = half_life, groups
         self._entries: dict[Key, _Entry] = {}
         self._free: list[Any] = []  # NOTE: evicted values, reused as load buffers (no allocator churn)
         self._lock = threading.Condition()
-        self._clock = 0
+        self._ticks = [0] * groups  # NOTE: visits of each group (one group: acquires)
+        self._current = 0
         self.stats = CacheStats()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="llmql-experts") if (
             prefetch_thread and budget_bytes) else None
@@ -76,6 +86,12 @@ class ExpertCache:
     def resident_bytes(self) -> int:
         """Bytes held by loaded and loading entries."""
         return len(self._entries) * self.item_bytes
+
+    def begin(self, group: int) -> None:
+        """A visit of `group` starts (groups > 1): its entries' recency clock advances."""
+        with self._lock:
+            self._current = group
+            self._ticks[group] += 1
 
     def contains(self, key: Key) -> bool:
         """Whether `key` is resident or being loaded."""
@@ -122,6 +138,26 @@ class ExpertCache:
                 return entry.value
         return self.acquire(key)  # NOTE: its prefetch failed and the entry (and pin) are gone
 
+    def start_loads(self, keys: Iterable[Key]) -> list[Key]:
+        """Start loading absent `keys` on the background thread, ahead of later prefetches,
+        each pinned (and counted as a miss) as if acquired: wait with `acquire_pinned`, then
+        `release`. Returns the keys started: those that fit without evicting pinned entries
+        (none without a background thread); the caller `acquire`s the rest."""
+        if self._pool is None:
+            return []
+        started = []
+        with self._lock:
+            for key in keys:
+                if key in self._entries or not self._make_room(wait=False):
+                    continue
+                self.stats.misses += 1
+                entry = _Entry(group=self._group(key))
+                self._insert(key, entry)
+                self._touch(entry, hit=False)
+                self._pool.submit(self._fill, key, entry, False)
+                started.append(key)
+        return started
+
     def prefetch(self, keys: Iterable[Key]) -> list[Future]:
         """Start loading absent `keys` in the background (those that fit without evicting
         pinned entries); returns their futures."""
@@ -134,7 +170,7 @@ class ExpertCache:
                     continue
                 # NOTE: scored as one fresh use, so the current layer's misses evict older
                 # entries before the prefetch they are overlapping with.
-                entry = _Entry(pins=1, freq=1.0, prefetched=True)
+                entry = _Entry(pins=1, freq=1.0, prefetched=True, group=self._group(key))
                 self._insert(key, entry)
                 self.stats.prefetch_loads += 1
                 futures.append(self._pool.submit(self._fill, key, entry, True))
@@ -174,7 +210,7 @@ class ExpertCache:
             finally:
                 self._lock.acquire()
         self._make_room(wait=True)
-        entry = _Entry()
+        entry = _Entry(group=self._group(key))
         self._insert(key, entry)
         self._touch(entry, hit=False)
         self._lock.release()
@@ -202,10 +238,14 @@ class ExpertCache:
             self._lock.notify_all()
         entry.ready.set()
 
+    def _group(self, key: Key) -> int:
+        return key[0] if self.groups > 1 else 0  # type: ignore[index]
+
     def _touch(self, entry: _Entry, hit: bool) -> None:
-        self._clock += 1
-        entry.freq = self._score(entry) + 1.0
-        entry.last_use = self._clock
+        if self.groups == 1:
+            self._ticks[0] += 1
+        entry.freq = self._frequency(entry) + 1.0
+        entry.last_use = self._ticks[entry.group]
         entry.pins += 1
         if hit:
             self.stats.hits += 1
@@ -213,12 +253,18 @@ class ExpertCache:
                 self.stats.prefetch_hits += 1
         entry.prefetched = False
 
+    def _frequency(self, entry: _Entry) -> float:
+        """Uses, halving every `half_life` ticks of the entry's group clock since the last."""
+        return entry.freq * 0.5 ** ((self._ticks[entry.group] - entry.last_use) / self.half_life)
+
     def _score(self, entry: _Entry) -> float:
-        """Frequency decayed by recency: halves every `half_life` acquires since last use."""
-        return entry.freq * 0.5 ** ((self._clock - entry.last_use) / self.half_life)
+        """Expected reuse per unit of waiting: frequency over the number of group visits until
+        the entry's group comes again (1 for the next group, `groups` for the current one)."""
+        distance = (entry.group - self._current - 1) % self.groups + 1
+        return self._frequency(entry) / distance
 
     def _insert(self, key: Key, entry: _Entry) -> None:
-        entry.last_use = self._clock
+        entry.last_use = self._ticks[entry.group]
         self._entries[key] = entry
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.resident_bytes)
 

@@ -2,17 +2,21 @@
 
 Per MoE layer L (one forward):
     1. group the (token, slot) pairs by expert; score layer L's prediction against them;
-    2. pin the needed experts already resident (so nothing evicts them mid-step);
+    2. pin the needed experts already resident (so nothing evicts them mid-step) and queue
+       the missing ones on the background loading thread, ahead of any prefetch;
     3. predict layer L+1's experts by applying L+1's router to L's input (pre-gating: each
-       token's first choice) and prefetch them on the background thread, which loads while
-       L computes;
-    4. compute the resident experts (releasing each), then the missing ones one at a time
-       (each loaded, computed, released). On CUDA, a cold expert with at most `cpu_tokens`
-       tokens is computed on the CPU from the pinned backing copy instead (Fiddler's rule).
+       token's first choice) and queue them as prefetches behind L's misses;
+    4. compute the resident experts (releasing each) while the misses load, then each miss as
+       it arrives. A miss that found no room (every entry pinned) is loaded, computed and
+       released alone. On CUDA, a cold expert with at most `cpu_tokens` tokens is computed
+       on the CPU from the pinned backing copy instead (Fiddler's rule).
+With budget 0 (naive on-demand loading) there is no background thread: every expert is read
+when its turn comes, with the same reads.
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -23,6 +27,8 @@ from llmql.engine.layers.moe import SparseMoE, route
 from llmql.engine.moe.cache import ExpertCache
 from llmql.engine.moe.store import Expert, ExpertStore
 from llmql.kernels.fused_moe import expert_mlp, group_by_expert
+
+HALF_LIFE = 3.0
 
 
 class ExpertOffload:
@@ -55,20 +61,25 @@ class ExpertOffload:
         """The MoE output of `layer` for x [T, H] routed to ids [T, K] with weights [T, K]."""
         order, experts, counts = group_by_expert(ids)
         self._score_prediction(layer, experts)
-        starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
-        groups = [(e, order[a:b]) for e, a, b in zip(experts, starts, starts[1:])]
-        hot = [self.cache.pin_if_resident((layer, e)) for e in experts]
+        self.cache.begin(layer)
+        starts = [0, *itertools.accumulate(counts)]
+        groups = {e: order[a:b] for e, a, b in zip(experts, starts, starts[1:])}
+        hot = [e for e in experts if self.cache.pin_if_resident((layer, e))]
+        cold = [e for e in experts if e not in hot]
+        loading = [key[1] for key in self.cache.start_loads(
+            (layer, e) for e in cold if counts[experts.index(e)] > self.cpu_tokens)]
         if self.prefetch and layer + 1 < len(self.moes):
             self._prefetch_next(layer + 1, x)
         out = torch.zeros_like(x)
         flat_w, k = weights.reshape(-1), ids.shape[1]
-        for (e, pairs), pinned in zip(groups, hot):
-            if pinned:
-                self._compute(out, x, flat_w, pairs, k, self.cache.acquire_pinned((layer, e)))
+        for e in [*hot, *loading]:
+            try:
+                self._compute(out, x, flat_w, groups[e], k, self.cache.acquire_pinned((layer, e)))
+            finally:
                 self.cache.release((layer, e))
-        for (e, pairs), pinned in zip(groups, hot):
-            if not pinned:
-                self._compute_cold(out, x, flat_w, pairs, k, (layer, e))
+        for e in cold:
+            if e not in loading:
+                self._compute_cold(out, x, flat_w, groups[e], k, (layer, e))
         return out
 
     def stats(self) -> dict[str, float]:
@@ -142,11 +153,11 @@ def offload_experts(
     dev = torch.device(device)
     moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
     store = ExpertStore(directory, config, dtype, pin_memory=dev.type == "cuda")
-    # NOTE: frequency halves over about four decode steps' worth of expert lookups.
-    half_life = 4.0 * len(moes) * config.num_experts_per_tok
     holder: list[ExpertOffload] = []
+    # NOTE: keys are (layer, expert), the layers visited in a cycle; an expert's use count
+    # halves every HALF_LIFE visits of its layer (forwards) without a use.
     cache = ExpertCache(lambda key, out: holder[0].load(key, out), store.expert_bytes,
-                        int(budget_gib * 2**30), half_life=half_life, prefetch_thread=prefetch)
+                        int(budget_gib * 2**30), half_life=HALF_LIFE, groups=max(1, len(moes)))
     controller = ExpertOffload(store, cache, moes, dev, prefetch=prefetch)
     holder.append(controller)
     for moe in moes:
