@@ -169,6 +169,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="40 rows, HF probe at batch 8/32 only")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--max-tokens", type=int, default=4)
+    ap.add_argument("--step-budgets", default="",
+                    help="only ours, cache off and on, at each of these step token budgets "
+                    "(max_batch_tokens, e.g. 512,2048), side by side; no transformers run")
     args = ap.parse_args()
     rows = 40 if args.quick and args.rows == 200 else args.rows
     if args.threads:
@@ -183,6 +186,15 @@ def main() -> None:
     emit(dict(common, what="workload", prompt_tokens=n_prompt, reuse_bound_tokens=bound,
               peak_rss_mib_model_loaded=round(peak_rss_mib())))
 
+    if args.step_budgets:
+        for budget in map(int, args.step_budgets.split(",")):
+            for cache in (False, True):
+                t, _, stats = run_ours(lm, ids, args.max_tokens, prefix_cache=cache,
+                                       kv_tokens=32768, max_batch_tokens=budget)
+                emit(dict(common, what="ours_step_budget", max_batch_tokens=budget,
+                          prefix_cache=cache, **_rates(t, rows),
+                          computed_tokens=stats.computed_tokens))
+        return
     results = {}
     for name, cache in (("ours_cache_off", False), ("ours_cache_on", True)):
         t, res, stats = run_ours(lm, ids, args.max_tokens, prefix_cache=cache, kv_tokens=32768)
