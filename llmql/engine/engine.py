@@ -74,10 +74,12 @@ class EngineConfig:
     def batch_tokens(self) -> int:
         """Most tokens in one step: `max_batch_tokens`, or by device when 0.
 
-        On a CPU a step's time grows linearly with its tokens while the throughput per
-        token stays flat from a few hundred tokens up, so a smaller budget (`CPU_BATCH_TOKENS`)
-        costs no throughput and bounds how long a newly arrived request waits for the step
-        in flight (a 2048-token prefill step runs 6-15 s on 2 cores; 512 tokens, 1-2 s).
+        On a CPU a step's time grows with its tokens, and a newly arrived request waits for
+        the step in flight: a 2048-token prefill step runs 5-15 s on 2 cores, 512 tokens
+        1-2 s. `CPU_BATCH_TOKENS` bounds that wait (a 20-row query beside a 400-row one:
+        7.5x sooner than first-come-first-served) at a cost to one large batch alone (a
+        200-row prefill-heavy batch on 2 cores ran 13% slower with the prefix cache, 25%
+        without, than at 2048; `max_batch_tokens=2048` takes it back for batch-only use).
         A GPU runs extra prefill tokens nearly free, so it keeps the larger budget.
         """
         if self.max_batch_tokens:
