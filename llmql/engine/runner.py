@@ -11,7 +11,7 @@ from llmql.engine.context import ForwardBatch, forward_context
 from llmql.engine.kvcache.pool import KVPool
 from llmql.engine.lora.batch import LoraBatch
 from llmql.engine.lora.pool import AdapterPool
-from llmql.engine.scheduler.request import ScheduledBatch
+from llmql.engine.scheduler.request import Req, ScheduledBatch
 
 
 class ModelRunner:
@@ -39,23 +39,36 @@ class ModelRunner:
         input_ids, forward_batch = self.prepare(batch)
         with forward_context(forward_batch):
             hidden = self.model(input_ids, forward_batch.positions)
-        rows, every = _choice_tokens(batch)
-        if not every:
-            logits = self.model.compute_logits(hidden)
-            if getattr(self.model.lm_head, "int8", None) is not None:
-                self._exact_where_constrained(batch, hidden, logits, rows)
-            return logits
-        # NOTE: every sampled request is a `choices` one: only the logits of the tokens their
-        # constraints allow are computed (the LM head is a third of a decode step); the
-        # others are -inf, which the sampler's masks would give them anyway.
-        index = torch.tensor(rows, dtype=torch.int64, device=hidden.device)
+        sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
+        narrow = [i for i, r in enumerate(sampled) if _choice_only(r)]
+        if not narrow:
+            return self._full_logits(sampled, hidden)
+        # NOTE: a `choices` request needs only the logits of the tokens its constraint allows
+        # (the LM head is a third of a decode step): those rows get just the union of their
+        # allowed tokens, the rest -inf (what the sampler's mask gives them anyway), even when
+        # the batch also holds free-text rows (concurrent queries share steps).
+        index = torch.tensor(sorted({t for i in narrow for t in sampled[i].constraint.allowed()}),
+                             dtype=torch.int64, device=hidden.device)
         logits = torch.full((hidden.shape[0], self.model.config.vocab_size), float("-inf"),
                             device=hidden.device)
-        logits[:, index] = self.model.compute_logits(hidden, index)
+        if len(narrow) == len(sampled):
+            logits[:, index] = self.model.compute_logits(hidden, index)
+            return logits
+        rows = torch.tensor(narrow, dtype=torch.int64, device=hidden.device)
+        logits[rows.unsqueeze(1), index] = self.model.compute_logits(hidden[rows], index)
+        wide = sorted(set(range(len(sampled))) - set(narrow))
+        rows = torch.tensor(wide, dtype=torch.int64, device=hidden.device)
+        logits[rows] = self._full_logits([sampled[i] for i in wide], hidden[rows])
         return logits
 
-    def _exact_where_constrained(self, batch: ScheduledBatch, hidden: torch.Tensor,
-                                 logits: torch.Tensor, choice_tokens: list[int]) -> None:
+    def _full_logits(self, reqs: list, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary for the rows of `reqs`."""
+        logits = self.model.compute_logits(hidden)
+        if getattr(self.model.lm_head, "int8", None) is not None:
+            self._exact_where_constrained(reqs, hidden, logits)
+        return logits
+
+    def _exact_where_constrained(self, reqs: list, hidden: torch.Tensor, logits: torch.Tensor) -> None:
         """An int8 LM head's full logits are exact only at each row's top tokens
         (layers/quant_linear.py): give the tokens a constraint lets a request pick from
         their exact values (all choice tokens; a grammar's best `RESCORE_TOP` allowed ones),
@@ -63,11 +76,12 @@ class ModelRunner:
         from llmql.engine.constrained import ChoiceState
         from llmql.engine.layers.quant_linear import RESCORE_TOP
 
+        choice_tokens = sorted({t for r in reqs if isinstance(r.constraint, ChoiceState)
+                                for t in r.constraint.allowed()})
         if choice_tokens:
             index = torch.tensor(choice_tokens, dtype=torch.int64, device=hidden.device)
             logits[:, index] = self.model.compute_logits(hidden, index)
-        sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
-        for i, req in enumerate(sampled):
+        for i, req in enumerate(reqs):
             if req.constraint is None or isinstance(req.constraint, ChoiceState):
                 continue
             allowed = torch.as_tensor(req.constraint.allowed(), dtype=torch.int64, device=hidden.device)
@@ -127,14 +141,8 @@ def _to_device(parts: list[torch.Tensor], device: torch.device) -> list[torch.Te
     return list(flat.to(device, non_blocking=True).split([p.numel() for p in parts]))
 
 
-def _choice_tokens(batch: ScheduledBatch) -> tuple[list[int], bool]:
-    """(the union of the tokens `choices` requests allow, whether every sampled request is a
-    `choices` request that needs no other logits)."""
+def _choice_only(req: Req) -> bool:
+    """Whether `req` samples from its `choices` alone (`logprobs` need the full distribution)."""
     from llmql.engine.constrained import ChoiceState
 
-    sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
-    choice = [r for r in sampled if isinstance(r.constraint, ChoiceState)]
-    tokens = sorted({t for r in choice for t in r.constraint.allowed()})  # type: ignore[union-attr]
-    # NOTE: `logprobs` need the full distribution
-    every = bool(sampled) and len(choice) == len(sampled) and all(r.params.logprobs is None for r in choice)
-    return tokens, every
+    return isinstance(req.constraint, ChoiceState) and req.params.logprobs is None

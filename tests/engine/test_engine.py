@@ -127,6 +127,33 @@ def test_choices_and_seeds(tiny) -> None:
     assert s.requests == 9 and s.prompt_tokens > 0 and s.output_tokens > 0 and s.seconds > 0
 
 
+def test_choices_beside_free_text_compute_only_their_tokens(tiny, monkeypatch) -> None:
+    """A step holding `choices` rows and free-text rows (two queries sharing steps) computes
+    full-vocabulary logits for the free-text rows only, and every answer equals the one
+    each group gets alone."""
+    choices = ("w10", "w10 w11", "w12 w13 w14")
+    picks = [GenerationRequest(p, choices=choices) for p in _word_prompts(4)]
+    free = [GenerationRequest(p, max_tokens=4) for p in _word_prompts(3, seed=1)]
+    alone = [*EmbeddedEngine(tiny, EngineConfig(kv_tokens=1024)).generate(picks),
+             *EmbeddedEngine(tiny, EngineConfig(kv_tokens=1024)).generate(free)]
+    engine = EmbeddedEngine(tiny, EngineConfig(kv_tokens=1024))
+    model, calls = engine.lm.model, []
+    compute = model.compute_logits
+
+    def spy(hidden, rows=None):
+        calls.append((hidden.shape[0], rows is None))
+        return compute(hidden, rows)
+
+    monkeypatch.setattr(model, "compute_logits", spy)
+    mixed = engine.generate([*picks, *free])
+    assert [r.text for r in mixed] == [r.text for r in alone]
+    for a, b in zip(mixed[:4], alone[:4]):
+        assert a.choice_logprobs == pytest.approx(b.choice_logprobs, abs=1e-5)
+    full = [n for n, whole in calls if whole]
+    assert full and max(full) <= len(free)  # NOTE: never a choices row through the full head
+    assert any(not whole for _, whole in calls)
+
+
 @pytest.mark.parametrize("family", ["gemma3", "llama"])
 def test_choice_logprobs_are_unmasked_first_step(family, tiny_model_dir, tiny_hf_model) -> None:
     """`choice_logprobs` = log_softmax of transformers' next-token logits after the prompt
