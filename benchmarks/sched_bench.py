@@ -11,7 +11,7 @@
 
 Prints one JSON line per policy and scenario, then the ratios. Usage:
     .venv/bin/python benchmarks/sched_bench.py [--quick] [--only a,b,c] [--mixed 48,16,8]
-        [--mix 1,1,1,1] [--max-batch-tokens N]
+        [--mix 1,1,1,1] [--max-batch-tokens N] [--repeat N]
 """
 
 from __future__ import annotations
@@ -226,6 +226,9 @@ def main() -> None:
                         "(default 240,20,32; --quick 96,16,16)")
     parser.add_argument("--mix", default="1,1,1,1", help="scenario (a): weights of the "
                         "templates (paragraph, sentence, one word, yes/no)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="(a) and (c): run each side this many times, alternating which "
+                        "goes first (ABBA...), and report the median of each figure")
     parser.add_argument("--max-batch-tokens", type=int, default=0,
                         help="tokens per engine step (0: the engine's default for the device)")
     args = parser.parse_args()
@@ -249,17 +252,44 @@ def main() -> None:
         if args.mixed:
             n, warmup, running = map(int, args.mixed.split(","))
         mix = tuple(int(w) for w in args.mix.split(","))
+        sides = alternate(("fcfs", "ltr"), args.repeat,
+                          lambda policy: run_mixed(lm, policy, n, warmup, running, mix))
         for policy in ("fcfs", "ltr"):
-            emit(run_mixed(lm, policy, n, warmup, running, mix))
+            emit(median_line(sides[policy]))
     if "b" in only:
         big, small = (160, 12) if args.quick else (400, 20)
         for policy in ("fcfs", "fair"):
             emit(run_fair(lm, policy, big, small, delay=1.0))
     if "c" in only:
         rows = 40 if args.quick else 100
+        sides = alternate((False, True), args.repeat, lambda conc: run_concurrent(lm, rows, conc))
         for concurrent in (False, True):
-            emit(run_concurrent(lm, rows, concurrent))
+            emit(median_line(sides[concurrent]))
     emit(ratios(lines))
+
+
+def alternate(sides: tuple, repeat: int, run) -> dict:
+    """`run(side)` for each side, `repeat` rounds, the order reversed every other round (so
+    neither side always runs first, on a warmer process or a quieter box)."""
+    out: dict = {side: [] for side in sides}
+    for k in range(max(repeat, 1)):
+        for side in (sides if k % 2 == 0 else sides[::-1]):
+            out[side].append(run(side))
+    return out
+
+
+def median_line(runs: list[dict]) -> dict:
+    """One line for several runs of a side: the median of each timing figure, every run's
+    mean latency and throughput listed."""
+    line = dict(runs[0])
+    if len(runs) > 1:
+        for key in ("mean_latency_s", "p90_latency_s", "throughput_rows_s", "kendall_tau",
+                    "sim_oracle_sjf_x_fcfs"):
+            if key in line:
+                line[key] = round(float(np.median([r[key] for r in runs])), 3)
+        line["runs_mean_latency_s"] = [r["mean_latency_s"] for r in runs]
+        line["runs_throughput_rows_s"] = [r["throughput_rows_s"] for r in runs]
+    return line
 
 
 def ratios(lines: list[dict]) -> dict:
