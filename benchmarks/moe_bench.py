@@ -18,7 +18,9 @@ Peak RSS is the process's high-water mark (VmHWM). Also reported, per phase, as 
 memory (RssAnon: weights, cache, KV, activations) and file pages (RssFile: shared libraries,
 mapped files): `torch_rss` after `import torch` alone, `base_rss` after importing llmql's
 engine too (before loading: the interpreter's share), `load_rss` after loading, `end_rss`
-after generating; `load_hwm_gib` is the peak up to the end of loading.
+after generating; `load_hwm_gib` is the peak up to the end of loading; `peak_sample` is the
+largest-RSS sample of a 20 ms sampler thread over load + generate (the peak's make-up), and
+`expert_peak_resident_gib` the most expert bytes the cache ever held (loaded or loading).
 
 Runs the llmql of the checkout it sits in (not the one the venv may have installed).
 `--repeat N` runs the list of modes N times, interleaved, and reports each mode's median run
@@ -35,6 +37,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,17 +49,39 @@ if _ROOT not in sys.path:
 
 
 def _status() -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile of this process (KiB)."""
-    keys = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
+    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem of this process (KiB)."""
+    keys = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
     with open("/proc/self/status") as f:
         pairs = (line.split(":", 1) for line in f)
         return {k: int(v.split()[0]) for k, v in pairs if k in keys}
 
 
 def _phase(status: dict[str, int]) -> dict[str, float]:
-    """{rss, anon, file} in GiB."""
+    """{rss, anon, file, shmem} in GiB."""
     return {"rss": round(status["VmRSS"] / 2**20, 3), "anon": round(status["RssAnon"] / 2**20, 3),
-            "file": round(status["RssFile"] / 2**20, 3)}
+            "file": round(status["RssFile"] / 2**20, 3), "shmem": round(status["RssShmem"] / 2**20, 3)}
+
+
+class _PeakSampler:
+    """Samples /proc/self/status every `period` s on a thread; keeps the largest-RSS sample
+    (what the peak is made of: VmHWM alone does not say)."""
+
+    def __init__(self, period: float = 0.02) -> None:
+        self.peak = _status()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+        self._thread.start()
+
+    def _run(self, period: float) -> None:
+        while not self._stop.wait(period):
+            s = _status()
+            if s["VmRSS"] > self.peak["VmRSS"]:
+                self.peak = s
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
 
 
 _TORCH_RSS = _phase(_status())  # NOTE: python + torch only, before llmql is imported
@@ -126,6 +151,7 @@ def run_one(model: Path, mode: str, a: argparse.Namespace) -> dict:
     fraction = MODES[mode]
     gib = None if fraction is None else fraction * expert_gib(a)
     base_rss = _phase(_status())
+    sampler = _PeakSampler()
     t0 = time.perf_counter()
     if a.page_cache == "drop":
         _drop_page_cache(model)
@@ -142,7 +168,7 @@ def run_one(model: Path, mode: str, a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     results = engine.generate(requests, progress=False)
     seconds = time.perf_counter() - t0
-    end = _status()
+    end, peak = _status(), sampler.stop()
     out_tokens = sum(r.output_tokens for r in results)
     experts = engine.stats().extra.get("experts", {})
     kv_bytes = sum(b.numel() * b.element_size() for b in engine.pool.k_buffer + engine.pool.v_buffer)
@@ -153,7 +179,8 @@ def run_one(model: Path, mode: str, a: argparse.Namespace) -> dict:
         "peak_rss_gib": round(end["VmHWM"] / 2**20, 3),
         "base_rss_gib": base_rss["rss"], "torch_rss": _TORCH_RSS, "base_rss": base_rss,
         "load_rss": _phase(loaded), "load_hwm_gib": round(loaded["VmHWM"] / 2**20, 3),
-        "end_rss": _phase(end),
+        "end_rss": _phase(end), "peak_sample": _phase(peak),
+        "expert_peak_resident_gib": round(experts.get("peak_resident_bytes", 0) / 2**30, 3),
         "kv_gib": round(kv_bytes / 2**30, 3),
         "hit_rate": round(experts.get("hit_rate", 1.0), 3),
         "prefetch_accuracy": round(experts.get("prefetch_accuracy", 0.0), 3),
@@ -251,8 +278,11 @@ def _summary(rows: list[dict], a: argparse.Namespace) -> None:
         target = (non_expert_gib(a) + budget + r["kv_gib"]) * 1.15
         above = r["peak_rss_gib"] - r["base_rss_gib"]
         above_torch = r["peak_rss_gib"] - r["torch_rss"]["rss"]
+        p = r["peak_sample"]
         print(f"{r['mode']:10} RSS target (non-expert + budget + KV) x 1.15 = {target:.2f}G: "
-              f"peak {r['peak_rss_gib']:.2f}G ({'ok' if r['peak_rss_gib'] <= target else 'over'}); "
+              f"peak {r['peak_rss_gib']:.2f}G ({'ok' if r['peak_rss_gib'] <= target else 'over'}; "
+              f"sampled peak {p['rss']:.2f}G = anon {p['anon']:.2f} + file {p['file']:.2f} + shmem "
+              f"{p['shmem']:.2f}; experts resident <= {r['expert_peak_resident_gib']:.2f}G); "
               f"above import torch ({r['torch_rss']['rss']:.2f}G) {above_torch:.2f}G "
               f"({'ok' if above_torch <= target else 'over'}); "
               f"above import torch + llmql ({r['base_rss_gib']:.2f}G) {above:.2f}G "

@@ -11,14 +11,11 @@ the same computation in torch (one matmul per expert group) and the CPU path.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 import torch.nn.functional as F
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is optional on CPU
-    triton = None
 
 
 def group_by_expert(topk_ids: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -83,7 +80,12 @@ def align_block_size(
     return sorted_ids, block_expert, total
 
 
-if triton is not None:
+@functools.cache
+def _kernel():
+    """Build the jitted kernel on first use: triton is imported only here, so the CPU path
+    never loads it (libtriton alone adds ~65 MiB to the process's RSS)."""
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def _moe_gemm_kernel(
@@ -116,6 +118,8 @@ if triton is not None:
         tl.store(out_ptr + pairs[:, None] * stride_om + offs_n[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < n_out))
 
+    return _moe_gemm_kernel
+
 
 def fused_moe(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -123,7 +127,7 @@ def fused_moe(
     *, block_m: int = 16, block_n: int = 32, block_k: int = 32,
 ) -> torch.Tensor:
     """Triton fused MoE (see the module docstring for shapes): sorted pairs, two grouped GEMMs."""
-    if triton is None:
+    if importlib.util.find_spec("triton") is None:
         raise RuntimeError("fused_moe needs triton")
     t, h = x.shape
     e, two_i, h2 = w13.shape
@@ -150,8 +154,8 @@ def fused_moe(
 def _gemm(a, w, out, weights, sorted_ids, block_expert, total, pairs, k, per_token, mul,
           block_m, block_n, block_k) -> None:
     n_out, k_in = w.shape[1], w.shape[2]
-    grid = (total // block_m, triton.cdiv(n_out, block_n))
-    _moe_gemm_kernel[grid](
+    grid = (total // block_m, -(-n_out // block_n))
+    _kernel()[grid](
         a, w, out, weights, sorted_ids, block_expert, pairs, n_out, k_in, k,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         A_PER_TOKEN=per_token, MUL_WEIGHT=mul, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

@@ -203,3 +203,28 @@ def test_started_loads_are_pinned_misses_within_budget() -> None:
     stats = cache.snapshot()
     assert (stats["misses"], stats["hits"]) == (4, 0) and stats["peak_resident_bytes"] <= 3 * ITEM
     assert _cache(0)[0].start_loads([(0, 1)]) == []  # NOTE: on-demand mode: the caller loads
+
+
+def test_queued_loads_are_advised_in_queue_order(tiny_model_dir, tmp_path) -> None:
+    """start_loads and prefetch give the backing tier a read-ahead hint per queued load (misses
+    first), none for synchronous misses; the store's hint leaves the expert's bytes intact."""
+    advised: list = []
+    cache = ExpertCache(lambda key, out: torch.zeros(2), ITEM, 4 * ITEM, groups=2, advise=advised.append)
+    cache.begin(0)
+    cache.acquire((0, 0))
+    started = cache.start_loads([(0, 1), (0, 0)])
+    cache.prefetch([(1, 2), (1, 3), (1, 4)])  # NOTE: room for two more only
+    assert started == [(0, 1)] and advised == [(0, 1), (1, 2), (1, 3)]
+    cache.acquire_pinned((0, 1))
+    for key in [(0, 0), (0, 1)]:
+        cache.release(key)
+    cache.close()
+
+    from llmql.engine.loader import read_config
+    from llmql.engine.moe import ExpertStore
+
+    out = _copy(tiny_model_dir("mixtral"), tmp_path)
+    store = ExpertStore(out, read_config(out), torch.float32)
+    before = store.load(1, 2)
+    store.will_need(1, 2)
+    assert all(torch.equal(a, b) for a, b in zip(before, store.load(1, 2)))

@@ -7,6 +7,8 @@ Contract:
                              for the caller (who computes other experts meanwhile);
     prefetch(keys)           loads experts on the background thread, when room can be made
                              without touching pinned entries.
+Both call `advise(key)` (when given) for each load they queue, in queue order: the backing
+tier's read-ahead hint, so the disk works on queued loads while the thread copies earlier ones.
 Invariants: resident bytes (loaded or loading) never exceed the budget; a pinned or loading
 entry is never evicted; eviction takes the unpinned entry with the lowest `score`: frequency
 decayed by recency, divided by how far away its next use is.
@@ -59,14 +61,16 @@ class CacheStats:
 
 class ExpertCache:
     """Byte-budgeted expert cache over `load(key, out) -> value` (the backing tier); `out` is an
-    evicted value whose buffers may be reused, or None."""
+    evicted value whose buffers may be reused, or None. `advise(key)`: see the module doc."""
 
     def __init__(self, load: Callable[[Key, Any], Any], item_bytes: int, budget_bytes: int,
-                 *, half_life: float = 64.0, prefetch_thread: bool = True, groups: int = 1) -> None:
+                 *, half_life: float = 64.0, prefetch_thread: bool = True, groups: int = 1,
+                 advise: Callable[[Key], None] | None = None) -> None:
         if budget_bytes and budget_bytes < item_bytes:
             raise ValueError(f"expert cache budget {budget_bytes} B holds no expert ({item_bytes} B each); "
                              "use 0 for on-demand loading or a larger budget")
         self._load, self.item_bytes, self.budget_bytes = load, item_bytes, budget_bytes
+        self._advise = advise
         self.half_life, self.groups = half_life, groups
         self._entries: dict[Key, _Entry] = {}
         self._free: list[Any] = []  # NOTE: evicted values, reused as load buffers (no allocator churn)
@@ -156,6 +160,7 @@ class ExpertCache:
                 self._touch(entry, hit=False)
                 self._pool.submit(self._fill, key, entry, False)
                 started.append(key)
+        self._advise_all(started)
         return started
 
     def prefetch(self, keys: Iterable[Key]) -> list[Future]:
@@ -163,7 +168,7 @@ class ExpertCache:
         pinned entries); returns their futures."""
         if self._pool is None:
             return []
-        futures = []
+        futures, queued = [], []
         with self._lock:
             for key in keys:
                 if key in self._entries or not self._make_room(wait=False):
@@ -174,6 +179,8 @@ class ExpertCache:
                 self._insert(key, entry)
                 self.stats.prefetch_loads += 1
                 futures.append(self._pool.submit(self._fill, key, entry, True))
+                queued.append(key)
+        self._advise_all(queued)
         return futures
 
     def record_prediction(self, predicted: set, actual: set) -> None:
@@ -198,6 +205,12 @@ class ExpertCache:
         """Stop the prefetch thread (pending loads finish first)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+    def _advise_all(self, keys: list[Key]) -> None:
+        """The read-ahead hints of queued loads (outside the lock: a hint may start I/O)."""
+        if self._advise is not None:
+            for key in keys:
+                self._advise(key)
 
     def _miss(self, key: Key) -> Any:
         """Load `key` synchronously (lock held on entry, released while loading)."""

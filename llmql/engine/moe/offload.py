@@ -157,7 +157,8 @@ def offload_experts(
     # NOTE: keys are (layer, expert), the layers visited in a cycle; an expert's use count
     # halves every HALF_LIFE visits of its layer (forwards) without a use.
     cache = ExpertCache(lambda key, out: holder[0].load(key, out), store.expert_bytes,
-                        int(budget_gib * 2**30), half_life=HALF_LIFE, groups=max(1, len(moes)))
+                        int(budget_gib * 2**30), half_life=HALF_LIFE, groups=max(1, len(moes)),
+                        advise=lambda key: store.will_need(*key))
     controller = ExpertOffload(store, cache, moes, dev, prefetch=prefetch)
     holder.append(controller)
     for moe in moes:

@@ -94,6 +94,17 @@ class ExpertStore:
         self._read(self._parts[(layer, expert, "down")], w2)
         return out
 
+    def will_need(self, layer: int, expert: int) -> None:
+        """Read-ahead hint: the kernel starts reading the expert's file pages into the OS page
+        cache now (asynchronously), so a later `load` copies them instead of waiting on the
+        disk; with several loads queued, the disk works on them while the loading thread
+        copies. The pages stay outside our RSS (page cache, not mapped). No-op on CUDA."""
+        if self._pinned is not None:
+            return
+        for part in ("gate", "up", "down"):
+            s = self._parts[(layer, expert, part)]
+            os.posix_fadvise(self._fds[s.file], s.start, s.end - s.start, os.POSIX_FADV_WILLNEED)
+
     def _read(self, s: _Slice, into: torch.Tensor) -> None:
         """The tensor's file bytes into `into` (converted when the file's dtype differs)."""
         target = into if into.dtype == s.dtype else torch.empty(s.shape, dtype=s.dtype)
