@@ -1,8 +1,8 @@
 """Scheduling benchmark: policies of the engine service side by side on real workloads
 (movies.csv) with the default model.
 
-(a) mixed lengths: long free-text answers, one-sentence summaries, one-word answers and
-    yes/no classifications, shuffled and submitted at once (after a warm-up of the same
+(a) mixed lengths: long free-text answers (a paragraph, up to 128 tokens), one-sentence
+    summaries, one-word answers and yes/no classifications, shuffled and submitted at once (after a warm-up of the same
     templates on other rows, so the length predictor has data; fcfs, which learns
     nothing, warms up on one row per template): fcfs vs ltr.
 (b) fairness: a large llm_filter query starts on one DuckDB connection, a small llm()
@@ -12,6 +12,7 @@
 Prints one JSON line per policy and scenario, then the ratios. Usage:
     .venv/bin/python benchmarks/sched_bench.py [--quick] [--only a,b,c] [--mixed 48,16,8]
         [--mix 1,1,1,1] [--max-batch-tokens N] [--repeat N]
+        [--long-tokens 128]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 from sched_sim import StepLog, sjf_bound  # sibling script
 
 TEMPLATES = [  # (instruction, max_tokens, choices, stop)
-    ("Write a detailed paragraph about the movie and what the review says about it.", 48, None, ()),
+    ("Write a detailed paragraph about the movie and what the review says about it.", 128, None, ()),
     ("Summarise the review in one short sentence.", 48, None, ("\n",)),
     ("Name the genre of the movie in one word.", 48, None, ("\n",)),
     ("Is the review positive?", 8, ("yes", "no"), ()),
@@ -123,6 +124,9 @@ def run_mixed(lm, policy: str, n: int, warmup: int, max_running: int,
            "output_tokens": sum(r.output_tokens for r in results),
            "errors": sum(r.finish_reason == "error" for r in results),
            "mean_output_tokens_by_template": _by_template(requests, results)}
+    out.update(steps=len(log.steps), step_tokens=sum(t for t, _, _ in log.steps),
+               step_rows_sampled=sum(r for _, r, _ in log.steps),
+               step_seconds=round(sum(sec for _, _, sec in log.steps), 2))
     if policy == "fcfs":  # NOTE: what an oracle shortest-first order could reach on this run
         out.update(sjf_bound([r.prompt_tokens - r.cached_tokens for r in results],
                              [r.output_tokens for r in results], max_running=max_running,
@@ -226,6 +230,8 @@ def main() -> None:
                         "(default 240,20,32; --quick 96,16,16)")
     parser.add_argument("--mix", default="1,1,1,1", help="scenario (a): weights of the "
                         "templates (paragraph, sentence, one word, yes/no)")
+    parser.add_argument("--long-tokens", type=int, default=128,
+                        help="scenario (a): max_tokens of the paragraph template (runs 1-3: 48)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="(a) and (c): run each side this many times, alternating which "
                         "goes first (ABBA...), and report the median of each figure")
@@ -239,6 +245,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     BATCH_TOKENS["max_batch_tokens"] = args.max_batch_tokens
+    TEMPLATES[0] = (*TEMPLATES[0][:1], args.long_tokens, *TEMPLATES[0][2:])
     lm = load_model()
     only = set(args.only.split(","))
     lines: list[dict] = []
