@@ -27,11 +27,12 @@ class ModelRunner:
         self.device = torch.device(device)
         if packed_linears and self.device.type == "cpu":
             from llmql.engine.layers.linear import pack_linears
-            from llmql.engine.layers.quant_linear import trim_heap
+            from llmql.engine.layers.quant_linear import cap_heap_reuse, trim_heap
 
             # NOTE: float32 CPU GEMMs through oneDNN with pre-packed weights (~2x MKL here)
             pack_linears(model)
             trim_heap()  # NOTE: the float weights freed by packing stay in the heap otherwise
+            cap_heap_reuse()
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
