@@ -37,9 +37,9 @@ LONG_SEGMENT = 16
 # height for every slot (Zipf decode steps; measured: lora_bench --cpu-paths)
 HEAVY_SLOT = 16
 # NOTE: the CPU delta ops (small matmuls, gathers) run on this many intra-op threads (0: the
-# caller's). Measured in the engine (lora_bench workload, 128 prompts, Zipf, 2 threads, A/B
-# interleaved in one process): mixed 39.3-39.9 s -> 33.0-33.1 s, one adapter at a time
-# 42.6 -> 38.5 s. Timed alone (--cpu-paths) the ops are faster on 2 threads; in a forward
+# caller's). Measured in the engine (lora_bench workload, 128 prompts, 2 threads, A/B
+# interleaved in one process): mixed 39.3-39.9 s -> 33.0-33.1 s Zipf, 34.1-35.7 -> 31.1-32.5 s
+# uniform; one adapter at a time 42.6 -> 38.5 s / 41.0 -> 35.9 s. Timed alone (--cpu-paths) the ops are faster on 2 threads; in a forward
 # their short parallel regions cost more than they save (docs/benchmarks.md, Multi-LoRA).
 DELTA_THREADS = 1
 
