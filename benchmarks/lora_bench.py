@@ -157,8 +157,9 @@ def bench_cpu_paths(repeat: int = 20) -> None:
     per slot over gathered rows (`grouped`, the torch reference), next to the base projection
     itself (`base_linear`), for decode rows and prefill segments; and the engine's own mix
     (`engine_plan`: long segments one matmul each, the rows of a slot with >= HEAVY_SLOT
-    short rows gathered apart, the other short rows in the padded bmm). Plans are built
-    once per forward in the engine, so outside the timing here."""
+    short rows gathered apart, the other short rows in the padded bmm; on DELTA_THREADS
+    intra-op threads as in the engine, and `engine_plan_all_threads` on the caller's).
+    Plans are built once per forward in the engine, so outside the timing here."""
     gen = torch.Generator().manual_seed(0)
     ranks = [0, 8, 16, 32, 8, 16, 32, 8, 16]
     for module, (k, outs) in {"qkv": (640, (1024, 256, 256)), "o": (1024, (640,)),
@@ -187,7 +188,7 @@ def _stacked(gen, k: int, outs: tuple[int, ...], stride: int, ranks: list[int]):
 
 
 def _time_paths(repeat, x, a, b, out, offsets, ranks, lens, seg) -> dict[str, float]:
-    from llmql.engine.lora.batch import cpu_plan
+    from llmql.engine.lora.batch import cpu_plan, delta_threads
     from llmql.kernels.lora_cpu import bmm_lora, gathered_lora, padded_rows, segment_lora
     from llmql.kernels.lora_expand import ref_lora_expand
     from llmql.kernels.lora_shrink import ref_lora_shrink, slot_groups
@@ -205,15 +206,20 @@ def _time_paths(repeat, x, a, b, out, offsets, ranks, lens, seg) -> dict[str, fl
 
     long, light, heavy = cpu_plan(seg, bounds)
 
-    def engine():  # NOTE: what add_lora runs: long segments, the light grid, heavy slots
+    def all_threads():  # NOTE: add_lora's ops: long segments, the light grid, heavy slots
         segment_lora(x, a, b, out, offsets, ranks, long)
         if light is not None:
             bmm_lora(x, a, b, out, offsets, light)
         return gathered_lora(x, a, b, out, offsets, ranks, heavy)
 
+    def engine():  # NOTE: as add_lora runs them (on DELTA_THREADS intra-op threads)
+        with delta_threads():
+            return all_threads()
+
     return dict(segments_ms=round(_time(repeat, segment_lora, x, a, b, out, offsets, ranks, segments), 3),
                 padded_bmm_ms=round(_time(repeat, bmm_lora, x, a, b, out, offsets, grid), 3),
                 grouped_ms=round(_time(repeat, grouped), 3),
+                engine_plan_all_threads_ms=round(_time(repeat, all_threads), 3),
                 engine_plan_ms=round(_time(repeat, engine), 3))
 
 

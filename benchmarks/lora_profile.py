@@ -4,8 +4,10 @@ Same model, adapters and prompts as `lora_bench.py`. Per run, wall seconds split
 forward steps with and without prefill rows (`ModelRunner.run`), and inside them the LoRA
 delta by CPU path: long segments (`segment_lora`, SGMV-style), short rows (`bmm_lora`,
 BGMV-style), a popular slot's short rows (`gathered_lora`) and the per-forward segment
-plan (`LoraBatch.build`); plus prompt tokens
-computed. Timers wrap our own functions in this process only (restored on exit); on one
+plan (`LoraBatch.build`); the CPU seconds of the engine thread and of the whole process
+during the forwards (a forward's wall time above its engine thread's CPU time is time that
+thread waited off-CPU: for an OpenMP worker, or for a core other processes held); plus
+prompt tokens computed. Timers wrap our own functions in this process only (restored on exit); on one
 thread every op is synchronous, so the wrapped wall time is the op time. Usage:
     .venv/bin/python benchmarks/lora_profile.py [--prompts 128] [--popularity uniform]
         [--threads 1] [--lock /work/wt/bench.lock]
@@ -46,6 +48,19 @@ def timers(engine_cls):
                 spent[name][1] += 1
         return wrapper
 
+    def forward(run):
+        """A forward step, timed by kind, plus the CPU seconds of the engine thread and of the
+        process meanwhile (wall above the engine thread's CPU: it waited, off-CPU)."""
+        def wrapper(batch):
+            c0, p0 = time.thread_time(), time.process_time()
+            try:
+                return timed("forward_decode_only" if batch.is_decode else "forward_with_prefill",
+                             run)(batch)
+            finally:
+                spent["forward_engine_thread_cpu"][0] += time.thread_time() - c0
+                spent["forward_process_cpu"][0] += time.process_time() - p0
+        return wrapper
+
     saved = (lb.segment_lora, lb.bmm_lora, LoraBatch.__dict__["build"], engine_cls.__init__,
              lb.gathered_lora)
     init = engine_cls.__init__
@@ -53,8 +68,7 @@ def timers(engine_cls):
     def engine_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
         run = self.runner.run
-        self.runner.run = lambda batch: timed(
-            "forward_decode_only" if batch.is_decode else "forward_with_prefill", run)(batch)
+        self.runner.run = forward(run)
 
     lb.segment_lora = timed("lora_long_segments", lb.segment_lora)
     lb.bmm_lora = timed("lora_short_rows_bmm", lb.bmm_lora)

@@ -106,6 +106,18 @@ def test_prefix_reuse_defers_in_batch_sharing() -> None:
     assert all(r.cached_tokens >= 20 for r in reqs[1:])
 
 
+def test_prefix_reuse_waits_for_a_chunked_prefill() -> None:
+    """A request sharing a long prefix with one still prefilling over several steps waits
+    for its chunks to reach the cache instead of computing the same prefix beside it."""
+    rng = random.Random(3)
+    shared = [rng.randrange(VOCAB) for _ in range(60)]
+    prompts = [shared + [rng.randrange(VOCAB) for _ in range(4)] for _ in range(3)]
+    reqs, _, _ = _run(prompts, 3, slots=2048, chunk=16, budget=24)
+    for r, p in zip(reqs, prompts):
+        assert r.output_ids == _expected(p, 3)
+    assert all(r.cached_tokens >= 60 - 16 for r in reqs[1:])  # NOTE: 16: `defer_tokens`
+
+
 def test_small_pool_forces_eviction_and_preemption() -> None:
     prompts = _prompts(10, seed=1)
     reqs, sched, kv = _run(prompts, 40, slots=160, chunk=8, budget=64)

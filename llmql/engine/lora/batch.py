@@ -8,10 +8,13 @@ segments once per forward (`llmql.kernels.lora_cpu`): segments of at least `LONG
 rows (prefill) get one matmul each, the shorter ones (decode rows, BGMV) one padded bmm
 over slots per module, except a slot with `HEAVY_SLOT` or more short rows (a popular
 adapter), whose rows are gathered and multiplied apart; base rows are skipped by all.
+These CPU ops run on one intra-op thread (`DELTA_THREADS`; measured faster in the engine).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +36,12 @@ LONG_SEGMENT = 16
 # NOTE: a slot with this many short rows is gathered apart instead of setting the grid's
 # height for every slot (Zipf decode steps; measured: lora_bench --cpu-paths)
 HEAVY_SLOT = 16
+# NOTE: the CPU delta ops (small matmuls, gathers) run on this many intra-op threads (0: the
+# caller's). Measured in the engine (lora_bench workload, 128 prompts, 2 threads, A/B
+# interleaved in one process): mixed 39.3-39.9 s -> 33.0-33.1 s Zipf, 34.1-35.7 -> 31.1-32.5 s
+# uniform; one adapter at a time 42.6 -> 38.5 s / 41.0 -> 35.9 s. Timed alone (--cpu-paths) the ops are faster on 2 threads; in a forward
+# their short parallel regions cost more than they save (docs/benchmarks.md, Multi-LoRA).
+DELTA_THREADS = 1
 
 
 @dataclass
@@ -80,13 +89,28 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, layer_id: int, module: str) -> 
     if lora.use_triton:
         xa = lora_shrink(x, w.a, lora.seg_indptr, lora.seg_slots, w.ranks, w.rank_stride)
         return lora_expand(xa, w.b, out, lora.seg_indptr, lora.seg_slots, w.ranks, w.offsets)
-    if lora.long:
-        segment_lora(x, w.a, w.b, out, w.offsets, w.rank_list, lora.long)
-    if lora.grid is not None:
-        bmm_lora(x, w.a, w.b, out, w.offsets, lora.grid)
-    if lora.gathered:
-        gathered_lora(x, w.a, w.b, out, w.offsets, w.rank_list, lora.gathered)
+    with delta_threads():
+        if lora.long:
+            segment_lora(x, w.a, w.b, out, w.offsets, w.rank_list, lora.long)
+        if lora.grid is not None:
+            bmm_lora(x, w.a, w.b, out, w.offsets, lora.grid)
+        if lora.gathered:
+            gathered_lora(x, w.a, w.b, out, w.offsets, w.rank_list, lora.gathered)
     return out
+
+
+@contextlib.contextmanager
+def delta_threads() -> Iterator[None]:
+    """CPU: intra-op threads lowered to `DELTA_THREADS` (0: unchanged) for the delta ops."""
+    threads = torch.get_num_threads()
+    if not DELTA_THREADS or threads <= DELTA_THREADS:
+        yield
+        return
+    torch.set_num_threads(DELTA_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def cpu_plan(

@@ -25,9 +25,10 @@ class PrefillAdmitter:
     """Admits waiting requests in policy order within a token budget and free memory.
 
     A request that shares more than `defer_tokens` uncached tokens with one admitted in the
-    same step (under the same LoRA adapter: the cache is keyed by adapter) waits one step,
-    so that it reuses that request's prefix from the cache instead of computing it a second
-    time (in-batch prefix sharing).
+    same step, or with a running one whose prompt is still being prefilled (chunked), under
+    the same LoRA adapter (the cache is keyed by adapter), waits, so that it reuses that
+    request's prefix from the cache instead of computing it a second time (in-batch prefix
+    sharing).
     """
 
     def __init__(
@@ -47,13 +48,15 @@ class PrefillAdmitter:
     def admit(self, waiting: deque[Req], running: list[Req], budget: int) -> list[tuple[Req, int]]:
         """Move admitted requests from `waiting` to `running`; returns (req, new tokens)."""
         picked: list[tuple[Req, int]] = []
+        # NOTE: running prompts not fully computed yet (their chunks enter the cache step by step)
+        prefilling = [r for r in running if r.num_computed < r.seq_len - 1] if self.kv.caching else []
         for req in self.policy.arrange(waiting, self.kv):
             if budget <= 0 or len(running) + len(picked) >= self.max_running:
                 break
             reqs = [r for r, _ in picked]
             if not self.policy.admit(req, reqs, running) or not self._allowed(req, reqs, running):
                 continue
-            n = self._try_start(req, picked, budget, len(running) + len(picked) + 1)
+            n = self._try_start(req, picked, prefilling, budget, len(running) + len(picked) + 1)
             if n is None:
                 break
             if n:
@@ -70,11 +73,12 @@ class PrefillAdmitter:
         return all(check.allows(req, picked, running) for check in self.checks)
 
     def _try_start(
-        self, req: Req, picked: list[tuple[Req, int]], budget: int, decoders: int
+        self, req: Req, picked: list[tuple[Req, int]], prefilling: list[Req], budget: int,
+        decoders: int,
     ) -> int | None:
         """New tokens for `req` (0: defer it; None: out of memory, stop admitting)."""
         match = self.kv.match(req)
-        if self._defer(req, picked, match.length):
+        if self._defer(req, [*prefilling, *(r for r, _ in picked)], match.length):
             return 0
         first = req.cached_tokens < 0
         self.kv.attach(req, match)
@@ -87,12 +91,14 @@ class PrefillAdmitter:
             return None
         return n
 
-    def _defer(self, req: Req, picked: list[tuple[Req, int]], matched: int) -> bool:
-        if not self.kv.caching or not picked:
+    def _defer(self, req: Req, computing: list[Req], matched: int) -> bool:
+        """Whether `req` shares more than `defer_tokens` uncached tokens with a request of
+        `computing` (this step's) under the same adapter."""
+        if not self.kv.caching or not computing:
             return False
         mine, key = np.asarray(req.token_ids[: req.seq_len - 1]), adapter_key(req)
         return any(adapter_key(o) == key and _lcp(mine, o.token_ids) - matched > self.defer_tokens
-                   for o, _ in picked)
+                   for o in computing)
 
 
 def _lcp(a: np.ndarray, b: list[int]) -> int:
