@@ -65,13 +65,11 @@ def layer_mode(gguf: object, quantization: str, device: str) -> str:
 
     "int8": the int8 GEMM where it runs (approximate: about half to three quarters of the
     default model's 16-token greedy answers equal the float32 ones). "auto" on a CPU with the
-    int8 GEMM: float32 linears (exact and the fastest) for a small model, whose float32
-    linears take at most 1/16 of the machine's memory (the default 270M model: 383 MiB),
-    else the int8 GEMM (1B and up). Otherwise the exact group-wise path. The "grouped"
-    layout (the GGUF values kept as int8 with their group scales, dequantised tile by tile at
-    each matmul: ~110 MiB instead of 383 for the default model) is what a memory-first
-    default would pick; measured on the default model it held the peak at 1035 MiB but
-    decoded at 1.01x `none` instead of 1.39x (docs/benchmarks.md), so speed wins here.
+    int8 GEMM: weight-only group-wise linears ("grouped": the GGUF values kept as int8 with
+    their group scales, dequantised tile by tile into a reused float32 buffer at each matmul,
+    so the arithmetic is float32's) for a small model, whose float32 linears take at most
+    1/16 of the machine's memory (the default 270M model: 383 MiB as float32, ~110 MiB
+    grouped), else the int8 GEMM (1B and up). Otherwise the exact group-wise path.
     """
     from llmql.engine.loader import _physical_memory
 
@@ -79,7 +77,7 @@ def layer_mode(gguf: object, quantization: str, device: str) -> str:
         return "exact"
     if quantization == "int8":
         return "int8"
-    return "float" if gguf.linear_float32_bytes() <= _physical_memory() // 16 else "int8"  # type: ignore[attr-defined]
+    return "grouped" if gguf.linear_float32_bytes() <= _physical_memory() // 16 else "int8"  # type: ignore[attr-defined]
 
 
 def _meta_cache(path: Path, cache: Path, gguf: object) -> Path:

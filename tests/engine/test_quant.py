@@ -166,10 +166,10 @@ def test_int8_gemm_path_near_exact(tiny_model_dir, tiny_hf_model, tmp_path, monk
 
 
 @pytest.mark.skipif(not int8_linear_available(), reason="no FBGEMM int8 linear on this CPU")
-def test_auto_float_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf_model, tmp_path,
-                                                        monkeypatch) -> None:
+def test_auto_grouped_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf_model, tmp_path,
+                                                          monkeypatch) -> None:
     """"auto" on a CPU with the int8 GEMM, a model whose float32 linears fit: the linears
-    dequantised to float32 once, the LM head on int8 with its top tokens re-scored exactly,
+    weight-only group-wise (int8 values, dequantised per call), the LM head on int8 with its top tokens re-scored exactly,
     the token embedding read from the GGUF file; the greedy token and top logits are exact."""
     hf = tiny_hf_model(tiny_model_dir("gemma3"))
     path = write_gguf(hf, tmp_path / "gemma3.gguf", "gemma3", quantize=True, qtype=T.Q8_0)
@@ -178,7 +178,8 @@ def test_auto_float_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf_m
     monkeypatch.setenv("LLMQL_INT8_GEMM", "1")
     auto = load_model(str(path), quantization="auto", cache_dir=tmp_path / "c2")
     qkv = auto.model.model.layers[0].self_attn.qkv_proj
-    assert qkv.quant is None and not qkv.weight.is_meta
+    assert qkv.weight.is_meta and qkv.quant.int8 is None
+    assert all(part.bits == 8 for _, part in qkv.quant.parts)
     assert auto.model.lm_head.int8 is not None
     assert isinstance(auto.model.model.embed_tokens.quant.parts[0][1], FileQuantWeight)
     ids = torch.tensor([1, 5, 17, 33, 60, 8])
