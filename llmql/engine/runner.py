@@ -11,6 +11,7 @@ from llmql.engine.context import ForwardBatch, forward_context
 from llmql.engine.kvcache.pool import KVPool
 from llmql.engine.lora.batch import LoraBatch
 from llmql.engine.lora.pool import AdapterPool
+from llmql.engine.sampler import TopLogits, plain_greedy
 from llmql.engine.scheduler.request import Req, ScheduledBatch
 
 
@@ -35,14 +36,20 @@ class ModelRunner:
             cap_heap_reuse()
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Forward `batch`; returns logits [len(batch.sampled_reqs), vocab] float32."""
+    def run(self, batch: ScheduledBatch) -> torch.Tensor | TopLogits:
+        """Forward `batch`; returns logits [len(batch.sampled_reqs), vocab] float32, or only
+        each row's best tokens (`TopLogits`) when every sampled request is `plain_greedy`
+        and the LM head gives them without full logits (an int8 head)."""
         input_ids, forward_batch = self.prepare(batch)
         with forward_context(forward_batch):
             hidden = self.model(input_ids, forward_batch.positions)
         sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
         narrow = [i for i, r in enumerate(sampled) if _choice_only(r)]
         if not narrow:
+            if sampled and all(plain_greedy(r) for r in sampled):
+                top = self.model.compute_top_logits(hidden)
+                if top is not None:
+                    return TopLogits(*top)
             return self._full_logits(sampled, hidden)
         # NOTE: a `choices` request needs only the logits of the tokens its constraint allows
         # (the LM head is a third of a decode step): those rows get just the union of their

@@ -4,7 +4,7 @@ per-token finish checks (EOS, stop strings, max_tokens, choices)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -12,6 +12,29 @@ import torch
 from llmql.engine.constrained import ChoiceState
 from llmql.engine.scheduler.request import Req
 from llmql.engine.types import TokenLogprob
+
+
+@dataclass(frozen=True)
+class TopLogits:
+    """Each row's best tokens, for a batch whose every request samples greedily with no
+    logprobs and no constraint: what an int8 LM head gives without its [B, vocab] logits."""
+
+    values: torch.Tensor  # [B, k] exact logits of those tokens
+    ids: torch.Tensor  # [B, k] token ids
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.values.shape[0], self.values.shape[1])
+
+    def argmax(self) -> list[int]:
+        """Each row's best token."""
+        return self.ids.gather(1, self.values.argmax(dim=-1, keepdim=True)).flatten().tolist()
+
+
+def plain_greedy(req: Req) -> bool:
+    """Whether `req`'s next token is its highest logit's and nothing else of the logits is
+    recorded (temperature 0, no logprobs, no constraint)."""
+    return req.params.temperature <= 0 and req.params.logprobs is None and req.constraint is None
 
 
 class Sampler:
@@ -25,9 +48,13 @@ class Sampler:
     def __init__(self, token_bytes: Callable[[], Sequence[bytes]] | None = None) -> None:
         self._token_bytes = token_bytes
 
-    def sample(self, reqs: list[Req], logits: torch.Tensor) -> list[int]:
-        """logits [B, vocab] (row i belongs to reqs[i]) -> B token ids."""
+    def sample(self, reqs: list[Req], logits: torch.Tensor | TopLogits) -> list[int]:
+        """logits [B, vocab] (row i belongs to reqs[i]) -> B token ids. `TopLogits` only
+        for a batch of `plain_greedy` requests."""
         assert logits.shape[0] == len(reqs), (logits.shape, len(reqs))
+        if isinstance(logits, TopLogits):
+            assert all(plain_greedy(r) for r in reqs)
+            return logits.argmax()
         logits = logits.float()
         raw = logits
         constrained = [i for i, r in enumerate(reqs) if r.constraint is not None]

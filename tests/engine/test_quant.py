@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_loader import last_logits, write_gguf
 
+from llmql.engine.layers import quant_linear
 from llmql.engine.layers.quant_linear import RESCORE_TOP, QuantParts
 from llmql.engine.models import load_model
 from llmql.engine.weights.gguf_quant import FileQuantWeight
@@ -188,6 +189,51 @@ def test_auto_grouped_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf
     assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()
     top = ref.topk(4, dim=-1).indices
     torch.testing.assert_close(got.gather(-1, top), ref.gather(-1, top), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not int8_linear_available(), reason="no FBGEMM int8 linear on this CPU")
+def test_int8_head_top_tokens_without_full_logits(tiny_model_dir, tiny_hf_model, tmp_path, monkeypatch) -> None:
+    """Greedy batches on the int8 head take each row's best tokens vocabulary chunk by
+    vocabulary chunk (no [T, vocab] logits): the same tokens and exact values as the full
+    re-scored logits, and an engine's greedy answers equal those of its full-logits path
+    (requests asking for logprobs take that one)."""
+    from llmql.engine.engine import load
+    from llmql.engine.sampler import TopLogits
+    from llmql.engine.types import GenerationRequest
+
+    hf = tiny_hf_model(tiny_model_dir("gemma3"))
+    path = write_gguf(hf, tmp_path / "gemma3.gguf", "gemma3", quantize=True, qtype=T.Q8_0)
+    monkeypatch.setattr(quant_linear, "PACK_BYTES", 4 * hf.config.hidden_size * 24)  # 24-row chunks
+    monkeypatch.setenv("LLMQL_INT8_GEMM", "1")
+    auto = load_model(str(path), quantization="auto", cache_dir=tmp_path / "c")
+    assert len(auto.model.lm_head.int8.chunks) >= 4
+    hidden = torch.randn(5, auto.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 4
+    values, ids = auto.model.compute_top_logits(hidden)
+    full = auto.model.compute_logits(hidden)
+    want = auto.model.lm_head.int8.matmul(hidden).topk(RESCORE_TOP, dim=-1).indices
+    assert ids.sort(-1).values.tolist() == want.sort(-1).values.tolist()
+    torch.testing.assert_close(values, full.gather(-1, ids))
+    assert TopLogits(values, ids).argmax() == full.argmax(-1).tolist()
+
+    answers = {}
+    for label, logprobs in (("top", None), ("full", 0)):
+        engine = load(str(path), quantization="auto", kv_tokens=512)
+        kinds: list[type] = []
+        engine.runner.run = _recording(engine.runner.run, kinds)
+        reqs = [GenerationRequest(p, max_tokens=6, logprobs=logprobs)
+                for p in ([1, 7, 8, 9], [1, 70, 3], [1, 5, 5, 60, 2])]
+        answers[label] = [(r.text, r.output_tokens) for r in engine.generate(reqs)]
+        assert (TopLogits in kinds) == (label == "top"), kinds
+        engine.close()
+    assert answers["top"] == answers["full"]
+
+
+def _recording(run, kinds: list):
+    def wrapped(batch):
+        out = run(batch)
+        kinds.append(type(out))
+        return out
+    return wrapped
 
 
 def test_bad_quantization_is_refused(tmp_path: Path) -> None:

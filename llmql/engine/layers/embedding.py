@@ -7,7 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmql.engine.layers.linear import default_weight_loader
-from llmql.engine.layers.quant_linear import Int8Packed, QuantParts, load_quant, rescored_logits
+from llmql.engine.layers.quant_linear import (
+    Int8Packed,
+    QuantParts,
+    load_quant,
+    rescored_logits,
+    rescored_top,
+)
 from llmql.engine.weights.gguf_quant import FileQuantWeight
 from llmql.engine.weights.quant import QuantWeight
 
@@ -71,3 +77,14 @@ class LMHead(nn.Module):
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def top(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """hidden [T, H] -> (values, token ids) [T, RESCORE_TOP] of each row's best tokens,
+        exact (soft-capped), without the [T, vocab] logits; None without an int8 head (the
+        full logits cost nothing extra there)."""
+        if self.quant is None or self.int8 is None:
+            return None
+        values, ids = rescored_top(hidden, self.int8, self.quant)
+        if self.softcap:
+            values = torch.tanh(values / self.softcap) * self.softcap
+        return values, ids

@@ -152,6 +152,26 @@ def rescored_logits(hidden: torch.Tensor, approx: Int8Packed, exact: QuantParts,
     return logits
 
 
+def rescored_top(hidden: torch.Tensor, approx: Int8Packed, exact: QuantParts,
+                 top: int = RESCORE_TOP) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [T, K] -> (values [T, top], token ids [T, top]): each row's `top` best tokens
+    by the int8 weight with their exact values, the vocabulary taken chunk by chunk so no
+    [T, N] logits are ever held (60 decode rows: 63 MiB of float32 otherwise). The tokens
+    are those `rescored_logits` re-scores."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    values, ids, col = [], [], 0
+    for packed in approx.chunks:
+        y = int8_linear(flat, packed, compensate=approx.compensate)
+        v, i = y.topk(min(top, y.shape[1]), dim=-1)
+        values.append(v)
+        ids.append(i + col)
+        col += y.shape[1]
+    cand_v, cand_i = torch.cat(values, 1), torch.cat(ids, 1)
+    best = cand_i.gather(1, cand_v.topk(min(top, cand_v.shape[1]), dim=-1).indices)  # [T, top]
+    rows = exact.rows(best.flatten()).view(*best.shape, -1)  # [T, top, K]
+    return torch.bmm(rows.float(), flat.float().unsqueeze(-1)).squeeze(-1), best
+
+
 def trim_heap() -> None:
     """Give freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere), so
     what a load parsed or converted and dropped does not stay in the process's RSS."""

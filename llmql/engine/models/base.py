@@ -71,6 +71,12 @@ class CausalLM(nn.Module):
         [T', len(rows)]: only the vocabulary entries `rows`."""
         return self.lm_head(hidden, rows)
 
+    def compute_top_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """hidden [T', H] -> each row's best tokens (values, ids) without full logits, where
+        the LM head can give them more cheaply (an int8 head); None elsewhere."""
+        top = getattr(self.lm_head, "top", None)
+        return top(hidden) if top is not None else None
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors through each parameter's `weight_loader`.
 
