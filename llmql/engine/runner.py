@@ -4,15 +4,19 @@ the logits of the rows to sample (one per request whose chunk reaches its end)."
 from __future__ import annotations
 
 import itertools
+import os
 
 import torch
 
 from llmql.engine.context import ForwardBatch, forward_context
 from llmql.engine.kvcache.pool import KVPool
+from llmql.engine.layers.quant_linear import trim_heap
 from llmql.engine.lora.batch import LoraBatch
 from llmql.engine.lora.pool import AdapterPool
 from llmql.engine.sampler import TopLogits, plain_greedy
 from llmql.engine.scheduler.request import Req, ScheduledBatch
+
+TRIM_EVERY = 8  # CPU forwards between heap trims (`LLMQL_TRIM_EVERY`; 0: never)
 
 
 class ModelRunner:
@@ -26,9 +30,14 @@ class ModelRunner:
         self.adapters = adapters
         self.pool = pool
         self.device = torch.device(device)
+        # NOTE: on CPU, glibc keeps the activations a forward frees in its heap (~100 MiB
+        # on a 60-prompt decode of the default model); trimming every `trim_every` forwards
+        # bounds that at the cost of re-faulting those pages once per period, not per step.
+        self.trim_every = int(os.environ.get("LLMQL_TRIM_EVERY", TRIM_EVERY)) if self.device.type == "cpu" else 0
+        self._forwards = 0
         if packed_linears and self.device.type == "cpu":
             from llmql.engine.layers.linear import pack_linears
-            from llmql.engine.layers.quant_linear import cap_heap_reuse, trim_heap
+            from llmql.engine.layers.quant_linear import cap_heap_reuse
 
             # NOTE: float32 CPU GEMMs through oneDNN with pre-packed weights (~2x MKL here)
             pack_linears(model)
@@ -40,6 +49,9 @@ class ModelRunner:
         """Forward `batch`; returns logits [len(batch.sampled_reqs), vocab] float32, or only
         each row's best tokens (`TopLogits`) when every sampled request is `plain_greedy`
         and the LM head gives them without full logits (an int8 head)."""
+        self._forwards += 1
+        if self.trim_every > 0 and self._forwards % self.trim_every == 0:
+            trim_heap()
         input_ids, forward_batch = self.prepare(batch)
         with forward_context(forward_batch):
             hidden = self.model(input_ids, forward_batch.positions)

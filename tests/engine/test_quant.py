@@ -298,3 +298,22 @@ def test_int8_head_choices_do_not_depend_on_the_batch(tiny_model_dir, tiny_hf_mo
     for got in (alone, engine.generate(batch)[1]):
         assert got.text == exact.text
         assert got.choice_logprobs == pytest.approx(exact.choice_logprobs, abs=1e-4)
+
+
+def test_cpu_runner_trims_the_heap_every_few_forwards(tiny_model_dir, monkeypatch) -> None:
+    """The CPU runner gives freed activations back every `trim_every` forwards (default
+    `TRIM_EVERY`, `LLMQL_TRIM_EVERY` overrides, 0 never) and sets no mmap threshold unless
+    asked (`LLMQL_MMAP_THRESHOLD`): per-allocation maps made every step page-fault afresh."""
+    from llmql.engine import runner as runner_mod
+    from llmql.engine.engine import load
+    from llmql.engine.types import GenerationRequest
+
+    engine = load(str(tiny_model_dir("llama")), kv_tokens=256)
+    trims: list[int] = []
+    monkeypatch.setattr(runner_mod, "trim_heap", lambda: trims.append(1))
+    assert engine.runner.trim_every == runner_mod.TRIM_EVERY > 0
+    engine.generate([GenerationRequest([1, 2, 3 + i], max_tokens=3 * runner_mod.TRIM_EVERY) for i in range(4)])
+    assert len(trims) == engine.runner._forwards // runner_mod.TRIM_EVERY >= 1
+    engine.close()
+    monkeypatch.setenv("LLMQL_TRIM_EVERY", "0")
+    assert load(str(tiny_model_dir("llama")), kv_tokens=256).runner.trim_every == 0

@@ -22,8 +22,8 @@ dequantised to float32 once.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import functools
 import os
 
 import torch
@@ -175,18 +175,32 @@ def rescored_top(hidden: torch.Tensor, approx: Int8Packed, exact: QuantParts,
 def trim_heap() -> None:
     """Give freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere), so
     what a load parsed or converted and dropped does not stay in the process's RSS."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
-def cap_heap_reuse(threshold: int = 256 << 10) -> None:
-    """Serve allocations of `threshold` bytes and up from fresh memory maps, returned to the
-    OS when freed (glibc `mallopt(M_MMAP_THRESHOLD)`; a no-op elsewhere). glibc's default
-    threshold grows to 32 MiB after the first large free, after which freed activations and
-    logits stay in the heap: a 60-prompt run of the default model held ~115 MiB free there
-    (measured, 22:08 UTC 2026-12-03)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # NOTE: -3 is M_MMAP_THRESHOLD
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018  # NOTE: glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def cap_heap_reuse() -> None:
+    """Where `LLMQL_MMAP_THRESHOLD` (bytes) is set, serve allocations of that size and up
+    from fresh memory maps, returned to the OS when freed (glibc `mallopt(M_MMAP_THRESHOLD)`).
+    Off by default: at 256 KiB it cut the default model's peak RSS by ~80 MiB but every
+    step's activations then page-faulted afresh (system time 5 -> 38 s, rows/s -25-30% on a
+    60-prompt run, measured 2026-12-04); the runner trims the heap every few steps instead
+    (`ModelRunner.trim_every`)."""
+    threshold = int(os.environ.get("LLMQL_MMAP_THRESHOLD", "0"))
+    libc = _libc()
+    if threshold > 0 and libc is not None:
+        libc.mallopt(-3, threshold)  # NOTE: -3 is M_MMAP_THRESHOLD
 
 
 def int8_gemm_wanted() -> bool:
