@@ -34,7 +34,7 @@ class ModelRunner:
         # on a 60-prompt decode of the default model); trimming every `trim_every` forwards
         # bounds that at the cost of re-faulting those pages once per period, not per step.
         self.trim_every = int(os.environ.get("LLMQL_TRIM_EVERY", TRIM_EVERY)) if self.device.type == "cpu" else 0
-        self._forwards = 0
+        self._forwards = self._trimmed_at = 0
         if packed_linears and self.device.type == "cpu":
             from llmql.engine.layers.linear import pack_linears
             from llmql.engine.layers.quant_linear import cap_heap_reuse
@@ -44,6 +44,16 @@ class ModelRunner:
             trim_heap()  # NOTE: the float weights freed by packing stay in the heap otherwise
             cap_heap_reuse()
 
+    def idle(self) -> None:
+        """The engine has no work left: give what the last forwards freed back to the OS
+        (CPU), so one call's leftovers do not add to the next call's peak."""
+        if self.trim_every > 0 and self._trimmed_at != self._forwards:
+            self._trim()
+
+    def _trim(self) -> None:
+        trim_heap()
+        self._trimmed_at = self._forwards
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor | TopLogits:
         """Forward `batch`; returns logits [len(batch.sampled_reqs), vocab] float32, or only
@@ -51,7 +61,7 @@ class ModelRunner:
         and the LM head gives them without full logits (an int8 head)."""
         self._forwards += 1
         if self.trim_every > 0 and self._forwards % self.trim_every == 0:
-            trim_heap()
+            self._trim()
         input_ids, forward_batch = self.prepare(batch)
         with forward_context(forward_batch):
             hidden = self.model(input_ids, forward_batch.positions)

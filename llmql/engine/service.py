@@ -140,6 +140,8 @@ class StepLoop:
 
     def _take_inbox(self) -> bool:
         """Move new and cancelled requests into/out of the scheduler; False once closed."""
+        if not self._ready():
+            self.engine.runner.idle()  # NOTE: about to wait for work
         with self._cond:
             while not self._ready():
                 if not self._cond.wait(timeout=_IDLE_EXIT_S) and not self._ready():
