@@ -7,7 +7,7 @@ Workloads: "prefill" (a one-word SQL classification batch, max_tokens 2) and "de
 Llama as a Q4_0 GGUF and reports its load + generate peak RSS.
 
 Prints one JSON line per measurement, then a table. Usage:
-    .venv/bin/python benchmarks/quant_bench.py [--rows 60] [--threads 2] [--repeat 3]
+    .venv/bin/python benchmarks/quant_bench.py [--rows 60] [--threads 2] [--repeat 3 | --interleave 3]
         [--sides none,auto,int8] [--synthetic-1b]
 """
 
@@ -189,6 +189,9 @@ def main() -> None:
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of none,auto,int8")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of the workloads per side (prefix cache emptied between); median reported")
+    parser.add_argument("--interleave", type=int, default=0, metavar="N",
+                        help="N rounds, each side once per round in its own process, order reversed every "
+                             "other round; median rows/s and highest peak RSS per side (overrides --repeat)")
     parser.add_argument("--synthetic-path", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -202,10 +205,11 @@ def main() -> None:
     common += ["--model", args.model] if args.model else []
     print(json.dumps({"start_utc": time.strftime("%H:%M:%S", time.gmtime()), "load": os.getloadavg()}), flush=True)
     results = {}
-    for side in sides:
+    if args.interleave:
+        results = interleaved(sides, [*common[:4], "--repeat", "1", *common[6:]], args.interleave)
+    for side in sides if not args.interleave else []:
         results[side] = r = _child([*common, "--side", side])
-        print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "texts"} if isinstance(v, dict) else v)
-                          for k, v in r.items()}), flush=True)
+        print(json.dumps(_brief(r)), flush=True)
     if "llama_cpp" not in results:
         print(json.dumps({"side": "llama_cpp", "measured": False, "reason": "llama_cpp not importable"}))
     print(json.dumps({"time_utc": time.strftime("%H:%M:%S", time.gmtime()), "load": os.getloadavg()}))
@@ -216,6 +220,37 @@ def main() -> None:
             path = Path(tmp) / "synthetic-llama-1b-q4_0.gguf"
             print(json.dumps(_child(["--threads", str(args.threads), "--synthetic-path", str(path)])))
     summarize(results)
+
+
+def _brief(r: dict) -> dict:
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "texts"} if isinstance(v, dict) else v)
+            for k, v in r.items()}
+
+
+def interleaved(sides: list[str], common: list[str], rounds: int) -> dict:
+    """`rounds` rounds, each running every side once in its own process (one round of the
+    workloads), the order reversed every other round (ABC, CBA, ...), so the box's drift
+    falls on every side alike. Per side: each workload's median rows/s over the rounds (all
+    in `runs_rows_per_s`) and the highest peak RSS of its processes."""
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for i in range(rounds):
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            r = _child([*common, "--side", side])
+            runs[side].append(r)
+            print(json.dumps({"round": i + 1, **_brief(r)}), flush=True)
+    results = {}
+    for side, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            results[side] = rs[0]
+            continue
+        merged = {**ok[0], "rounds": len(ok), "peak_rss_mib": max(r["peak_rss_mib"] for r in ok)}
+        for w in WORKLOADS:
+            rates = [r[w]["rows_per_s"] for r in ok]
+            merged[w] = {**ok[0][w], "rows_per_s": sorted(rates)[len(rates) // 2], "runs_rows_per_s": rates}
+        results[side] = merged
+        print(json.dumps({"interleaved_median": True, **_brief(merged)}), flush=True)
+    return results
 
 
 def summarize(results: dict) -> None:
