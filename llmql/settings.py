@@ -130,6 +130,12 @@ def override(**changes: object) -> Iterator[Settings]:
         _OVERLAY.reset(token)
 
 
+def env_int(key: str, default: int) -> int:
+    """The environment variable `key` as an integer (`default` when unset or empty); a
+    ValueError naming `key` when it is not one."""
+    return _int(os.environ, key, default)
+
+
 def _int(env: Mapping[str, str], key: str, default: int) -> int:
     raw = env.get(key)
     if raw in (None, ""):

@@ -4,7 +4,6 @@ the logits of the rows to sample (one per request whose chunk reaches its end)."
 from __future__ import annotations
 
 import itertools
-import os
 
 import torch
 
@@ -15,6 +14,7 @@ from llmql.engine.lora.batch import LoraBatch
 from llmql.engine.lora.pool import AdapterPool
 from llmql.engine.sampler import TopLogits, plain_greedy
 from llmql.engine.scheduler.request import Req, ScheduledBatch
+from llmql.settings import env_int
 
 TRIM_EVERY = 8  # CPU forwards between heap trims (`LLMQL_TRIM_EVERY`; 0: never)
 
@@ -33,7 +33,7 @@ class ModelRunner:
         # NOTE: on CPU, glibc keeps the activations a forward frees in its heap (~100 MiB
         # on a 60-prompt decode of the default model); trimming every `trim_every` forwards
         # bounds that at the cost of re-faulting those pages once per period, not per step.
-        self.trim_every = int(os.environ.get("LLMQL_TRIM_EVERY", TRIM_EVERY)) if self.device.type == "cpu" else 0
+        self.trim_every = env_int("LLMQL_TRIM_EVERY", TRIM_EVERY) if self.device.type == "cpu" else 0
         self._forwards = self._trimmed_at = 0
         if packed_linears and self.device.type == "cpu":
             from llmql.engine.layers.linear import pack_linears

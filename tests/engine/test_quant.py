@@ -323,3 +323,6 @@ def test_cpu_runner_trims_the_heap_every_few_forwards(tiny_model_dir, monkeypatc
     engine.close()
     monkeypatch.setenv("LLMQL_TRIM_EVERY", "0")
     assert load(str(tiny_model_dir("llama")), kv_tokens=256).runner.trim_every == 0
+    monkeypatch.setenv("LLMQL_TRIM_EVERY", "often")
+    with pytest.raises(ValueError, match="LLMQL_TRIM_EVERY must be an integer"):
+        load(str(tiny_model_dir("llama")), kv_tokens=256)

@@ -197,7 +197,9 @@ def cap_heap_reuse() -> None:
     step's activations then page-faulted afresh (system time 5 -> 38 s, rows/s -25-30% on a
     60-prompt run, measured 2026-12-04); the runner trims the heap every few steps instead
     (`ModelRunner.trim_every`)."""
-    threshold = int(os.environ.get("LLMQL_MMAP_THRESHOLD", "0"))
+    from llmql.settings import env_int
+
+    threshold = env_int("LLMQL_MMAP_THRESHOLD", 0)
     libc = _libc()
     if threshold > 0 and libc is not None:
         libc.mallopt(-3, threshold)  # NOTE: -3 is M_MMAP_THRESHOLD
