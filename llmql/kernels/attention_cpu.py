@@ -1,12 +1,19 @@
 """Vectorised CPU paged attention, same signature and semantics as `ref_paged_attention`.
 
-Decode rows (one new token per sequence) are batched into one padded matmul; prefill
+Decode rows (one new token per sequence) are batched into one padded matmul; runs of
+consecutive decode rows whose KV starts with the same slots (a prefix shared through the
+radix cache) attend to that prefix once per run, as one matmul over the run's queries, and
+each row's own suffix separately; the two parts are merged by their softmax maxima and sums
+(exact up to float rounding). Prefill
 sequences of similar lengths are padded into one batched scaled-dot-product attention with
 an explicit causal/window mask (one call per sequence when padding would waste too much).
 Shapes as in `llmql.kernels.attention`: q [T, Hq, D], k/v_cache [S, Hkv, D] -> [T, Hq, D].
 """
 
 from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -73,13 +80,35 @@ def _prefill_padded(out, q, k_cache, v_cache, seqs, kv_indices, scale, window) -
     out[q_rows[q_valid]] = res.transpose(1, 2)[q_valid].to(q.dtype)
 
 
+SHARED_MIN = 16  # shortest prefix a run of decode rows attends to once (tokens)
+_PLANS = threading.local()
+
+
+@dataclass
+class _Shared:
+    """Decode rows grouped by shared KV prefix: `groups` [Ng, Gmax] row ids (-1: padding),
+    `prefix` [Ng, Pmax] slots of each group's prefix (`prefix_ok` marks real ones),
+    `suffix` [B, Ls] each row's slots after its group's prefix (`suffix_ok`)."""
+
+    groups: torch.Tensor
+    prefix: torch.Tensor
+    prefix_ok: torch.Tensor
+    suffix: torch.Tensor
+    suffix_ok: torch.Tensor
+
+
 def _decode(q, k_cache, v_cache, spans, kv_indices, scale, window, softcap) -> torch.Tensor:
     """q [B, Hq, D], one query per sequence at its last position -> [B, Hq, D]."""
     bsz, hq, d = q.shape
     hkv = k_cache.shape[1]
     starts = torch.tensor([s for s, _ in spans], dtype=torch.int64, device=q.device)
     lens = torch.tensor([e - s for s, e in spans], dtype=torch.int64, device=q.device)
-    cols = torch.arange(int(lens.max()), device=q.device)[None, :]
+    longest = int(lens.max())
+    if not window or longest <= window:
+        shared = _shared_plan(spans, kv_indices, starts, lens, longest)
+        if shared is not None:
+            return _decode_shared(q, k_cache, v_cache, shared, scale, softcap)
+    cols = torch.arange(longest, device=q.device)[None, :]
     valid = cols < lens[:, None]  # [B, L]
     if window:
         valid &= (lens[:, None] - 1 - cols) < window
@@ -93,6 +122,104 @@ def _decode(q, k_cache, v_cache, spans, kv_indices, scale, window, softcap) -> t
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, v).reshape(bsz, hq, d).to(q.dtype)
+
+
+def _shared_plan(spans, kv_indices, starts, lens, longest) -> _Shared | None:
+    """Group consecutive decode rows whose KV begins with >= SHARED_MIN identical slots;
+    None when no two rows share that much. Every layer of a step asks with the same
+    `kv_indices`, so the plan is built once per step (kept per thread)."""
+    last = getattr(_PLANS, "last", None)
+    if last is not None and last[0] is kv_indices and last[1] == spans:
+        return last[2]
+    plan = _build_plan(kv_indices, starts, lens, longest)
+    _PLANS.last = (kv_indices, spans, plan)
+    return plan
+
+
+def _build_plan(kv_indices, starts, lens, longest) -> _Shared | None:
+    bsz, dev = lens.numel(), lens.device
+    if bsz < 2 or longest < SHARED_MIN:
+        return None
+    cols = torch.arange(longest, device=dev)[None, :]
+    valid = cols < lens[:, None]
+    slots = kv_indices[(starts[:, None] + cols).clamp(max=kv_indices.numel() - 1)]
+    same = (slots[1:] == slots[:-1]) & valid[1:] & valid[:-1]
+    common = same.int().cumprod(dim=1).sum(dim=1).tolist()  # row b and b + 1 share common[b]
+    found = _split(common, 0, bsz - 1)[1]
+    groups = [list(range(lo, hi + 1)) for lo, hi, _ in found]
+    shared = [length for _, _, length in found]
+    if not groups:
+        return None
+    # NOTE: each row's own last slot is never shared, so every suffix keeps >= 1 token.
+    cut = torch.zeros(bsz, dtype=torch.int64, device=dev)
+    width = max(len(g) for g in groups)
+    ids = torch.full((len(groups), width), -1, dtype=torch.int64, device=dev)
+    for n, (rows, length) in enumerate(zip(groups, shared)):
+        ids[n, : len(rows)] = torch.tensor(rows, device=dev)
+        cut[rows] = length
+    plen = torch.tensor(shared, dtype=torch.int64, device=dev)
+    pcols = torch.arange(int(plen.max()), device=dev)[None, :]
+    first = starts[ids[:, 0]]
+    prefix = kv_indices[(first[:, None] + pcols).clamp(max=kv_indices.numel() - 1)]
+    rest = lens - cut
+    scols = torch.arange(int(rest.max()), device=dev)[None, :]
+    suffix = kv_indices[(starts[:, None] + cut[:, None] + scols).clamp(max=kv_indices.numel() - 1)]
+    return _Shared(ids, prefix, pcols < plen[:, None], suffix, scols < rest[:, None])
+
+
+def _split(common: list[int], lo: int, hi: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """Rows lo..hi (row b and b + 1 share `common[b]` leading slots) -> (KV reads saved,
+    groups (first, last, shared length)). A run shares the least of its `common`; splitting
+    it where that least value occurs gives sub-runs that share more: whichever reads fewer
+    KV rows wins (a group of n rows sharing P slots reads P once instead of n times)."""
+    if hi <= lo:
+        return 0, []
+    least = min(common[lo:hi])
+    saved, groups, start = 0, [], lo
+    for b in [*(b for b in range(lo, hi) if common[b] == least), hi]:
+        part_saved, part = _split(common, start, b)
+        saved, groups, start = saved + part_saved, groups + part, b + 1
+    whole = (hi - lo) * least
+    if least >= SHARED_MIN and whole >= saved:
+        return whole, [(lo, hi, least)]
+    return saved, groups
+
+
+def _partial(q, k, v, ok, scale, softcap):
+    """q [N, Hkv, R, D], k/v [N, L, Hkv, D], ok [N, L] -> unnormalised output [N, Hkv, R, D],
+    row maxima and sums [N, Hkv, R, 1] of the softmax over the valid keys."""
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * scale  # [N, Hkv, R, L]
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~ok[:, None, None, :], float("-inf"))
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = torch.exp(scores - top)
+    return torch.matmul(weights, v.transpose(1, 2)), top, weights.sum(dim=-1, keepdim=True)
+
+
+def _decode_shared(q, k_cache, v_cache, plan: _Shared, scale, softcap) -> torch.Tensor:
+    """Decode attention with each group's shared prefix read once (see `_build_plan`)."""
+    bsz, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    group = hq // hkv
+    qg = q.float().reshape(bsz, hkv, group, d)
+    out, top, total = _partial(qg, k_cache[plan.suffix].float(), v_cache[plan.suffix].float(),
+                               plan.suffix_ok, scale, softcap)
+    ng, width = plan.groups.shape
+    real = plan.groups >= 0
+    rows = plan.groups.clamp(min=0)
+    # NOTE: a group's queries side by side: [Ng, Hkv, width * G, D] against its prefix
+    gq = qg[rows].permute(0, 2, 1, 3, 4).reshape(ng, hkv, width * group, d)
+    p_out, p_top, p_total = _partial(gq, k_cache[plan.prefix].float(), v_cache[plan.prefix].float(),
+                                     plan.prefix_ok, scale, softcap)
+    unpack = lambda x: x.reshape(ng, hkv, width, group, -1).permute(0, 2, 1, 3, 4)[real]  # noqa: E731
+    members = rows[real]
+    p_out, p_top, p_total = unpack(p_out), unpack(p_top), unpack(p_total)
+    both = torch.maximum(top[members], p_top)
+    mine, theirs = torch.exp(top[members] - both), torch.exp(p_top - both)
+    out[members] = out[members] * mine + p_out * theirs
+    total[members] = total[members] * mine + p_total * theirs
+    return (out / total).reshape(bsz, hq, d).to(q.dtype)
 
 
 def _prefill(q, k, v, scale, window, softcap) -> torch.Tensor:

@@ -54,3 +54,49 @@ def test_reference_single_sequence_matches_sdpa() -> None:
         q.transpose(0, 1), k[idx].transpose(0, 1), v[idx].transpose(0, 1), is_causal=True, scale=0.25
     ).transpose(0, 1)
     torch.testing.assert_close(got, want)
+
+
+def shared_prefix_case(hq: int, hkv: int, d: int = 16, seed: int = 1):
+    """Decode rows whose KV begins with slots shared through a prefix cache: rows 0-3 share
+    20 slots, rows 1-2 share 45 of them, row 4 has its own, rows 5-6 share 17; then a
+    prefill row on row 0's prefix. Returns the call args."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = 400
+    k, v = torch.randn(pool, hkv, d, generator=gen), torch.randn(pool, hkv, d, generator=gen)
+    fresh = iter(torch.randperm(pool, generator=gen).tolist())
+    take = lambda n: [next(fresh) for _ in range(n)]  # noqa: E731
+    base, deeper, other = take(20), take(25), take(17)
+    rows = [base + take(9), base + deeper + take(3), base + deeper + take(11), base + take(1),
+            take(30), other + take(5), other + take(2), base + take(12)]
+    q_lens = [1] * 7 + [6]
+    q = torch.randn(sum(q_lens), hq, d, generator=gen)
+    qo = torch.tensor([0, *q_lens]).cumsum(0)
+    kvp = torch.tensor([0, *map(len, rows)]).cumsum(0)
+    return q, k, v, qo, kvp, torch.tensor([s for r in rows for s in r])
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (512, None), (None, 5.0), (40, None)])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 1), (6, 2)])
+def test_decode_rows_sharing_a_prefix_match_reference(window, softcap, hq, hkv) -> None:
+    from llmql.kernels import attention_cpu
+
+    args = shared_prefix_case(hq, hkv)
+    kw = dict(scale=0.3, sliding_window=window, softcap=softcap)
+    attention_cpu._PLANS.last = None
+    torch.testing.assert_close(cpu_paged_attention(*args, **kw), ref_paged_attention(*args, **kw))
+    if window == 40:  # a row is longer than the window: the plain padded path
+        assert attention_cpu._PLANS.last is None
+        return
+    # the shared path ran: rows 0-3 read their 20 shared slots once (better than {1, 2}'s 45)
+    groups = {tuple(r for r in g.tolist() if r >= 0) for g in attention_cpu._PLANS.last[2].groups}
+    assert groups == {(0, 1, 2, 3), (5, 6)}
+
+
+def test_shared_prefix_groups_pick_the_larger_saving() -> None:
+    from llmql.kernels.attention_cpu import _split
+
+    # rows 0-3 share 20 slots; rows 1-2 share 45: one group of 4 saves 60 reads, {1, 2} 45
+    assert _split([20, 45, 20], 0, 3) == (60, [(0, 3, 20)])
+    # rows 0-5 share 16, pairs share 100: three pairs save 300 against 80
+    assert _split([100, 16, 100, 16, 100], 0, 5) == (300, [(0, 1, 100), (2, 3, 100), (4, 5, 100)])
+    assert _split([3, 5], 0, 2) == (0, [])  # below SHARED_MIN: no group
