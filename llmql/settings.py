@@ -42,6 +42,7 @@ DEFAULT_MODEL = "default"
 _DEVICES = ("auto", "cpu", "cuda")
 _POLICIES = ("fair", "ltr", "fcfs", "lpm")
 _QUANTIZATIONS = ("auto", "none", "int8", "int4")
+_KV_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,13 @@ class Settings:
     expert_cache_gib: float | None = None
     adapters: Path | None = None
     quantization: str = "auto"
+    kv_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.quantization not in _QUANTIZATIONS:
             raise ValueError(f"LLMQL_QUANTIZATION must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
+        if self.kv_dtype not in _KV_DTYPES:
+            raise ValueError(f"LLMQL_KV_DTYPE must be one of {_KV_DTYPES}, got {self.kv_dtype!r}")
         if self.device not in _DEVICES:
             raise ValueError(f"LLMQL_DEVICE must be one of {_DEVICES}, got {self.device!r}")
         if self.policy not in _POLICIES:
@@ -93,6 +97,7 @@ class Settings:
             expert_cache_gib=_float_or_none(env, "LLMQL_EXPERT_CACHE_GIB"),
             adapters=Path(env["LLMQL_ADAPTERS"]).expanduser() if env.get("LLMQL_ADAPTERS") else None,
             quantization=env.get("LLMQL_QUANTIZATION", base.quantization).lower() or base.quantization,
+            kv_dtype=env.get("LLMQL_KV_DTYPE", base.kv_dtype).lower() or base.kv_dtype,
         )
 
     def resolved_device(self) -> str:

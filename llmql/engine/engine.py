@@ -20,6 +20,7 @@ from llmql.engine.chat import resolve_chat
 from llmql.engine.constrained import ConstraintBuilder
 from llmql.engine.kvcache.base import create_prefix_cache
 from llmql.engine.kvcache.pool import KVPool
+from llmql.engine.layers.quant_linear import quantized_nbytes
 from llmql.engine.lora import AdapterAdmission, AdapterError, AdapterPool
 from llmql.engine.models import LoadedModel, load_model
 from llmql.engine.moe import expert_stats
@@ -51,6 +52,7 @@ class EngineConfig:
 
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    kv_dtype: torch.dtype | None = None  # K/V pool element type; None: `dtype`
     kv_tokens: int = 0
     kv_gib: float = 1.0
     page_size: int = 1
@@ -86,12 +88,17 @@ class EngineConfig:
             return self.max_batch_tokens
         return CPU_BATCH_TOKENS if torch.device(self.device).type == "cpu" else GPU_BATCH_TOKENS
 
+    @property
+    def pool_dtype(self) -> torch.dtype:
+        """Element type of the K/V pool: `kv_dtype`, else the parameter dtype."""
+        return self.kv_dtype or self.dtype
+
     def pool_tokens(self, lm: LoadedModel) -> int:
         """KV pool size in tokens: `kv_tokens`, else as many as fit in `kv_gib`."""
         if self.kv_tokens:
             return self.kv_tokens
         c = lm.config
-        per_token = KVPool.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+        per_token = KVPool.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.pool_dtype)
         return max(1, int(self.kv_gib * 2**30) // per_token)
 
 
@@ -103,7 +110,7 @@ class EmbeddedEngine:
         self.model_name = model_name or lm.name  # identity in result-cache keys
         c = lm.config
         self.pool = KVPool(config.pool_tokens(lm), c.num_layers, c.num_kv_heads, c.head_dim,
-                           dtype=config.dtype, device=config.device)
+                           dtype=config.pool_dtype, device=config.device)
         cache = create_prefix_cache("radix" if config.prefix_cache else "none", self.pool,
                                     config.page_size)
         self.kv = CacheManager(self.pool, cache)
@@ -281,6 +288,27 @@ def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int)
     return None
 
 
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_kv_dtype(kv_dtype: str | torch.dtype | None, lm: LoadedModel | None, device: str
+                     ) -> torch.dtype | None:
+    """The K/V pool's element type for `kv_dtype`: a torch dtype or one of `KV_DTYPES`'
+    names; "auto" or None: float16 on CPU when the model runs quantized weights (as
+    llama.cpp keeps its KV cache: half the pool's memory, and on these models the float16
+    rounding is far below the weights' own), else None (the parameter dtype). With `lm`
+    None only the name is checked (before a model is loaded)."""
+    if isinstance(kv_dtype, torch.dtype):
+        return kv_dtype
+    name = (kv_dtype or "auto").lower()
+    if name != "auto" and name not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be 'auto' or one of {sorted(KV_DTYPES)}, got {kv_dtype!r}")
+    if name != "auto":
+        return KV_DTYPES[name]
+    quantized = lm is not None and quantized_nbytes(lm.model) > 0
+    return torch.float16 if quantized and torch.device(device).type == "cpu" else None
+
+
 def load(
     model: str | None = None, *, policy: str | None = None,
     expert_cache_gib: float | None = None, **settings: object
@@ -296,7 +324,8 @@ def load(
             resident; 0: no cache, each expert loaded when used). `expert_prefetch=False`
             turns prefetch off.
         **settings: `quantization` ("auto" | "none" | "int8" | "int4"; default
-            LLMQL_QUANTIZATION, see `llmql.engine.models.load_model`), and EngineConfig fields (device, dtype, kv_tokens, kv_gib, page_size,
+            LLMQL_QUANTIZATION, see `llmql.engine.models.load_model`), `kv_dtype` (see
+            `resolve_kv_dtype`; default LLMQL_KV_DTYPE), and EngineConfig fields (device, dtype, kv_tokens, kv_gib, page_size,
             prefix_cache, chunk_size, max_batch_tokens, max_running, threads);
             unset ones come from `llmql.settings.get_settings()`.
     """
@@ -308,6 +337,8 @@ def load(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = settings.pop("dtype", torch.bfloat16 if device == "cuda" else torch.float32)
     quantization = str(settings.pop("quantization", base.quantization))
+    kv_dtype = settings.pop("kv_dtype", base.kv_dtype)
+    resolve_kv_dtype(kv_dtype, None, device)  # NOTE: a bad name fails before the model loads
     config = EngineConfig(device=device, dtype=dtype,  # type: ignore[arg-type]
                           kv_tokens=int(settings.pop("kv_tokens", base.kv_tokens)),  # type: ignore[call-overload]
                           kv_gib=float(settings.pop("kv_gib", base.kv_gib)),  # type: ignore[arg-type]
@@ -319,6 +350,7 @@ def load(
     gib = base.expert_cache_gib if expert_cache_gib is None else expert_cache_gib
     lm = load_model(source, dtype=config.dtype, device=device, cache_dir=base.cache_dir,
                     expert_cache_gib=gib, expert_prefetch=bool(prefetch), quantization=quantization)
+    config = dataclasses.replace(config, kv_dtype=resolve_kv_dtype(kv_dtype, lm, device))
     # NOTE: the same identity the udfs use for `model := ...` and LLMQL_MODEL, so results
     # cached through either path are found through the other.
     return EmbeddedEngine(lm, config, model_name=source)

@@ -237,6 +237,33 @@ def _recording(run, kinds: list):
     return wrapped
 
 
+def test_kv_pool_dtype(tiny_model_dir, tiny_hf_model, tmp_path, monkeypatch) -> None:
+    """A quantized model on CPU keeps its K/V pool in float16 ("auto", as llama.cpp does);
+    float models keep float32; `kv_dtype` / LLMQL_KV_DTYPE choose; a bad name fails before
+    any model is read."""
+    from llmql.engine.engine import load
+    from llmql.engine.types import GenerationRequest
+    from llmql.settings import Settings
+
+    hf = tiny_hf_model(tiny_model_dir("gemma3"))
+    path = str(write_gguf(hf, tmp_path / "gemma3.gguf", "gemma3", quantize=True, qtype=T.Q8_0))
+    monkeypatch.setenv("LLMQL_INT8_GEMM", "1")
+    pools = {}
+    for label, kw in (("auto", {}), ("f32", {"kv_dtype": "float32"}), ("none", {"quantization": "none"}),
+                      ("bf16", {"kv_dtype": torch.bfloat16})):
+        engine = load(path, kv_tokens=256, **{"quantization": "int8", **kw})
+        pools[label] = engine.pool.k_buffer[0].dtype
+        out = engine.generate([GenerationRequest([1, 7, 8, 9], max_tokens=4)])[0]
+        assert out.error is None and out.output_tokens == 4
+        engine.close()
+    assert pools == {"auto": torch.float16, "f32": torch.float32, "none": torch.float32, "bf16": torch.bfloat16}
+    assert Settings.from_env({"LLMQL_KV_DTYPE": "BFloat16"}).kv_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="LLMQL_KV_DTYPE"):
+        Settings.from_env({"LLMQL_KV_DTYPE": "int4"})
+    with pytest.raises(ValueError, match="kv_dtype"):
+        load(str(tmp_path / "missing.gguf"), kv_dtype="int4")
+
+
 def test_bad_quantization_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="quantization"):
         load_model("default", quantization="int3", cache_dir=tmp_path)
@@ -262,8 +289,9 @@ _TASKS = ["Describe {} in one sentence:", "Is {} good news? Answer yes or no, th
 
 @pytest.mark.slow
 def test_default_model_auto_greedy_parity() -> None:
-    """The default model, "auto" (quantized) vs "none" (float32): identical greedy outputs
-    (16 tokens) on >= 90% of 32 prompts (the arithmetic differs only in summation order)."""
+    """The default model, "auto" (quantized, float16 KV pool) vs "none" (float32): identical
+    greedy outputs (16 tokens) on >= 90% of 32 prompts (the weights dequantise exactly; the
+    arithmetic differs in summation order and the KV pool's float16 rounding)."""
     from llmql.engine.engine import load
     from llmql.engine.types import GenerationRequest
 
