@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import mmap
+
 import torch
 
 _LAZY_BYTES = 64 << 20
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """A zero tensor. A large one on CPU is allocated, not written: glibc maps it fresh from
-    the OS (pages read as zero), so only the pages of slots in use ever become resident,
-    and a 1 GiB pool costs the RSS of the tokens it holds."""
+    """A zero tensor. A large one on CPU lives in its own anonymous memory map: its pages
+    read as zero without being written, so only the pages of slots in use ever become
+    resident (a 1 GiB pool costs the RSS of the tokens it holds), and the map is returned
+    to the OS when the tensor is freed.
+
+    NOTE: not `torch.empty`: malloc may serve a large block from freed heap memory (its old
+    contents, resident already) when earlier allocations left such a block behind."""
     numel = 1
     for n in shape:
         numel *= n
-    big = numel * torch.finfo(dtype).bits // 8 >= _LAZY_BYTES
-    if big and torch.device(device).type == "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
+    nbytes = numel * torch.finfo(dtype).bits // 8
+    if nbytes >= _LAZY_BYTES and torch.device(device).type == "cpu":
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
