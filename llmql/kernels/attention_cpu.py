@@ -49,9 +49,19 @@ def cpu_paged_attention(
     for q0, lq, k0, lk in prefill:
         slots = kv_indices[k0 : k0 + lk]
         out[q0 : q0 + lq] = _prefill(
-            q[q0 : q0 + lq], k_cache[slots], v_cache[slots], scale, sliding_window, softcap
+            q[q0 : q0 + lq], _gather(k_cache, slots), _gather(v_cache, slots), scale, sliding_window, softcap
         )
     return out
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [S, Hkv, D] rows at `slots` (any shape) -> float32 [*slots.shape, Hkv, D].
+
+    `index_select` on the [S, Hkv * D] view: advanced indexing (`cache[slots]`) ran 2-7x
+    slower on CPU for the same rows (a [60, 300]-slot gather of one 256-wide head, 2
+    threads, 2026-12-04: 3.9 ms against 0.5-2.2 ms)."""
+    flat = cache.reshape(cache.shape[0], -1).index_select(0, slots.reshape(-1))
+    return flat.view(*slots.shape, *cache.shape[1:]).float()
 
 
 def _padding_pays(seqs: list[tuple[int, int, int, int]]) -> bool:
@@ -74,8 +84,8 @@ def _prefill_padded(out, q, k_cache, v_cache, seqs, kv_indices, scale, window) -
     if window:
         visible &= (pos[:, :, None] - kcol[:, None, :]) < window
     qh = q[q_rows].float().transpose(1, 2)  # [B, Hq, Lq, D]
-    kh = k_cache[slots].float().transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
-    vh = v_cache[slots].float().transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+    kh = _gather(k_cache, slots).transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+    vh = _gather(v_cache, slots).transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
     res = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=visible[:, None], scale=scale)
     out[q_rows[q_valid]] = res.transpose(1, 2)[q_valid].to(q.dtype)
 
@@ -113,8 +123,8 @@ def _decode(q, k_cache, v_cache, spans, kv_indices, scale, window, softcap) -> t
     if window:
         valid &= (lens[:, None] - 1 - cols) < window
     slots = kv_indices[(starts[:, None] + cols).clamp(max=kv_indices.numel() - 1)]
-    k = k_cache[slots].float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]
-    v = v_cache[slots].float().transpose(1, 2)  # [B, Hkv, L, D]
+    k = _gather(k_cache, slots).permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+    v = _gather(v_cache, slots).transpose(1, 2)  # [B, Hkv, L, D]
     qg = q.float().reshape(bsz, hkv, hq // hkv, d)
     scores = torch.matmul(qg, k) * scale  # [B, Hkv, G, L]
     if softcap:
@@ -203,14 +213,14 @@ def _decode_shared(q, k_cache, v_cache, plan: _Shared, scale, softcap) -> torch.
     hkv = k_cache.shape[1]
     group = hq // hkv
     qg = q.float().reshape(bsz, hkv, group, d)
-    out, top, total = _partial(qg, k_cache[plan.suffix].float(), v_cache[plan.suffix].float(),
+    out, top, total = _partial(qg, _gather(k_cache, plan.suffix), _gather(v_cache, plan.suffix),
                                plan.suffix_ok, scale, softcap)
     ng, width = plan.groups.shape
     real = plan.groups >= 0
     rows = plan.groups.clamp(min=0)
     # NOTE: a group's queries side by side: [Ng, Hkv, width * G, D] against its prefix
     gq = qg[rows].permute(0, 2, 1, 3, 4).reshape(ng, hkv, width * group, d)
-    p_out, p_top, p_total = _partial(gq, k_cache[plan.prefix].float(), v_cache[plan.prefix].float(),
+    p_out, p_top, p_total = _partial(gq, _gather(k_cache, plan.prefix), _gather(v_cache, plan.prefix),
                                      plan.prefix_ok, scale, softcap)
     unpack = lambda x: x.reshape(ng, hkv, width, group, -1).permute(0, 2, 1, 3, 4)[real]  # noqa: E731
     members = rows[real]
