@@ -64,6 +64,15 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return flat.view(*slots.shape, *cache.shape[1:]).float()
 
 
+def _spans(kv_indices: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's `lens[b]` slots of `kv_indices` from `starts[b]`, padded to the longest:
+    slots [B, L] (padding repeats a real slot, so gathers stay in bounds) and valid [B, L]."""
+    cols = torch.arange(int(lens.max()), device=lens.device)[None, :]
+    slots = kv_indices[(starts[:, None] + cols).clamp(max=kv_indices.numel() - 1)]
+    return slots, cols < lens[:, None]
+
+
 def _padding_pays(seqs: list[tuple[int, int, int, int]]) -> bool:
     """Pad into one batch when the padded score matrix is at most twice the real one."""
     max_q, max_k = max(s[1] for s in seqs), max(s[3] for s in seqs)
@@ -78,7 +87,7 @@ def _prefill_padded(out, q, k_cache, v_cache, seqs, kv_indices, scale, window) -
     kcol = torch.arange(int(lk.max()), device=dev)[None, :]
     q_valid = qcol < lq[:, None]  # [B, Lq]
     q_rows = (q0[:, None] + qcol).clamp(max=q.shape[0] - 1)
-    slots = kv_indices[(k0[:, None] + kcol).clamp(max=kv_indices.numel() - 1)]  # [B, Lk]
+    slots, _ = _spans(kv_indices, k0, lk)  # [B, Lk]
     pos = (lk - lq)[:, None] + qcol  # [B, Lq] absolute position of each query row
     visible = (kcol[:, None, :] <= pos[:, :, None]) & (kcol < lk[:, None])[:, None, :]
     if window:
@@ -118,11 +127,10 @@ def _decode(q, k_cache, v_cache, spans, kv_indices, scale, window, softcap) -> t
         shared = _shared_plan(spans, kv_indices, starts, lens, longest)
         if shared is not None:
             return _decode_shared(q, k_cache, v_cache, shared, scale, softcap)
-    cols = torch.arange(longest, device=q.device)[None, :]
-    valid = cols < lens[:, None]  # [B, L]
+    slots, valid = _spans(kv_indices, starts, lens)  # [B, L]
     if window:
+        cols = torch.arange(longest, device=q.device)[None, :]
         valid &= (lens[:, None] - 1 - cols) < window
-    slots = kv_indices[(starts[:, None] + cols).clamp(max=kv_indices.numel() - 1)]
     k = _gather(k_cache, slots).permute(0, 2, 3, 1)  # [B, Hkv, D, L]
     v = _gather(v_cache, slots).transpose(1, 2)  # [B, Hkv, L, D]
     qg = q.float().reshape(bsz, hkv, hq // hkv, d)
@@ -150,31 +158,22 @@ def _build_plan(kv_indices, starts, lens, longest) -> _Shared | None:
     bsz, dev = lens.numel(), lens.device
     if bsz < 2 or longest < SHARED_MIN:
         return None
-    cols = torch.arange(longest, device=dev)[None, :]
-    valid = cols < lens[:, None]
-    slots = kv_indices[(starts[:, None] + cols).clamp(max=kv_indices.numel() - 1)]
+    slots, valid = _spans(kv_indices, starts, lens)
     same = (slots[1:] == slots[:-1]) & valid[1:] & valid[:-1]
     common = same.int().cumprod(dim=1).sum(dim=1).tolist()  # row b and b + 1 share common[b]
     found = _split(common, 0, bsz - 1)[1]
-    groups = [list(range(lo, hi + 1)) for lo, hi, _ in found]
-    shared = [length for _, _, length in found]
-    if not groups:
+    if not found:
         return None
     # NOTE: each row's own last slot is never shared, so every suffix keeps >= 1 token.
     cut = torch.zeros(bsz, dtype=torch.int64, device=dev)
-    width = max(len(g) for g in groups)
-    ids = torch.full((len(groups), width), -1, dtype=torch.int64, device=dev)
-    for n, (rows, length) in enumerate(zip(groups, shared)):
-        ids[n, : len(rows)] = torch.tensor(rows, device=dev)
-        cut[rows] = length
-    plen = torch.tensor(shared, dtype=torch.int64, device=dev)
-    pcols = torch.arange(int(plen.max()), device=dev)[None, :]
-    first = starts[ids[:, 0]]
-    prefix = kv_indices[(first[:, None] + pcols).clamp(max=kv_indices.numel() - 1)]
-    rest = lens - cut
-    scols = torch.arange(int(rest.max()), device=dev)[None, :]
-    suffix = kv_indices[(starts[:, None] + cut[:, None] + scols).clamp(max=kv_indices.numel() - 1)]
-    return _Shared(ids, prefix, pcols < plen[:, None], suffix, scols < rest[:, None])
+    ids = torch.full((len(found), max(hi - lo + 1 for lo, hi, _ in found)), -1, dtype=torch.int64, device=dev)
+    for n, (lo, hi, length) in enumerate(found):
+        ids[n, : hi - lo + 1] = torch.arange(lo, hi + 1, device=dev)
+        cut[lo : hi + 1] = length
+    plen = torch.tensor([length for _, _, length in found], dtype=torch.int64, device=dev)
+    prefix, prefix_ok = _spans(kv_indices, starts[ids[:, 0]], plen)
+    suffix, suffix_ok = _spans(kv_indices, starts + cut, lens - cut)
+    return _Shared(ids, prefix, prefix_ok, suffix, suffix_ok)
 
 
 def _split(common: list[int], lo: int, hi: int) -> tuple[int, list[tuple[int, int, int]]]:
@@ -225,8 +224,9 @@ def _decode_shared(q, k_cache, v_cache, plan: _Shared, scale, softcap) -> torch.
     unpack = lambda x: x.reshape(ng, hkv, width, group, -1).permute(0, 2, 1, 3, 4)[real]  # noqa: E731
     members = rows[real]
     p_out, p_top, p_total = unpack(p_out), unpack(p_top), unpack(p_total)
-    both = torch.maximum(top[members], p_top)
-    mine, theirs = torch.exp(top[members] - both), torch.exp(p_top - both)
+    own_top = top[members]
+    both = torch.maximum(own_top, p_top)
+    mine, theirs = torch.exp(own_top - both), torch.exp(p_top - both)
     out[members] = out[members] * mine + p_out * theirs
     total[members] = total[members] * mine + p_total * theirs
     return (out / total).reshape(bsz, hq, d).to(q.dtype)
