@@ -47,7 +47,11 @@ def run_side(side: str, rows: int, threads: int, model: str | None, repeat: int 
     from llmql.engine import load
 
     torch.set_num_threads(threads)
-    engine = load(model or "default", quantization=side, kv_tokens=16384, threads=threads)
+    quantization = side
+    if side == "auto-bf16":  # NOTE: "auto" with bfloat16 tiles opted in (CPUs with AMX only)
+        os.environ["LLMQL_CPU_BF16"] = "1"
+        quantization = "auto"
+    engine = load(model or "default", quantization=quantization, kv_tokens=16384, threads=threads)
     out: dict = {"side": side, "load_s": round(time.perf_counter() - t0, 1),
                  "rss_loaded_mib": round(peak_rss_mib())}
     rounds = []
@@ -75,15 +79,31 @@ def _timed(engine, prompts: list[str], max_tokens: int) -> dict:
 
 
 def _run_llama_cpp(prompts: list[str], threads: int, model: str | None) -> dict:
+    import llama_cpp
     from llama_cpp import Llama
 
     from llmql.engine.loader import default_gguf
     from llmql.settings import get_settings
 
     path = model or str(default_gguf(get_settings().cache_dir))
+    extra = os.environ.get("LLAMA_EXTRA_BUFTS", "0") == "1"
+    if not extra:
+        # NOTE: in this child process only. A source build on a CPU with AMX repacks weights
+        # for ggml's AMX kernels ("extra buffer types"), and llama-cpp-python 0.3.36 segfaults
+        # in ggml_backend_amx_mul_mat on our AMX box (2026-12-04); `Llama()` has no argument
+        # for it, so the model parameters' default is changed before it reads them.
+        defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+        def no_extra_bufts():  # type: ignore[no-untyped-def]
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = no_extra_bufts
     t0 = time.perf_counter()
     llm = Llama(path, n_ctx=2048, n_threads=threads, verbose=False)
-    out: dict = {"side": "llama_cpp", "load_s": round(time.perf_counter() - t0, 1)}
+    out: dict = {"side": "llama_cpp", "load_s": round(time.perf_counter() - t0, 1),
+                 "extra_bufts": extra}
     for name, max_tokens in WORKLOADS.items():
         start = time.perf_counter()
         texts = [llm(p, max_tokens=max_tokens, temperature=0.0)["choices"][0]["text"] for p in prompts]
@@ -186,7 +206,8 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--synthetic-1b", action="store_true")
-    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of none,auto,int8")
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of none,auto,int8,auto-bf16 (auto with "
+                             "LLMQL_CPU_BF16=1: bfloat16 tiles on CPUs with AMX)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of the workloads per side (prefix cache emptied between); median reported")
     parser.add_argument("--interleave", type=int, default=0, metavar="N",

@@ -141,6 +141,17 @@ def env_int(key: str, default: int) -> int:
     return _int(os.environ, key, default)
 
 
+def env_choice(key: str, choices: tuple[str, ...], default: str) -> str:
+    """The environment variable `key`, one of `choices` (`default` when unset or empty); a
+    ValueError naming `key` and the choices otherwise."""
+    raw = os.environ.get(key, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
 def _int(env: Mapping[str, str], key: str, default: int) -> int:
     raw = env.get(key)
     if raw in (None, ""):

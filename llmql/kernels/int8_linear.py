@@ -95,14 +95,75 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, *, compensate: bool = False
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as FBGEMM's dynamic linear quantizes it (per tensor, unsigned 7-bit)."""
-    lo = min(float(x.min()), 0.0)
-    hi = max(float(x.max()), 0.0)
-    qmax = 127
+def fake_quant_activations(x: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """x rounded as FBGEMM's dynamic linear quantizes it (per tensor, unsigned 7-bit; `qmax`
+    255: the 8 bits `onednn_int8_linear` uses)."""
+    q, scale, zero = _quantize_activations(x, qmax)
+    return (q.float() - zero) * scale
+
+
+def _quantize_activations(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, float, int]:
+    """x -> (unsigned integer values as uint8, scale, zero point), per tensor, asymmetric
+    over [min(x, 0), max(x, 0)]."""
+    lo = min(float(x.min()), 0.0) if x.numel() else 0.0
+    hi = max(float(x.max()), 0.0) if x.numel() else 0.0
     scale = max((hi - lo) / qmax, 1e-12)
     zero = min(max(round(-lo / scale), 0), qmax)
-    return (torch.clamp(torch.round(x / scale) + zero, 0, qmax) - zero) * scale
+    return torch.clamp(torch.round(x / scale) + zero, 0, qmax).to(torch.uint8), scale, zero
+
+
+class OnednnInt8Weight(NamedTuple):
+    """A per-channel symmetric int8 weight reordered for oneDNN's int8 GEMM: `scales`
+    float32 [N], `zeros` int64 [N] (all 0)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
+@functools.cache
+def onednn_int8_available() -> bool:
+    """Whether this torch build runs oneDNN's int8 linear (`torch.ops.onednn.qlinear_pointwise`)
+    here."""
+    try:
+        y = onednn_int8_linear(torch.ones(2, 8), pack_onednn_int8(torch.eye(8)))
+        return bool(torch.allclose(y, torch.ones(2, 8), atol=0.05))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (int8 values [N, K], float32 per-row scales [N]), symmetric, max|w| -> 127."""
+    scales = weight_scales(w).float()
+    return torch.clamp(torch.round(w / scales.unsqueeze(1)), -127, 127).to(torch.int8), scales
+
+
+def pack_onednn_int8(w: torch.Tensor) -> OnednnInt8Weight:
+    """w [N, K] float32 (CPU) -> its per-channel int8 copy in oneDNN's blocked layout."""
+    q, scales = _int8_rows(w.detach().float().contiguous())
+    packed = torch.ops.onednn.qlinear_prepack(q, None)
+    return OnednnInt8Weight(packed, scales, torch.zeros(w.shape[0], dtype=torch.long))
+
+
+def onednn_int8_linear(x: torch.Tensor, weight: OnednnInt8Weight) -> torch.Tensor:
+    """x [..., K] float32 -> [..., N] float32: x quantized per tensor to unsigned 8-bit, the
+    integer products summed by oneDNN (Intel AMX tiles where the CPU has them: ~2.5x
+    FBGEMM's int8 GEMM on the LM head at 60 rows, 7x at 16) and rescaled."""
+    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+    n = weight.scales.shape[0]
+    if not flat.shape[0]:
+        return flat.new_zeros(*x.shape[:-1], n)
+    qx, scale, zero = _quantize_activations(flat, 255)
+    y = torch.ops.onednn.qlinear_pointwise(qx, scale, zero, weight.packed, weight.scales, weight.zeros,
+                                           None, 1.0, 0, torch.float32, "none", [], "")
+    return y.reshape(*x.shape[:-1], n)
+
+
+def ref_onednn_int8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Torch reference of `onednn_int8_linear(x, pack_onednn_int8(w))`."""
+    q, scales = _int8_rows(w.float())
+    xq = fake_quant_activations(x.float(), 255)
+    return (xq.double() @ (q.double() * scales.double().unsqueeze(1)).t()).float()
 
 
 def ref_int8_linear(x: torch.Tensor, w: torch.Tensor, *, residual: bool = False,

@@ -33,6 +33,25 @@ def onednn_available() -> bool:
         return False
 
 
+def amx_available() -> bool:
+    """Whether this CPU has Intel AMX tiles, which oneDNN uses for torch's bfloat16 and int8
+    GEMMs (4-6x a float32 GEMM on the same cores; elsewhere a bfloat16 GEMM is no faster
+    than float32). `LLMQL_CPU_AMX=0` says no and `=1` yes, whatever the CPU (read at each
+    call: the engine asks once per model load)."""
+    from llmql.settings import env_choice
+
+    wanted = env_choice("LLMQL_CPU_AMX", ("auto", "0", "1"), "auto")
+    return _cpu_has_amx() if wanted == "auto" else wanted == "1"
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())  # NOTE: private API, torch >= 2.3
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def pack_linear_weight(weight: torch.Tensor, batch_hint: int = 512) -> torch.Tensor:
     """weight [out, in] float32 (CPU) -> an opaque oneDNN-packed tensor for `cpu_packed_linear`."""
     assert weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type == "cpu"

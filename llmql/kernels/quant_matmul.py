@@ -9,11 +9,16 @@ values per byte, low nibble first), scales [N, K // group], zeros [N, K // group
 calls, so the float32 copy of the weight never exists at once and no call allocates it)
 and multiplies it; each group's constant (zeros - offset * scale) is added afterwards as a
 small GEMM of x's per-group sums (y += sum_g(x) zeros_eff^T, 1/group of the main one), so
-the tile costs two vectorised passes (convert, scale). On this repository's CPUs (AVX2)
+the tile costs two vectorised passes (convert, scale). On the AVX2 CPUs this was chosen on
 torch's weight-only ops ran slower for every shape measured (`_weight_int8pack_mm`: 75 ms
 against 2.2 ms here for a 2048x640 Q5_0 weight at 60 rows, one thread, 21:29 UTC
 2026-12-03), and they are per-channel (inexact for GGUF's group scales) or 4-bit only, so
-they are not used. `triton_quant_matmul` is the GPU kernel: one
+they are not used. With `dtype=torch.bfloat16` the tile is written in bfloat16 and
+multiplied by x rounded to bfloat16 (products summed in float32 by the GEMM, the result
+rounded to bfloat16, then widened): for CPUs that multiply bfloat16 in hardware (Intel AMX,
+`kernels.linear.amx_available`), where the GEMM runs ~4x (60 rows) to ~6x (512 rows) faster than float32's
+and the tile takes half the bytes; its error is bfloat16's (~2^-9 relative per operand), so
+the engine opts in explicitly (layers/quant_linear.py). `triton_quant_matmul` is the GPU kernel: one
 program computes a BLOCK_M x BLOCK_N tile of y, loading integer tiles of BLOCK_K = group
 columns and dequantising them in registers before `tl.dot`.
 """
@@ -36,17 +41,23 @@ def ref_quant_matmul(
     group: int,
     offset: int = 0,
     chunk: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Torch reference / CPU path (see the module docstring)."""
+    """Torch reference / CPU path (see the module docstring); `dtype` is the tile's and the
+    GEMM's (float32: exact; bfloat16: rounded operands, for hardware bfloat16 GEMMs)."""
     n = qweight.shape[0]
     m, k = x.shape
     rows = min(n, chunk or _chunk_rows(m, k))
-    tile = _scratch(rows * k, x.device)
+    tile = _scratch(rows * k, x.device, dtype)
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    xs = x.to(dtype)
     for start in range(0, n, rows):
         end = min(n, start + rows)
         w = _scaled(qweight[start:end], scales[start:end], bits, group, tile[: (end - start) * k])
-        torch.matmul(x, w.t(), out=y[:, start:end])
+        if dtype == torch.float32:
+            torch.matmul(x, w.t(), out=y[:, start:end])
+        else:
+            y[:, start:end] = torch.nn.functional.linear(xs, w)
     shift = _group_shift(scales, zeros, offset)
     if shift is not None:
         # NOTE: the per-group constant of W (zeros - offset * scales) times x summed per group.
@@ -70,7 +81,7 @@ def dequantize(
 
 def _scaled(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
             out: torch.Tensor) -> torch.Tensor:
-    """q * scales as float32 [N, K], written into `out` (N * K elements) in one pass."""
+    """q * scales [N, K] in `out`'s dtype, written into `out` (N * K elements)."""
     if bits == 4:
         qweight = torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
     n, k = qweight.shape
@@ -79,7 +90,7 @@ def _scaled(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
     # mixed int8 x float32 multiply (dtype casts take torch's scalar loop). float32 scales:
     # an int8 x float16 product would be rounded to float16.
     w.copy_(qweight)
-    w.view(n, k // group, group).mul_(scales.float().unsqueeze(-1))
+    w.view(n, k // group, group).mul_(scales.to(w.dtype).unsqueeze(-1))
     return w
 
 
@@ -102,13 +113,13 @@ CHUNK_SMALL_M = 16
 _SCRATCH = threading.local()
 
 
-def _scratch(numel: int, device: torch.device) -> torch.Tensor:
-    """A float32 buffer of at least `numel` elements, reused by this thread's calls on
+def _scratch(numel: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A `dtype` buffer of at least `numel` elements, reused by this thread's calls on
     `device` (a dequantised tile is consumed before the next call asks for one)."""
-    key = str(device)
+    key = f"{device}/{dtype}"
     buf = getattr(_SCRATCH, "bufs", {}).get(key)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=torch.float32, device=device)
+        buf = torch.empty(numel, dtype=dtype, device=device)
         _SCRATCH.bufs = {**getattr(_SCRATCH, "bufs", {}), key: buf}
     return buf[:numel]
 
@@ -201,12 +212,15 @@ def quant_matmul(
     bits: int,
     group: int,
     offset: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """x [..., K] -> [..., N] float32: the Triton kernel on CUDA, the reference on CPU."""
+    """x [..., K] -> [..., N] float32: the Triton kernel on CUDA, the reference on CPU
+    (`dtype`: see `ref_quant_matmul`)."""
     flat = x.reshape(-1, x.shape[-1])
     if flat.is_cuda and group >= 16 and group & (group - 1) == 0:
         y = triton_quant_matmul(flat.contiguous(), qweight, scales, zeros,
                                 bits=bits, group=group, offset=offset)
     else:
-        y = ref_quant_matmul(flat.float(), qweight, scales, zeros, bits=bits, group=group, offset=offset)
+        y = ref_quant_matmul(flat.float(), qweight, scales, zeros, bits=bits, group=group,
+                             offset=offset, dtype=dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])

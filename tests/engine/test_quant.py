@@ -18,7 +18,7 @@ from llmql.engine.models import load_model
 from llmql.engine.weights.gguf_quant import FileQuantWeight
 from llmql.engine.weights.gguf_reader import read_gguf
 from llmql.engine.weights.quant import QuantWeight, from_gguf, quantize_int4, quantize_int8
-from llmql.kernels.int8_linear import int8_linear_available
+from llmql.kernels.int8_linear import int8_linear_available, onednn_int8_available
 
 T = gguf.GGMLQuantizationType
 
@@ -178,9 +178,10 @@ def test_auto_grouped_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf
     monkeypatch.setenv("LLMQL_INT8_GEMM", "0")
     exact = load_model(str(path), quantization="int8", cache_dir=tmp_path / "c1")
     monkeypatch.setenv("LLMQL_INT8_GEMM", "1")
+    monkeypatch.setenv("LLMQL_CPU_AMX", "0")  # NOTE: FBGEMM's head (AMX: the test below)
     auto = load_model(str(path), quantization="auto", cache_dir=tmp_path / "c2")
     qkv = auto.model.model.layers[0].self_attn.qkv_proj
-    assert qkv.weight.is_meta and qkv.quant.int8 is None
+    assert qkv.weight.is_meta and qkv.quant.int8 is None and qkv.quant.dtype == torch.float32
     assert all(part.bits == 8 for _, part in qkv.quant.parts)
     assert auto.model.lm_head.int8 is not None
     assert isinstance(auto.model.model.embed_tokens.quant.parts[0][1], FileQuantWeight)
@@ -190,6 +191,60 @@ def test_auto_grouped_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf
     assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()
     top = ref.topk(4, dim=-1).indices
     torch.testing.assert_close(got.gather(-1, top), ref.gather(-1, top), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not (int8_linear_available() and onednn_int8_available()),
+                    reason="no FBGEMM or no oneDNN int8 linear on this CPU")
+def test_auto_on_amx_onednn_head_and_opt_in_bfloat16_tiles(tiny_model_dir, tiny_hf_model, tmp_path,
+                                                           monkeypatch) -> None:
+    """"auto" where the CPU has AMX (`LLMQL_CPU_AMX=1` forces it, so this runs on any x86
+    CPU): the LM head's int8 copy is oneDNN's and its top tokens per row carry the exact
+    logits, so the logits of the exact layers stay exact. `LLMQL_CPU_BF16=1` adds bfloat16
+    tiles for the linears: logits within bfloat16 rounding. `LLMQL_CPU_AMX=0`: FBGEMM."""
+    hf = tiny_hf_model(tiny_model_dir("gemma3"))
+    path = write_gguf(hf, tmp_path / "gemma3.gguf", "gemma3", quantize=True, qtype=T.Q8_0)
+    monkeypatch.setenv("LLMQL_INT8_GEMM", "0")
+    exact = load_model(str(path), quantization="int8", cache_dir=tmp_path / "c1")
+    ref = _logits(exact)
+    monkeypatch.setenv("LLMQL_INT8_GEMM", "1")
+    monkeypatch.setenv("LLMQL_CPU_AMX", "1")
+    auto = load_model(str(path), quantization="auto", cache_dir=tmp_path / "c2")
+    qkv = auto.model.model.layers[0].self_attn.qkv_proj.quant
+    assert qkv.dtype == torch.float32 and auto.model.lm_head.int8.onednn
+    got = _logits(auto)
+    top = ref.topk(4, dim=-1).indices
+    assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()
+    torch.testing.assert_close(got.gather(-1, top), ref.gather(-1, top), atol=1e-4, rtol=1e-4)
+    hidden = torch.randn(3, auto.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    logits = auto.model.compute_logits(hidden)
+    best = auto.model.lm_head.int8.matmul(hidden).topk(RESCORE_TOP, dim=-1).indices
+    exact_top = torch.stack([exact.model.compute_logits(hidden[i:i + 1], best[i])[0] for i in range(3)])
+    torch.testing.assert_close(logits.gather(-1, best), exact_top, atol=1e-4, rtol=1e-4)
+    assert logits.argmax(-1).tolist() == exact.model.compute_logits(hidden).argmax(-1).tolist()
+
+    monkeypatch.setenv("LLMQL_CPU_BF16", "1")
+    bf16 = load_model(str(path), quantization="auto", cache_dir=tmp_path / "c3")
+    assert bf16.model.model.layers[0].self_attn.qkv_proj.quant.dtype == torch.bfloat16
+    got = _logits(bf16)
+    assert 0 < (got - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min() >= 0.999
+    monkeypatch.setenv("LLMQL_CPU_AMX", "0")
+    plain = load_model(str(path), quantization="auto", cache_dir=tmp_path / "c4")
+    assert plain.model.model.layers[0].self_attn.qkv_proj.quant.dtype == torch.float32
+    assert not plain.model.lm_head.int8.onednn
+
+
+def test_bad_cpu_amx_setting_names_the_variable(monkeypatch) -> None:
+    from llmql.engine.quantized import bf16_tiles_wanted
+    from llmql.kernels.linear import amx_available
+
+    monkeypatch.setenv("LLMQL_CPU_AMX", "maybe")
+    with pytest.raises(ValueError, match="LLMQL_CPU_AMX"):
+        amx_available()
+    monkeypatch.setenv("LLMQL_CPU_AMX", "1")
+    monkeypatch.setenv("LLMQL_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match="LLMQL_CPU_BF16"):
+        bf16_tiles_wanted()
 
 
 @pytest.mark.skipif(not int8_linear_available(), reason="no FBGEMM int8 linear on this CPU")

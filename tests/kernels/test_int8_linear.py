@@ -1,4 +1,4 @@
-"""Dynamic-int8 linear (FBGEMM) against its torch reference and against float32."""
+"""Dynamic-int8 linears (FBGEMM's, oneDNN's) against their torch references and float32."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import torch
 from llmql.kernels.int8_linear import (
     int8_linear,
     int8_linear_available,
+    onednn_int8_available,
+    onednn_int8_linear,
     pack_int8_weight,
+    pack_onednn_int8,
     ref_int8_linear,
+    ref_onednn_int8_linear,
 )
 
 pytestmark = pytest.mark.skipif(not int8_linear_available(), reason="no FBGEMM int8 linear on this CPU")
@@ -39,3 +43,22 @@ def test_leading_dims_and_zero_rows() -> None:
     assert got.shape == (2, 3, 16)
     torch.testing.assert_close(got.reshape(6, 16), int8_linear(x.reshape(6, 32), packed))
     assert int8_linear(torch.zeros(0, 32), packed).shape == (0, 16)
+
+
+@pytest.mark.skipif(not onednn_int8_available(), reason="no oneDNN int8 linear in this torch build")
+@pytest.mark.parametrize("m,n,k", [(0, 40, 64), (1, 64, 32), (17, 300, 640), (60, 96, 128)])
+def test_onednn_int8_matches_reference(m: int, n: int, k: int) -> None:
+    """oneDNN's int8 GEMM (the LM head's on AMX CPUs) = its torch reference (8-bit activations
+    per tensor, per-channel int8 weights, exact integer sums), and within that rounding of
+    the float product."""
+    gen = torch.Generator().manual_seed(m + n)
+    x = torch.randn(m, k, generator=gen) * 3 + 0.3
+    w = torch.randn(n, k, generator=gen) * 0.05
+    got = onednn_int8_linear(x, pack_onednn_int8(w))
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref_onednn_int8_linear(x, w), atol=1e-4, rtol=1e-4)
+    if m:
+        x_step = float(x.max() - min(float(x.min()), 0.0)) / 255
+        w_abs = w.abs().amax(dim=1)
+        bound = x.abs().sum(-1, keepdim=True) * (w_abs / 254) + x_step / 2 * w.abs().sum(-1) + 1e-4
+        assert ((got - x @ w.T).abs() <= 1.01 * bound).all()

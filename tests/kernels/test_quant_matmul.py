@@ -40,6 +40,22 @@ def test_ref_matches_dequantise_then_matmul(bits, group, offset, zeros, m, chunk
     torch.testing.assert_close(got, x @ w.T, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bits,group,offset,zeros", LAYOUTS)
+def test_bfloat16_tiles_within_bfloat16_rounding(bits, group, offset, zeros) -> None:
+    """dtype=bfloat16 (the engine's tiles on AMX CPUs): each product's operands (x, the
+    tile's q * scale) and the sum rounded to bfloat16 (2^-9 relative each), so the error is
+    within 2^-7 of sum |x| |q * scale| (the groups' shifts are added in float32)."""
+    q, s, z = make_case(100, 128, bits, group, zeros)
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(3))
+    kw = dict(bits=bits, group=group, offset=offset)
+    got = ref_quant_matmul(x, q, s, z, **kw, dtype=torch.bfloat16)
+    exact = x.double() @ dequantize(q, s, z, **kw).double().T
+    tile = dequantize(q, s, None, bits=bits, group=group).double()  # q * scale, as the tile holds it
+    bound = 2**-7 * (x.abs().double() @ tile.abs().T) + 1e-5
+    assert got.dtype == torch.float32 and ((got.double() - exact).abs() <= bound).all()
+    assert not torch.equal(got, ref_quant_matmul(x, q, s, z, **kw))  # it did round
+
+
 def test_four_bit_packing_is_low_nibble_first() -> None:
     q = torch.tensor([[0x21, 0x43]], dtype=torch.uint8)
     w = dequantize(q, torch.ones(1, 1), None, bits=4, group=4)
