@@ -39,7 +39,7 @@ CASES = [
 
 @pytest.mark.parametrize("q_lens,kv_lens", CASES)
 @pytest.mark.parametrize("window,softcap", [(None, None), (3, None), (None, 5.0), (4, 2.0)])
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 1)])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 1), (6, 2)])
 def test_cpu_path_matches_reference(q_lens, kv_lens, window, softcap, hq, hkv) -> None:
     args = make_case(q_lens, kv_lens, hq=hq, hkv=hkv)
     kw = dict(scale=0.3, sliding_window=window, softcap=softcap)
