@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ class ForwardBatch:
     is_decode: bool = False  # every sequence has exactly one new token
     logits_indices: torch.Tensor | None = None  # [B'] rows to compute logits for; None = all
     lora: Any = None  # llmql.engine.lora.batch.LoraBatch when a request uses an adapter
+    rope_tables: dict = field(default_factory=dict)  # rotary cos/sin of this forward, per table key
 
 
 _CURRENT: ContextVar[ForwardBatch | None] = ContextVar("llmql_forward_batch", default=None)

@@ -156,3 +156,41 @@ def test_sharded_checkpoint_loads(tiny_model_dir, tiny_hf_model, tmp_path) -> No
     ids = sequence(6, seed=9)
     logits, _ = forward(lm, new_pool(lm), [(ids, torch.empty(0, dtype=torch.int64))])
     torch.testing.assert_close(logits, hf_logits(hf, ids), atol=ATOL, rtol=1e-4)
+
+
+def test_rotary_tables_shared_within_a_forward() -> None:
+    """Inside a forward, layers with the same tables share one cos/sin computation for the
+    batch's positions; other positions, and calls outside a forward, compute their own; all
+    equal a fresh computation."""
+    from llmql.engine.layers.rotary import RotaryEmbedding
+
+    a, b, other = RotaryEmbedding(8, 10000.0), RotaryEmbedding(8, 10000.0), RotaryEmbedding(8, 500.0)
+    q, k = torch.randn(3, 2, 8), torch.randn(3, 1, 8)
+    pos = torch.tensor([0, 5, 9])
+    want = RotaryEmbedding(8, 10000.0)(pos.clone(), q, k)
+    empty = torch.zeros(1, dtype=torch.int64)
+    batch = ForwardBatch(positions=pos, qo_indptr=empty, kv_indptr=empty, kv_indices=empty,
+                         out_cache_loc=empty, kv_pool=None)  # type: ignore[arg-type]
+    with forward_context(batch):
+        for got, ref in zip(a(pos, q, k), want):
+            torch.testing.assert_close(got, ref)
+        assert b._tables(pos, q.dtype)[0] is a._tables(pos, q.dtype)[0]
+        assert other._tables(pos, q.dtype)[0] is not a._tables(pos, q.dtype)[0]
+        assert a._tables(pos.clone(), q.dtype)[0] is not a._tables(pos, q.dtype)[0]
+    assert a._tables(pos, q.dtype)[0] is not a._tables(pos, q.dtype)[0]
+    for got, ref in zip(a(pos, q, k), want):
+        torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_fused_path_equals_the_formula(offset) -> None:
+    """float32 inputs take `F.rms_norm`; it equals HF's formula (Llama: w * x / rms, Gemma:
+    (1 + w) * x / rms) for decode- and prefill-sized batches and 3-D (per-head) inputs."""
+    from llmql.engine.layers.norm import RMSNorm
+
+    norm = RMSNorm(64, eps=1e-6, offset=offset)
+    norm.weight.data = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    for shape in [(60, 64), (512, 64), (7, 4, 64)]:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape))) * 3
+        want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (offset + norm.weight)
+        torch.testing.assert_close(norm(x), want, atol=1e-5, rtol=1e-5)

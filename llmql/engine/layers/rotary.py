@@ -42,15 +42,30 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None = None) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self.key = (head_dim, theta, scaling)  # equal for every layer with these tables
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._tables(positions, q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, D] at `positions`; inside a forward whose batch carries these
+        positions, computed once and shared by every layer with the same tables."""
+        from llmql.engine.context import current_forward_batch
+
+        batch = current_forward_batch()
+        shared = batch is not None and batch.positions is positions
+        key = (self.key, dtype)
+        if shared and key in batch.rope_tables:  # type: ignore[union-attr]
+            return batch.rope_tables[key]  # type: ignore[union-attr]
         freqs = positions[:, None].float() * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos().to(q.dtype)[:, None, :]
-        sin = emb.sin().to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        tables = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        if shared:
+            batch.rope_tables[key] = tables  # type: ignore[union-attr]
+        return tables
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
