@@ -183,8 +183,8 @@ def test_rotary_tables_shared_within_a_forward() -> None:
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])
-def test_rms_norm_fused_path_equals_the_formula(offset) -> None:
-    """float32 inputs take `F.rms_norm`; it equals HF's formula (Llama: w * x / rms, Gemma:
+def test_rms_norm_equals_the_formula(offset) -> None:
+    """RMSNorm equals HF's formula (Llama: w * x / rms, Gemma:
     (1 + w) * x / rms) for decode- and prefill-sized batches and 3-D (per-head) inputs."""
     from llmql.engine.layers.norm import RMSNorm
 
