@@ -54,6 +54,10 @@ def run_side(side: str, rows: int, threads: int, model: str | None, repeat: int 
     engine = load(model or "default", quantization=quantization, kv_tokens=16384, threads=threads)
     out: dict = {"side": side, "load_s": round(time.perf_counter() - t0, 1),
                  "rss_loaded_mib": round(peak_rss_mib())}
+    if side == "auto-bf16":
+        from llmql.engine.quantized import bf16_tiles_wanted
+
+        out["bf16_tiles"] = bf16_tiles_wanted()  # NOTE: False without AMX: plain "auto" ran
     rounds = []
     for _ in range(repeat):
         engine.kv.cache.evict(engine.pool.num_slots)

@@ -42,7 +42,8 @@ DEFAULT_MODEL = "default"
 _DEVICES = ("auto", "cpu", "cuda")
 _POLICIES = ("fair", "ltr", "fcfs", "lpm")
 _QUANTIZATIONS = ("auto", "none", "int8", "int4")
-_KV_DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_DTYPE_NAMES = ("float32", "float16", "bfloat16")  # torch dtypes the K/V pool may hold
+_KV_DTYPES = ("auto", *KV_DTYPE_NAMES)
 
 
 @dataclass(frozen=True)

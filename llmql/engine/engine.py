@@ -40,7 +40,7 @@ from llmql.engine.types import (
     GenerationResult,
     TextCallback,
 )
-from llmql.settings import get_settings
+from llmql.settings import KV_DTYPE_NAMES, get_settings
 
 CPU_BATCH_TOKENS = 512  # default step budget on CPU (see `EngineConfig.batch_tokens`)
 GPU_BATCH_TOKENS = 2048
@@ -288,7 +288,7 @@ def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int)
     return None
 
 
-KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KV_DTYPES = {name: getattr(torch, name) for name in KV_DTYPE_NAMES}
 
 
 def resolve_kv_dtype(kv_dtype: str | torch.dtype | None, lm: LoadedModel | None, device: str

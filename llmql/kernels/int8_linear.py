@@ -99,17 +99,17 @@ def fake_quant_activations(x: torch.Tensor, qmax: int = 127) -> torch.Tensor:
     """x rounded as FBGEMM's dynamic linear quantizes it (per tensor, unsigned 7-bit; `qmax`
     255: the 8 bits `onednn_int8_linear` uses)."""
     q, scale, zero = _quantize_activations(x, qmax)
-    return (q.float() - zero) * scale
+    return q.sub_(zero).mul_(scale)
 
 
 def _quantize_activations(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, float, int]:
-    """x -> (unsigned integer values as uint8, scale, zero point), per tensor, asymmetric
-    over [min(x, 0), max(x, 0)]."""
+    """x -> (its unsigned integer values, as floats, scale, zero point), per tensor,
+    asymmetric over [min(x, 0), max(x, 0)]."""
     lo = min(float(x.min()), 0.0) if x.numel() else 0.0
     hi = max(float(x.max()), 0.0) if x.numel() else 0.0
     scale = max((hi - lo) / qmax, 1e-12)
     zero = min(max(round(-lo / scale), 0), qmax)
-    return torch.clamp(torch.round(x / scale) + zero, 0, qmax).to(torch.uint8), scale, zero
+    return torch.round(x / scale).add_(zero).clamp_(0, qmax), scale, zero
 
 
 class OnednnInt8Weight(NamedTuple):
@@ -158,7 +158,7 @@ def onednn_int8_linear(x: torch.Tensor, weight: OnednnInt8Weight) -> torch.Tenso
     if not flat.shape[0]:
         return flat.new_zeros(*x.shape[:-1], n)
     qx, scale, zero = _quantize_activations(flat, 255)
-    y = torch.ops.onednn.qlinear_pointwise(qx, scale, zero, weight.packed, weight.scales, weight.zeros,
+    y = torch.ops.onednn.qlinear_pointwise(qx.to(torch.uint8), scale, zero, weight.packed, weight.scales, weight.zeros,
                                            None, 1.0, 0, torch.float32, "none", [], "")
     return y.reshape(*x.shape[:-1], n)
 

@@ -139,7 +139,8 @@ class Int8Packed:
                     trim_heap()  # NOTE: or each chunk's float32 transient stays in the heap
         n, k = weight.shape
         self.n = n
-        self.nbytes = n * k + 16 * n  # int8 values + float64 scale and int64 zero point per row
+        # NOTE: int8 values + per row an int64 zero point and a float64 (FBGEMM) or float32 scale
+        self.nbytes = n * k + (12 if onednn else 16) * n
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N] float32 (each chunk's output copied into one tensor as it
