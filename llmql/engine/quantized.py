@@ -69,7 +69,8 @@ def layer_mode(gguf: object, quantization: str, device: str) -> str:
     default model's 16-token greedy answers equal the float32 ones). "auto" on a CPU with the
     int8 GEMM: weight-only group-wise linears ("grouped": the GGUF values kept as int8 with
     their group scales, dequantised tile by tile into a reused float32 buffer at each matmul,
-    so the arithmetic is float32's) for a small model, whose float32 linears take at most
+    or in cache by the AVX-512 kernel of kernels/cpu_gemm.py where it runs, so the arithmetic
+    is float32's) for a small model, whose float32 linears take at most
     1/16 of the machine's memory (the default 270M model: 383 MiB as float32, ~110 MiB
     grouped; "bf16", the same with bfloat16 tiles and GEMMs, where `LLMQL_CPU_BF16=1` opts
     in on a CPU with AMX: 2-4x faster linears, but bfloat16's rounding changes 20-30% of the

@@ -18,6 +18,7 @@ from llmql.engine.models import load_model
 from llmql.engine.weights.gguf_quant import FileQuantWeight
 from llmql.engine.weights.gguf_reader import read_gguf
 from llmql.engine.weights.quant import QuantWeight, from_gguf, quantize_int4, quantize_int8
+from llmql.kernels.cpu_gemm import grouped_gemm_available
 from llmql.kernels.int8_linear import int8_linear_available, onednn_int8_available
 
 T = gguf.GGMLQuantizationType
@@ -171,7 +172,8 @@ def test_int8_gemm_path_near_exact(tiny_model_dir, tiny_hf_model, tmp_path, monk
 def test_auto_grouped_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf_model, tmp_path,
                                                           monkeypatch) -> None:
     """"auto" on a CPU with the int8 GEMM, a model whose float32 linears fit: the linears
-    weight-only group-wise (int8 values, dequantised per call), the LM head on int8 with its top tokens re-scored exactly,
+    weight-only group-wise (int8 values: on the AVX-512 kernel where it runs, else
+    dequantised per call), the LM head on int8 with its top tokens re-scored exactly,
     the token embedding read from the GGUF file; the greedy token and top logits are exact."""
     hf = tiny_hf_model(tiny_model_dir("gemma3"))
     path = write_gguf(hf, tmp_path / "gemma3.gguf", "gemma3", quantize=True, qtype=T.Q8_0)
@@ -182,7 +184,11 @@ def test_auto_grouped_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf
     auto = load_model(str(path), quantization="auto", cache_dir=tmp_path / "c2")
     qkv = auto.model.model.layers[0].self_attn.qkv_proj
     assert qkv.weight.is_meta and qkv.quant.int8 is None and qkv.quant.dtype == torch.float32
-    assert all(part.bits == 8 for _, part in qkv.quant.parts)
+    if grouped_gemm_available():  # NOTE: the AVX-512 kernel's packed int8 blocks
+        assert qkv.quant.packed and not qkv.quant.parts
+        assert all(p.q.dtype == torch.int8 for _, p in qkv.quant.packed)
+    else:
+        assert qkv.quant.parts and all(part.bits == 8 for _, part in qkv.quant.parts)
     assert auto.model.lm_head.int8 is not None
     assert isinstance(auto.model.model.embed_tokens.quant.parts[0][1], FileQuantWeight)
     ids = torch.tensor([1, 5, 17, 33, 60, 8])
@@ -191,6 +197,10 @@ def test_auto_grouped_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf
     assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()
     top = ref.topk(4, dim=-1).indices
     torch.testing.assert_close(got.gather(-1, top), ref.gather(-1, top), atol=1e-4, rtol=1e-4)
+    monkeypatch.setenv("LLMQL_CPU_GEMM", "0")  # NOTE: the torch path: same values, same answer
+    torch_path = load_model(str(path), quantization="auto", cache_dir=tmp_path / "c3")
+    assert torch_path.model.model.layers[0].self_attn.qkv_proj.quant.parts
+    torch.testing.assert_close(_logits(torch_path).gather(-1, top), got.gather(-1, top), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not (int8_linear_available() and onednn_int8_available()),

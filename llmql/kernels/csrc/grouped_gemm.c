@@ -1,0 +1,168 @@
+/* y[M, N] = x[M, K] W^T for group-wise int8 weights, on AVX-512 (see kernels/cpu_gemm.py).
+ *
+ * The weight is packed in blocks of NR = 32 output rows: q [N/32][K][32] int8, scales and
+ * shifts [N/32][K/group][32] float32, so that W[n, k] = q * scale + shift (shift optional).
+ * Each task dequantises one block of W into a float32 buffer of its thread (K x 32, cache
+ * resident) with the same two roundings as the torch reference (q * scale, then + shift),
+ * then multiplies every row of x by it, 8 rows at a time, with a register-blocked FMA
+ * microkernel (8 x 32 accumulators); up to 6 rows dequantise in registers instead. Blocks
+ * are shared by torch's OpenMP threads (the kernel links the libgomp torch loaded).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define NR 32
+#define MR 8
+
+static __thread float *tls_buf = 0;
+static __thread long tls_cap = 0;
+
+static float *thread_buffer(long n) {
+    if (n > tls_cap) {
+        free(tls_buf);
+        tls_buf = (float *)aligned_alloc(64, (size_t)n * sizeof(float));
+        tls_cap = tls_buf ? n : 0;
+    }
+    return tls_buf;
+}
+
+static void dequantise(const int8_t *q, const float *s, const float *z, long K, long group, float *w) {
+    for (long g = 0; g < K / group; g++) {
+        __m512 s0 = _mm512_loadu_ps(s + g * NR), s1 = _mm512_loadu_ps(s + g * NR + 16);
+        __m512 z0 = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();
+        if (z) {
+            z0 = _mm512_loadu_ps(z + g * NR);
+            z1 = _mm512_loadu_ps(z + g * NR + 16);
+        }
+        for (long k = g * group; k < (g + 1) * group; k++) {
+            __m128i b0 = _mm_loadu_si128((const __m128i *)(q + k * NR));
+            __m128i b1 = _mm_loadu_si128((const __m128i *)(q + k * NR + 16));
+            __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0)), s0);
+            __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1)), s1);
+            if (z) {
+                w0 = _mm512_add_ps(w0, z0);
+                w1 = _mm512_add_ps(w1, z1);
+            }
+            _mm512_store_ps(w + k * NR, w0);
+            _mm512_store_ps(w + k * NR + 16, w1);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void micro(int R, const float *x, long ldx, const float *w,
+                                                        long K, float *y, long ldy, __mmask16 m0,
+                                                        __mmask16 m1) {
+    __m512 acc[MR][2];
+    for (int r = 0; r < R; r++) {
+        acc[r][0] = _mm512_setzero_ps();
+        acc[r][1] = _mm512_setzero_ps();
+    }
+    for (long k = 0; k < K; k++) {
+        __m512 w0 = _mm512_load_ps(w + k * NR), w1 = _mm512_load_ps(w + k * NR + 16);
+        for (int r = 0; r < R; r++) {
+            __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
+            acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm512_mask_storeu_ps(y + r * ldy, m0, acc[r][0]);
+        _mm512_mask_storeu_ps(y + r * ldy + 16, m1, acc[r][1]);
+    }
+}
+
+static void rows(const float *x, long ldx, long M, const float *w, long K, float *y, long ldy,
+                 long cols) {
+    __mmask16 m0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+    __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+    long m = 0;
+    for (; m + MR <= M; m += MR) micro(MR, x + m * ldx, ldx, w, K, y + m * ldy, ldy, m0, m1);
+    switch (M - m) {
+        case 7: micro(7, x + m * ldx, ldx, w, K, y + m * ldy, ldy, m0, m1); break;
+        case 6: micro(6, x + m * ldx, ldx, w, K, y + m * ldy, ldy, m0, m1); break;
+        case 5: micro(5, x + m * ldx, ldx, w, K, y + m * ldy, ldy, m0, m1); break;
+        case 4: micro(4, x + m * ldx, ldx, w, K, y + m * ldy, ldy, m0, m1); break;
+        case 3: micro(3, x + m * ldx, ldx, w, K, y + m * ldy, ldy, m0, m1); break;
+        case 2: micro(2, x + m * ldx, ldx, w, K, y + m * ldy, ldy, m0, m1); break;
+        case 1: micro(1, x + m * ldx, ldx, w, K, y + m * ldy, ldy, m0, m1); break;
+        default: break;
+    }
+}
+
+/* M <= 6 rows: each weight vector is dequantised in registers and used at once. */
+static inline __attribute__((always_inline)) void fused(int R, const float *x, long ldx, const int8_t *q,
+                                                        const float *s, const float *z, long K,
+                                                        long group, float *y, long ldy, __mmask16 m0,
+                                                        __mmask16 m1) {
+    __m512 acc[MR][2];
+    for (int r = 0; r < R; r++) {
+        acc[r][0] = _mm512_setzero_ps();
+        acc[r][1] = _mm512_setzero_ps();
+    }
+    for (long g = 0; g < K / group; g++) {
+        __m512 s0 = _mm512_loadu_ps(s + g * NR), s1 = _mm512_loadu_ps(s + g * NR + 16);
+        __m512 z0 = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();
+        if (z) {
+            z0 = _mm512_loadu_ps(z + g * NR);
+            z1 = _mm512_loadu_ps(z + g * NR + 16);
+        }
+        for (long k = g * group; k < (g + 1) * group; k++) {
+            __m128i b0 = _mm_loadu_si128((const __m128i *)(q + k * NR));
+            __m128i b1 = _mm_loadu_si128((const __m128i *)(q + k * NR + 16));
+            __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0)), s0);
+            __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1)), s1);
+            if (z) {
+                w0 = _mm512_add_ps(w0, z0);
+                w1 = _mm512_add_ps(w1, z1);
+            }
+            for (int r = 0; r < R; r++) {
+                __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
+                acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm512_mask_storeu_ps(y + r * ldy, m0, acc[r][0]);
+        _mm512_mask_storeu_ps(y + r * ldy + 16, m1, acc[r][1]);
+    }
+}
+
+#define FUSED(R) fused(R, x, ldx, qb, sb, zb, K, group, yb, ldy, m0, m1)
+
+/* x [M, K] (row stride ldx) float32; q, s, z packed as above for N output rows (z may be
+ * NULL); y [M, N] (row stride ldy). Returns 0, or -1 when a buffer could not be allocated. */
+int llmql_grouped_gemm(const float *x, long M, long K, long ldx, const int8_t *q, const float *s,
+                       const float *z, long N, long group, float *y, long ldy, int threads) {
+    long blocks = (N + NR - 1) / NR, groups = K / group;
+    int failed = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
+    for (long b = 0; b < blocks; b++) {
+        const int8_t *qb = q + b * K * NR;
+        const float *sb = s + b * groups * NR, *zb = z ? z + b * groups * NR : 0;
+        float *yb = y + b * NR;
+        long cols = N - b * NR < NR ? N - b * NR : NR;
+        __mmask16 m0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+        __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+        switch (M) {
+            case 0: break;
+            case 1: FUSED(1); break;
+            case 2: FUSED(2); break;
+            case 3: FUSED(3); break;
+            case 4: FUSED(4); break;
+            case 5: FUSED(5); break;
+            case 6: FUSED(6); break;
+            default: {
+                float *w = thread_buffer(K * NR);
+                if (!w) {
+                    failed = 1;
+                    break;
+                }
+                dequantise(qb, sb, zb, K, group, w);
+                rows(x, ldx, M, w, K, yb, ldy, cols);
+            }
+        }
+    }
+    return failed ? -1 : 0;
+}

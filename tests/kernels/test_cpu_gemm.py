@@ -1,0 +1,108 @@
+"""The AVX-512 grouped int8 kernel against its torch reference (dequantise, then matmul).
+
+Skipped where the kernel does not build or run (no AVX-512, no C compiler): the engine then
+keeps the torch path, which tests/kernels/test_quant_matmul.py covers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmql.kernels.cpu_gemm import (
+    grouped_gemm,
+    grouped_gemm_available,
+    pack_grouped,
+    ref_grouped_gemm,
+    unpack_grouped,
+)
+from llmql.kernels.quant_matmul import dequantize
+
+needs_kernel = pytest.mark.skipif(not grouped_gemm_available(), reason="no AVX-512 CPU or C compiler")
+
+
+def make_case(n: int, k: int, group: int, zeros: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    s = (torch.rand(n, k // group, generator=gen) * 0.02).half()  # NOTE: GGUF scales are float16
+    z = torch.randn(n, k // group, generator=gen) * 0.01 if zeros else None
+    return q, s, z
+
+
+# NOTE: (group, offset, zeros) of Q6_K, Q4_K widened, Q8_0 / Q5_0 widened, Q4_0 widened
+LAYOUTS = [(16, 0, False), (32, 0, True), (32, 0, False), (32, 8, False)]
+
+
+@pytest.mark.parametrize("group,offset,zeros", LAYOUTS)
+def test_packing_keeps_the_values(group, offset, zeros) -> None:
+    q, s, z = make_case(70, 96, group, zeros)
+    w = pack_grouped(q, s, z, group=group, offset=offset)
+    assert w.q.shape == (3, 96, 32) and w.n == 70  # NOTE: 70 rows padded to 3 blocks of 32
+    torch.testing.assert_close(unpack_grouped(w), dequantize(q, s, z, bits=8, group=group, offset=offset),
+                               atol=1e-7, rtol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("group,offset,zeros", LAYOUTS)
+@pytest.mark.parametrize("m", [0, 1, 3, 6, 7, 8, 9, 61, 130])
+def test_kernel_matches_reference(group, offset, zeros, m) -> None:
+    """Every row count the kernel splits differently (registers up to 6 rows; 8-row blocks
+    and their tails above), a column count that is not a multiple of 32."""
+    q, s, z = make_case(100, 192, group, zeros, seed=m)
+    w = pack_grouped(q, s, z, group=group, offset=offset)
+    x = torch.randn(m, 192, generator=torch.Generator().manual_seed(1))
+    got = grouped_gemm(x, w)
+    assert got.shape == (m, 100)
+    torch.testing.assert_close(got, ref_grouped_gemm(x, w), atol=2e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_strided_input_and_output_columns() -> None:
+    """x with a row stride (a column slice of a wider tensor) and output written into the
+    columns of a wider tensor (how packed parts of one layer fill one output)."""
+    q, s, z = make_case(40, 64, 32, True)
+    w = pack_grouped(q, s, z, group=32)
+    wide = torch.randn(9, 100)
+    x = wide[:, 10:74]
+    out = torch.full((9, 50), 7.0)
+    grouped_gemm(x, w, out[:, 5:45])
+    torch.testing.assert_close(out[:, 5:45], ref_grouped_gemm(x, w), atol=2e-5, rtol=1e-5)
+    assert (out[:, :5] == 7).all() and (out[:, 45:] == 7).all()  # nothing written outside
+
+
+@needs_kernel
+def test_threads_do_not_change_the_answer() -> None:
+    q, s, z = make_case(256, 128, 32, False)
+    w = pack_grouped(q, s, z, group=32)
+    x = torch.randn(20, 128)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = grouped_gemm(x, w)
+        torch.set_num_threads(2)
+        two = grouped_gemm(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # NOTE: blocks are split between threads, never a sum
+
+
+def test_bad_input_is_refused() -> None:
+    q, s, _ = make_case(32, 64, 32, False)
+    with pytest.raises(ValueError, match="int8"):
+        pack_grouped(q.float(), s, None, group=32)
+    with pytest.raises(ValueError, match="scales"):
+        pack_grouped(q, s[:, :1], None, group=32)
+    if grouped_gemm_available():
+        w = pack_grouped(q, s, None, group=32)
+        with pytest.raises(ValueError, match="float32"):
+            grouped_gemm(torch.randn(3, 64).double(), w)
+        with pytest.raises(ValueError, match="float32"):
+            grouped_gemm(torch.randn(3, 65), w)
+
+
+def test_disabled_by_setting(monkeypatch) -> None:
+    monkeypatch.setenv("LLMQL_CPU_GEMM", "0")
+    assert not grouped_gemm_available()
+    monkeypatch.setenv("LLMQL_CPU_GEMM", "yes")
+    with pytest.raises(ValueError, match="LLMQL_CPU_GEMM"):
+        grouped_gemm_available()
