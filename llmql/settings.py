@@ -26,9 +26,10 @@ Environment variables:
                       names one of them (a path to an adapter folder works without it).
     LLMQL_QUANTIZATION  "auto" (default: a GGUF's quantized tensors stay quantized),
                       "none" (float weights), "int8" or "int4" (quantize float weights at load).
-    LLMQL_CPU_GEMM    "auto" (default): on AVX-512 CPUs a quantized model's group-wise
-                      linears run on llmql's C kernel (compiled on first use into the cache
-                      dir with the system's `cc`); "0": the torch path (dequantise, then GEMM).
+    LLMQL_CPU_KERNELS "auto" (default): on AVX-512 CPUs llmql's C kernels (compiled on
+                      first use into the cache dir with the system's `cc`) run a quantized
+                      model's group-wise linears, RMSNorm and the gated MLP activation;
+                      "0": torch's paths.
 """
 
 from __future__ import annotations

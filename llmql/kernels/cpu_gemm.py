@@ -15,34 +15,22 @@ float32 weight: equal at 60 and 512 rows (gate+up 4096x640 at 60 rows: 1.07 vs 1
 faster at 1-4 rows, where it reads a quarter of the bytes; the torch path it replaces
 (dequantise a tile, then the GEMM) took 2.4 ms there.
 
-The C file is compiled on first use with the system's C compiler (`cc`, or `$CC`) into
-`<cache>/kernels/`, keyed by the source, the flags and the compiler, and loaded with ctypes
-(the call releases the GIL; its OpenMP threads are torch's: the library links the libgomp
-torch already loaded). Where there is no AVX-512, no compiler, or `LLMQL_CPU_GEMM=0`,
-`grouped_gemm_available()` is False and the engine keeps the torch path.
+The C file is part of llmql's CPU library (kernels/cpu_lib.py: compiled on first use,
+loaded with ctypes, torch's OpenMP threads). Where it does not run (no AVX-512, no C
+compiler, `LLMQL_CPU_KERNELS=0`), `cpu_kernels_available()` is False and the engine keeps
+the torch path.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from llmql.kernels.cpu_lib import library
 
 BLOCK = 32  # output rows per packed block (two AVX-512 vectors)
-SOURCE = Path(__file__).with_name("csrc") / "grouped_gemm.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-ffp-contract=off",
-         "-fopenmp", "-fPIC", "-shared")
 
 
 @dataclass
@@ -98,9 +86,7 @@ def grouped_gemm(x: torch.Tensor, w: PackedGrouped, out: torch.Tensor | None = N
     """x [M, K] float32 (rows may be strided) -> y [M, N] float32 on the AVX-512 kernel, written
     into `out` when given (a float32 [M, N] view whose rows may be strided, e.g. columns of a
     wider output)."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the grouped int8 CPU kernel is not available here (grouped_gemm_available())")
+    lib = library()
     if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != w.k:
         raise ValueError(f"x must be float32 [M, {w.k}] with unit column stride, got {x.dtype} "
                          f"{tuple(x.shape)} strides {x.stride()}")
@@ -117,57 +103,6 @@ def grouped_gemm(x: torch.Tensor, w: PackedGrouped, out: torch.Tensor | None = N
     if rc != 0:
         raise MemoryError("grouped_gemm: the kernel could not allocate its per-thread buffer")
     return out
-
-
-def grouped_gemm_available() -> bool:
-    """Whether `grouped_gemm` runs here: an x86 CPU with AVX-512 (torch's own dispatch level),
-    a C compiler that built the kernel, and `LLMQL_CPU_GEMM` not "0" (default "auto")."""
-    from llmql.settings import env_choice
-
-    if env_choice("LLMQL_CPU_GEMM", ("auto", "0"), "auto") == "0":
-        return False
-    return _library() is not None
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
-        return None
-    try:
-        path = _build()
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        log.warning("grouped int8 CPU kernel unavailable (%s); using the torch path", exc)
-        return None
-    fn = lib.llmql_grouped_gemm
-    fn.restype = ctypes.c_int
-    long, ptr = ctypes.c_long, ctypes.c_void_p
-    fn.argtypes = [ptr, long, long, long, ptr, ptr, ptr, long, long, ptr, long, ctypes.c_int]
-    return lib
-
-
-def _build() -> Path:
-    """Compile the kernel once per (source, flags, compiler) into the cache; return its path."""
-    from llmql.settings import get_settings
-
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler (cc or $CC) on PATH")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:12]
-    target = get_settings().cache_dir / "kernels" / f"grouped_gemm-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    done = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
-                          timeout=300)
-    if done.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
-    tmp.replace(target)  # NOTE: atomic; a concurrent build of the same key writes the same bytes
-    return target
 
 
 def _blocked(t: torch.Tensor) -> torch.Tensor:

@@ -174,10 +174,10 @@ def test_rotary_tables_shared_within_a_forward() -> None:
     with forward_context(batch):
         for got, ref in zip(a(pos, q, k), want):
             torch.testing.assert_close(got, ref)
-        assert b._tables(pos, q.dtype)[0] is a._tables(pos, q.dtype)[0]
-        assert other._tables(pos, q.dtype)[0] is not a._tables(pos, q.dtype)[0]
-        assert a._tables(pos.clone(), q.dtype)[0] is not a._tables(pos, q.dtype)[0]
-    assert a._tables(pos, q.dtype)[0] is not a._tables(pos, q.dtype)[0]
+        assert b.tables(pos, q.dtype)[0] is a.tables(pos, q.dtype)[0]
+        assert other.tables(pos, q.dtype)[0] is not a.tables(pos, q.dtype)[0]
+        assert a.tables(pos.clone(), q.dtype)[0] is not a.tables(pos, q.dtype)[0]
+    assert a.tables(pos, q.dtype)[0] is not a.tables(pos, q.dtype)[0]
     for got, ref in zip(a(pos, q, k), want):
         torch.testing.assert_close(got, ref)
 

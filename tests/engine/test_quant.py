@@ -18,7 +18,7 @@ from llmql.engine.models import load_model
 from llmql.engine.weights.gguf_quant import FileQuantWeight
 from llmql.engine.weights.gguf_reader import read_gguf
 from llmql.engine.weights.quant import QuantWeight, from_gguf, quantize_int4, quantize_int8
-from llmql.kernels.cpu_gemm import grouped_gemm_available
+from llmql.kernels.cpu_lib import cpu_kernels_available
 from llmql.kernels.int8_linear import int8_linear_available, onednn_int8_available
 
 T = gguf.GGMLQuantizationType
@@ -184,7 +184,7 @@ def test_auto_grouped_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf
     auto = load_model(str(path), quantization="auto", cache_dir=tmp_path / "c2")
     qkv = auto.model.model.layers[0].self_attn.qkv_proj
     assert qkv.weight.is_meta and qkv.quant.int8 is None and qkv.quant.dtype == torch.float32
-    if grouped_gemm_available():  # NOTE: the AVX-512 kernel's packed int8 blocks
+    if cpu_kernels_available():  # NOTE: the AVX-512 kernel's packed int8 blocks
         assert qkv.quant.packed and not qkv.quant.parts
         assert all(p.q.dtype == torch.int8 for _, p in qkv.quant.packed)
     else:
@@ -197,7 +197,7 @@ def test_auto_grouped_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf
     assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()
     top = ref.topk(4, dim=-1).indices
     torch.testing.assert_close(got.gather(-1, top), ref.gather(-1, top), atol=1e-4, rtol=1e-4)
-    monkeypatch.setenv("LLMQL_CPU_GEMM", "0")  # NOTE: the torch path: same values, same answer
+    monkeypatch.setenv("LLMQL_CPU_KERNELS", "0")  # NOTE: the torch path: same values, same answer
     torch_path = load_model(str(path), quantization="auto", cache_dir=tmp_path / "c3")
     assert torch_path.model.model.layers[0].self_attn.qkv_proj.quant.parts
     torch.testing.assert_close(_logits(torch_path).gather(-1, top), got.gather(-1, top), atol=1e-4, rtol=1e-4)

@@ -11,14 +11,14 @@ import torch
 
 from llmql.kernels.cpu_gemm import (
     grouped_gemm,
-    grouped_gemm_available,
     pack_grouped,
     ref_grouped_gemm,
     unpack_grouped,
 )
+from llmql.kernels.cpu_lib import cpu_kernels_available
 from llmql.kernels.quant_matmul import dequantize
 
-needs_kernel = pytest.mark.skipif(not grouped_gemm_available(), reason="no AVX-512 CPU or C compiler")
+needs_kernel = pytest.mark.skipif(not cpu_kernels_available(), reason="no AVX-512 CPU or C compiler")
 
 
 def make_case(n: int, k: int, group: int, zeros: bool, seed: int = 0):
@@ -92,7 +92,7 @@ def test_bad_input_is_refused() -> None:
         pack_grouped(q.float(), s, None, group=32)
     with pytest.raises(ValueError, match="scales"):
         pack_grouped(q, s[:, :1], None, group=32)
-    if grouped_gemm_available():
+    if cpu_kernels_available():
         w = pack_grouped(q, s, None, group=32)
         with pytest.raises(ValueError, match="float32"):
             grouped_gemm(torch.randn(3, 64).double(), w)
@@ -101,8 +101,8 @@ def test_bad_input_is_refused() -> None:
 
 
 def test_disabled_by_setting(monkeypatch) -> None:
-    monkeypatch.setenv("LLMQL_CPU_GEMM", "0")
-    assert not grouped_gemm_available()
-    monkeypatch.setenv("LLMQL_CPU_GEMM", "yes")
-    with pytest.raises(ValueError, match="LLMQL_CPU_GEMM"):
-        grouped_gemm_available()
+    monkeypatch.setenv("LLMQL_CPU_KERNELS", "0")
+    assert not cpu_kernels_available()
+    monkeypatch.setenv("LLMQL_CPU_KERNELS", "yes")
+    with pytest.raises(ValueError, match="LLMQL_CPU_KERNELS"):
+        cpu_kernels_available()

@@ -12,6 +12,8 @@ from llmql.engine.layers.norm import RMSNorm
 from llmql.engine.layers.rotary import RotaryEmbedding
 from llmql.engine.lora.batch import add_lora
 from llmql.kernels.attention import paged_attention, store_kv
+from llmql.kernels.cpu_lib import cpu_kernels_available
+from llmql.kernels.cpu_ops import norm_rope
 
 
 class PagedAttention(nn.Module):
@@ -65,12 +67,30 @@ class SelfAttention(nn.Module):
         t = hidden.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv = add_lora(self.qkv_proj(hidden), hidden, self.layer_id, "qkv")
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if qkv.dtype == torch.float32 and qkv.is_cpu and cpu_kernels_available():
+            q, k = self._norm_rope(positions, qkv)  # NOTE: one pass per q and k (kernels/cpu_ops.py)
+            v = qkv[:, q_size + kv_size :].reshape(t, self.num_kv_heads, self.head_dim)
+        else:
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = q.reshape(t, self.num_heads, self.head_dim)
+            k = k.reshape(t, self.num_kv_heads, self.head_dim)
+            v = v.reshape(t, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v).reshape(t, q_size)
         return add_lora(self.o_proj(out), out, self.layer_id, "o")
+
+    def _norm_rope(self, positions: torch.Tensor, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D] and k [T, Hkv, D] from a float32 CPU qkv [T, W]: q/k RMSNorm (where the
+        model has them) and RoPE by llmql's C kernel, the values of the torch path."""
+        cos, sin = self.rotary.tables(positions, torch.float32)
+        norms = (self.q_norm, self.k_norm) if self.q_norm is not None and self.k_norm is not None else (None, None)
+        q = norm_rope(qkv, 0, self.num_heads, self.head_dim, *_norm_args(norms[0]), cos, sin)
+        k = norm_rope(qkv, self.num_heads * self.head_dim, self.num_kv_heads, self.head_dim,
+                      *_norm_args(norms[1]), cos, sin)
+        return q, k
+
+
+def _norm_args(norm: RMSNorm | None) -> tuple[torch.Tensor | None, float]:
+    return (None, 0.0) if norm is None else (norm.scale(), norm.eps)

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from llmql.engine.weights.quant import QuantWeight, stack_rows
-from llmql.kernels.cpu_gemm import PackedGrouped, grouped_gemm, grouped_gemm_available, pack_grouped
+from llmql.kernels.cpu_gemm import PackedGrouped, grouped_gemm, pack_grouped
+from llmql.kernels.cpu_lib import cpu_kernels_available
 from llmql.kernels.int8_linear import (
     int8_linear,
     int8_linear_available,
@@ -310,7 +311,7 @@ def finalize_quantized(model: nn.Module, *, layers: str = "exact") -> int:
         head.quant = embed.quant
         quantized.append(head)
     int8 = bool(quantized) and int8_enabled(model)
-    cpu_kernel = layers == "grouped" and on_cpu(model) and grouped_gemm_available()
+    cpu_kernel = layers == "grouped" and on_cpu(model) and cpu_kernels_available()
     for module in quantized:
         w = module.weight
         if layers == "float" and module is not embed and module is not head:

@@ -1,0 +1,111 @@
+"""llmql's C RMSNorm and gated activation against their torch references (and the engine
+layers using them against the torch formulas). Skipped where the kernels do not run (no
+AVX-512 or no C compiler): the layers then take torch's path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmql.kernels.cpu_lib import cpu_kernels_available
+from llmql.kernels.cpu_ops import (
+    gated_act,
+    norm_rope,
+    ref_gated_act,
+    ref_norm_rope,
+    ref_rms_norm,
+    rms_norm,
+)
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels_available(), reason="no AVX-512 CPU or C compiler")
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 640), (7, 100), (60, 640), (300, 256), (3, 4, 48), (0, 64)])
+def test_rms_norm_matches_reference(shape) -> None:
+    """Row counts on both sides of the threading threshold, a width that is not a multiple of
+    16 (masked tail), a 3-D input (per-head norms), no rows."""
+    gen = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
+    x = torch.randn(*shape, generator=gen) * 3
+    scale = 1.0 + torch.randn(shape[-1], generator=gen)
+    got = rms_norm(x, scale, 1e-6)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, ref_rms_norm(x, scale, 1e-6), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_rms_norm_strided_rows() -> None:
+    wide = torch.randn(9, 100)
+    x, scale = wide[:, 10:74], torch.rand(64)
+    torch.testing.assert_close(rms_norm(x, scale, 1e-5), ref_rms_norm(x, scale, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("rows,width", [(1, 2048), (5, 40), (60, 2048), (200, 1000)])
+def test_gated_act_matches_reference(act, rows, width) -> None:
+    """Values across the activation's range (large negative: ~0; large positive: ~x)."""
+    gen = torch.Generator().manual_seed(rows)
+    gate_up = torch.randn(rows, 2 * width, generator=gen) * 4
+    gate_up[0, :8] = torch.tensor([-100.0, -30.0, -9.0, -1e-3, 0.0, 1e-3, 30.0, 100.0])
+    got = gated_act(gate_up, act)
+    assert got.shape == (rows, width)
+    torch.testing.assert_close(got, ref_gated_act(gate_up, act), atol=1e-5, rtol=2e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("t,heads,head_dim", [(1, 4, 256), (9, 2, 20), (70, 8, 64), (0, 2, 16)])
+def test_norm_rope_matches_reference(norm, t, heads, head_dim) -> None:
+    """Heads read from the middle of a packed [T, W] output (strided rows), normalised
+    (Gemma 3 / Qwen 3) or not (Llama), rotated at arbitrary positions; head widths whose half
+    is not a multiple of 16 take the masked tail."""
+    gen = torch.Generator().manual_seed(t * 10 + head_dim)
+    width = 3 + heads * head_dim + 5
+    qkv = torch.randn(t, width, generator=gen) * 2
+    scale = 1.0 + torch.randn(head_dim, generator=gen) if norm else None
+    angles = torch.rand(t, head_dim // 2, generator=gen) * 50
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]  # NOTE: the layers' [T, 1, D] tables
+    got = norm_rope(qkv, 3, heads, head_dim, scale, 1e-6, cos, sin)
+    assert got.shape == (t, heads, head_dim) and got.is_contiguous()
+    want = ref_norm_rope(qkv, 3, heads, head_dim, scale, 1e-6, cos, sin)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if not norm:  # NOTE: the same products and sums as torch's formula: bit for bit
+        assert torch.equal(got, want)
+
+
+@needs_kernels
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="float32"):
+        rms_norm(torch.randn(3, 8).double(), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="scale"):
+        rms_norm(torch.randn(3, 8), torch.ones(7), 1e-6)
+    with pytest.raises(ValueError, match="act"):
+        gated_act(torch.randn(3, 8), "relu")
+    with pytest.raises(ValueError, match="2I"):
+        gated_act(torch.randn(3, 7), "silu")
+    with pytest.raises(ValueError, match="norm_rope"):
+        norm_rope(torch.randn(3, 30), 0, 2, 16, None, 0.0, None, None)  # NOTE: 32 columns > 30
+    with pytest.raises(ValueError, match="both tables"):
+        norm_rope(torch.randn(3, 32), 0, 2, 16, None, 0.0, torch.ones(3, 16), None)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "0"])
+def test_layers_equal_the_formulas_with_and_without_kernels(kernels, monkeypatch) -> None:
+    """RMSNorm (Gemma's 1 + w) and the gated MLP's activation step give the torch formulas'
+    values whichever path runs (LLMQL_CPU_KERNELS=0: torch's)."""
+    from llmql.engine.layers.mlp import GatedMLP
+    from llmql.engine.layers.norm import RMSNorm
+
+    monkeypatch.setenv("LLMQL_CPU_KERNELS", kernels)
+    norm = RMSNorm(64, eps=1e-6, offset=1.0)
+    norm.weight.data = torch.randn(64)
+    x = torch.randn(20, 64) * 2
+    torch.testing.assert_close(norm(x), ref_rms_norm(x, 1.0 + norm.weight, 1e-6), atol=1e-5, rtol=1e-5)
+    mlp = GatedMLP(64, 96, "gelu_pytorch_tanh")
+    for p in mlp.parameters():
+        p.data = torch.randn_like(p) * 0.1
+    gate_up = x @ mlp.gate_up_proj.weight.T
+    want = ref_gated_act(gate_up, "gelu_tanh") @ mlp.down_proj.weight.T
+    torch.testing.assert_close(mlp(x), want, atol=1e-4, rtol=1e-4)
