@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmql.kernels.cpu_lib import cpu_kernels_available, library
+
 
 def cpu_paged_attention(
     q: torch.Tensor,
@@ -31,9 +33,15 @@ def cpu_paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Paged attention over the pool (see `ref_paged_attention` for the contract)."""
+    """Paged attention over the pool (see `ref_paged_attention` for the contract): llmql's C
+    kernel where it runs and takes the shapes (`c_paged_attention`), else the torch path."""
     assert q.dim() == 3 and k_cache.dim() == 3 and k_cache.shape == v_cache.shape
     assert q.shape[1] % k_cache.shape[1] == 0, "query heads must be a multiple of kv heads"
+    if not softcap and q.dtype == torch.float32 and k_cache.dtype in _C_DTYPES and cpu_kernels_available():
+        out = c_paged_attention(q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, scale=scale,
+                                sliding_window=sliding_window)
+        if out is not None:
+            return out
     out = torch.empty_like(q)
     qo, kvp = qo_indptr.tolist(), kv_indptr.tolist()
     decode = [b for b in range(len(qo) - 1) if qo[b + 1] - qo[b] == 1]
@@ -52,6 +60,37 @@ def cpu_paged_attention(
             q[q0 : q0 + lq], _gather(k_cache, slots), _gather(v_cache, slots), scale, sliding_window, softcap
         )
     return out
+
+
+_C_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def c_paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor, kv_indices: torch.Tensor, *, scale: float, sliding_window: int | None = None,
+) -> torch.Tensor | None:
+    """The contract of `ref_paged_attention` (no softcap) on llmql's AVX-512 kernel
+    (csrc/attention.c): per sequence and KV head, up to 16 rows (queries x the query heads
+    of the KV head) stream their visible keys in blocks of 16, widened from the pool's dtype
+    once per block, with an online softmax (running max and sum) into float32 accumulators,
+    so no gathered K/V copy, mask or score matrix is built. None where the kernel does not
+    take the shapes (head dim not a multiple of 16 or over 256, more than 16 query heads per
+    KV head): the caller uses the torch path."""
+    if k_cache.dtype not in _C_DTYPES or q.dtype != torch.float32:
+        raise ValueError(f"c_paged_attention: float32 q and a float32/float16/bfloat16 pool, got "
+                         f"{q.dtype} and {k_cache.dtype}")
+    _, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    if d % 16 or d > 256 or hq // hkv > 16:
+        return None
+    q = q.contiguous()
+    qo, kv, idx = (x.to(torch.int64).contiguous() for x in (qo_indptr, kv_indptr, kv_indices))
+    out = torch.empty_like(q)
+    rc = library().llmql_paged_attention(
+        q.data_ptr(), k_cache.contiguous().data_ptr(), v_cache.contiguous().data_ptr(),
+        _C_DTYPES[k_cache.dtype], hq, hkv, d, qo.data_ptr(), kv.data_ptr(), qo.numel() - 1,
+        idx.data_ptr(), scale, sliding_window or 0, out.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

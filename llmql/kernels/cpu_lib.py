@@ -7,7 +7,8 @@ with ctypes: calls release the GIL, and their OpenMP threads are torch's own (th
 links the libgomp that torch has already loaded, so no second thread pool competes for the
 cores). `cpu_kernels_available()` is False where this cannot run (a CPU without AVX-512, as
 torch's dispatch level says; no compiler; `LLMQL_CPU_KERNELS=0`): callers then keep their
-torch paths. What each kernel computes: kernels/cpu_gemm.py, kernels/cpu_ops.py.
+torch paths. What each kernel computes: kernels/cpu_gemm.py, kernels/cpu_ops.py, kernels/attention_cpu.py
+(`c_paged_attention`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ SIGNATURES = {
     "llmql_rms_norm": [_ptr, _long, _long, _long, _ptr, _float, _ptr, _long, _int],
     "llmql_gated_act": [_ptr, _long, _long, _long, _int, _ptr, _long, _int],
     "llmql_norm_rope": [_ptr, _long, _long, _long, _long, _ptr, _float, _ptr, _ptr, _ptr, _int],
+    "llmql_paged_attention": [_ptr, _ptr, _ptr, _int, _long, _long, _long, _ptr, _ptr, _long, _ptr, _float,
+                              _long, _ptr, _int],
 }
+RETURNS_INT = ("llmql_grouped_gemm", "llmql_paged_attention")
 
 
 def cpu_kernels_available() -> bool:
@@ -73,7 +77,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.restype = ctypes.c_int if name == "llmql_grouped_gemm" else None
+        fn.restype = ctypes.c_int if name in RETURNS_INT else None
         fn.argtypes = argtypes
     return lib
 

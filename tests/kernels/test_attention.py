@@ -1,4 +1,5 @@
-"""Paged attention: the vectorised CPU path against the torch reference.
+"""Paged attention: the CPU paths (llmql's C kernel and the vectorised torch path) against
+the torch reference.
 
 The Triton kernels are tested in test_triton_attention.py (interpreter on CPU, compiled on CUDA).
 """
@@ -9,7 +10,17 @@ import pytest
 import torch
 
 from llmql.kernels.attention import ref_paged_attention
-from llmql.kernels.attention_cpu import cpu_paged_attention
+from llmql.kernels.attention_cpu import c_paged_attention, cpu_paged_attention
+from llmql.kernels.cpu_lib import cpu_kernels_available
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels_available(), reason="no AVX-512 CPU or C compiler")
+
+
+@pytest.fixture(params=["auto", "0"])
+def kernels(request, monkeypatch) -> str:
+    """Both CPU paths: llmql's C kernel where it runs ("auto") and the torch path ("0")."""
+    monkeypatch.setenv("LLMQL_CPU_KERNELS", request.param)
+    return request.param
 
 
 def make_case(q_lens, kv_lens, hq=4, hkv=2, d=16, slots=None, dtype=torch.float32, device="cpu", seed=0):
@@ -40,7 +51,7 @@ CASES = [
 @pytest.mark.parametrize("q_lens,kv_lens", CASES)
 @pytest.mark.parametrize("window,softcap", [(None, None), (3, None), (None, 5.0), (4, 2.0)])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 1), (6, 2)])
-def test_cpu_path_matches_reference(q_lens, kv_lens, window, softcap, hq, hkv) -> None:
+def test_cpu_path_matches_reference(q_lens, kv_lens, window, softcap, hq, hkv, kernels) -> None:
     args = make_case(q_lens, kv_lens, hq=hq, hkv=hkv)
     kw = dict(scale=0.3, sliding_window=window, softcap=softcap)
     torch.testing.assert_close(cpu_paged_attention(*args, **kw), ref_paged_attention(*args, **kw))
@@ -77,12 +88,13 @@ def shared_prefix_case(hq: int, hkv: int, d: int = 16, seed: int = 1):
 
 @pytest.mark.parametrize("window,softcap", [(None, None), (512, None), (None, 5.0), (40, None)])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 1), (6, 2)])
-def test_decode_rows_sharing_a_prefix_match_reference(window, softcap, hq, hkv) -> None:
+def test_decode_rows_sharing_a_prefix_match_reference(window, softcap, hq, hkv, monkeypatch) -> None:
     from llmql.kernels import attention_cpu
 
     args = shared_prefix_case(hq, hkv)
     kw = dict(scale=0.3, sliding_window=window, softcap=softcap)
     attention_cpu._PLANS.last = None
+    monkeypatch.setenv("LLMQL_CPU_KERNELS", "0")  # NOTE: the torch path's shared-prefix plan
     torch.testing.assert_close(cpu_paged_attention(*args, **kw), ref_paged_attention(*args, **kw))
     if window == 40:  # a row is longer than the window: the plain padded path
         assert attention_cpu._PLANS.last is None
@@ -100,3 +112,31 @@ def test_shared_prefix_groups_pick_the_larger_saving() -> None:
     # rows 0-5 share 16, pairs share 100: three pairs save 300 against 80
     assert _split([100, 16, 100, 16, 100], 0, 5) == (300, [(0, 1, 100), (2, 3, 100), (4, 5, 100)])
     assert _split([3, 5], 0, 2) == (0, [])  # below SHARED_MIN: no group
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 20])
+def test_c_kernel_on_model_shapes(dtype, window) -> None:
+    """The default model's heads (4 query heads on 1 KV head of 256) over a pool of each
+    dtype: long prefills on cached prefixes (several 16-query tiles, several 16-key blocks,
+    key blocks partly outside a sliding window), decode rows, a fresh one-token prompt."""
+    q_lens, kv_lens = [40, 1, 1, 17, 1], [90, 91, 33, 17, 1]
+    q, k, v, qo, kvp, idx = make_case(q_lens, kv_lens, hq=4, hkv=1, d=256, seed=5)
+    k, v = k.to(dtype), v.to(dtype)
+    got = c_paged_attention(q, k, v, qo, kvp, idx, scale=0.0625, sliding_window=window)
+    want = ref_paged_attention(q, k, v, qo, kvp, idx, scale=0.0625, sliding_window=window)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernels
+def test_c_kernel_declines_shapes_it_does_not_take() -> None:
+    """Head dims that are not a multiple of 16, or over 256, and more than 16 query heads per
+    KV head: None, and `cpu_paged_attention` falls back to the torch path."""
+    for hq, d in [(4, 8), (2, 320), (32, 16)]:
+        args = make_case([3, 1], [5, 4], hq=hq, hkv=1, d=d)
+        assert c_paged_attention(*args, scale=0.3) is None
+        torch.testing.assert_close(cpu_paged_attention(*args, scale=0.3), ref_paged_attention(*args, scale=0.3))
+    q, k, v, qo, kvp, idx = make_case([1], [3])
+    with pytest.raises(ValueError, match="float32"):
+        c_paged_attention(q.double(), k, v, qo, kvp, idx, scale=0.3)
