@@ -1,6 +1,8 @@
-"""Vectorised CPU paged attention, same signature and semantics as `ref_paged_attention`.
+"""CPU paged attention, same signature and semantics as `ref_paged_attention`.
 
-Decode rows (one new token per sequence) are batched into one padded matmul; runs of
+On AVX-512 CPUs it runs llmql's C kernel (`c_paged_attention`, csrc/attention.c); the rest of
+this module is the vectorised torch path, used elsewhere, for logit softcapping and for
+head shapes the kernel does not take. Decode rows (one new token per sequence) are batched into one padded matmul; runs of
 consecutive decode rows whose KV starts with the same slots (a prefix shared through the
 radix cache) attend to that prefix once per run, as one matmul over the run's queries, and
 each row's own suffix separately; the two parts are merged by their softmax maxima and sums
