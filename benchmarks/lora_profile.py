@@ -2,8 +2,9 @@
 
 Same model, adapters and prompts as `lora_bench.py`. Per run, wall seconds split into
 forward steps with and without prefill rows (`ModelRunner.run`), and inside them the LoRA
-delta by CPU path: long segments (`segment_lora`, SGMV-style), short rows (`bmm_lora`,
-BGMV-style), a popular slot's short rows (`gathered_lora`) and the per-forward segment
+delta by CPU path: llmql's C kernel (`c_lora_delta`, every adapter row in one call where it
+runs), else long segments (`segment_lora`, SGMV-style), short rows (`bmm_lora`,
+BGMV-style), a popular slot's short rows (`gathered_lora`); and the per-forward segment
 plan (`LoraBatch.build`); the CPU seconds of the engine thread and of the whole process
 during the forwards (a forward's wall time above its engine thread's CPU time is time that
 thread waited off-CPU: for an OpenMP worker, or for a core other processes held); plus
@@ -62,7 +63,7 @@ def timers(engine_cls):
         return wrapper
 
     saved = (lb.segment_lora, lb.bmm_lora, LoraBatch.__dict__["build"], engine_cls.__init__,
-             lb.gathered_lora)
+             lb.gathered_lora, lb.c_lora_delta)
     init = engine_cls.__init__
 
     def engine_init(self, *args, **kwargs):
@@ -73,13 +74,14 @@ def timers(engine_cls):
     lb.segment_lora = timed("lora_long_segments", lb.segment_lora)
     lb.bmm_lora = timed("lora_short_rows_bmm", lb.bmm_lora)
     lb.gathered_lora = timed("lora_heavy_slot_rows", lb.gathered_lora)
+    lb.c_lora_delta = timed("lora_c_kernel", lb.c_lora_delta)
     LoraBatch.build = classmethod(timed("lora_plan", saved[2].__func__))
     engine_cls.__init__ = engine_init
     try:
         yield spent
     finally:
         lb.segment_lora, lb.bmm_lora, engine_cls.__init__ = saved[0], saved[1], saved[3]
-        lb.gathered_lora = saved[4]
+        lb.gathered_lora, lb.c_lora_delta = saved[4], saved[5]
         LoraBatch.build = saved[2]
 
 

@@ -8,7 +8,7 @@ links the libgomp that torch has already loaded, so no second thread pool compet
 cores). `cpu_kernels_available()` is False where this cannot run (a CPU without AVX-512, as
 torch's dispatch level says; no compiler; `LLMQL_CPU_KERNELS=0`): callers then keep their
 torch paths. What each kernel computes: kernels/cpu_gemm.py, kernels/cpu_ops.py, kernels/attention_cpu.py
-(`c_paged_attention`).
+(`c_paged_attention`), kernels/lora_cpu.py (`c_lora_delta`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ SIGNATURES = {
     "llmql_norm_rope": [_ptr, _long, _long, _long, _long, _ptr, _float, _ptr, _ptr, _ptr, _int],
     "llmql_paged_attention": [_ptr, _ptr, _ptr, _int, _long, _long, _long, _ptr, _ptr, _long, _ptr, _float,
                               _long, _ptr, _int],
+    "llmql_lora_delta": [_ptr, _long, _long, _ptr, _ptr, _long, _ptr, _ptr, _long, _long, _ptr, _long, _ptr,
+                         _ptr, _long, _int],
 }
-RETURNS_INT = ("llmql_grouped_gemm", "llmql_paged_attention")
+RETURNS_INT = ("llmql_grouped_gemm", "llmql_paged_attention", "llmql_lora_delta")
 
 
 def cpu_kernels_available() -> bool:

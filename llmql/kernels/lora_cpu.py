@@ -16,14 +16,21 @@ so its rows skip the grid: gathered, then one matmul per projection (`gathered_l
 Long segments (prefill): per segment, a shrink matmul with A trimmed to the slot's rank and
 an in-place addmm per sub-projection into `out` (no padding, no gathers, no temporaries of
 out's size). `benchmarks/lora_bench.py --cpu-paths` measures the paths on these shapes.
+
+On AVX-512 CPUs all of that is one call of llmql's C kernel per (layer, module)
+(`c_lora_delta`, csrc/lora.c) over every adapter row of the forward, sorted by slot once
+per forward (`slot_order`); the paths above are its torch fallbacks.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from llmql.kernels.cpu_lib import library
 
 
 @dataclass(frozen=True)
@@ -115,3 +122,38 @@ def segment_lora(
             c, d = offsets[i], offsets[i + 1]
             out[lo:hi, c:d].addmm_(xa[:, i * r : (i + 1) * r], b[slot, c:d, :r].T)
     return out
+
+
+def slot_order(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row pool slots [T] (0: base) -> (rows using an adapter, sorted by slot; their
+    slots), int64, as `c_lora_delta` takes them."""
+    rows = torch.nonzero(slots > 0).flatten()
+    order = torch.sort(slots[rows], stable=True)
+    return rows[order.indices].contiguous(), order.values.contiguous()
+
+
+def c_lora_delta(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, offsets: Sequence[int],
+    ranks: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+) -> bool:
+    """`out` += the delta of each row in `rows` (sorted by `slots`, from `slot_order`) on
+    llmql's AVX-512 kernel: per run of up to 16 rows of one slot, one pass over the slot's A
+    for all of them (shrink), then B's output columns 16 at a time (expand). float32 x, a,
+    b, out with unit column strides. False (nothing written) where the kernel does not take
+    the shapes: rank stride over 64 or more than 4 sub-projections."""
+    if not (x.dtype == a.dtype == b.dtype == out.dtype == torch.float32):
+        raise ValueError("c_lora_delta: float32 x, A, B and out")
+    if x.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError("c_lora_delta: x and out need unit column strides")
+    a, b = a.contiguous(), b.contiguous()
+    offs = _offsets(tuple(offsets))
+    rc = library().llmql_lora_delta(
+        x.data_ptr(), x.stride(0), x.shape[1], rows.data_ptr(), slots.data_ptr(), rows.numel(),
+        a.data_ptr(), b.data_ptr(), b.shape[2], b.shape[1], offs.data_ptr(), offs.numel() - 1,
+        ranks.to(torch.int64).contiguous().data_ptr(), out.data_ptr(), out.stride(0), torch.get_num_threads())
+    return rc == 0
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets(offsets: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(offsets, dtype=torch.int64)

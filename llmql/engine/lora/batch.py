@@ -9,6 +9,8 @@ rows (prefill) get one matmul each, the shorter ones (decode rows, BGMV) one pad
 over slots per module, except a slot with `HEAVY_SLOT` or more short rows (a popular
 adapter), whose rows are gathered and multiplied apart; base rows are skipped by all.
 These CPU ops run on one intra-op thread (`DELTA_THREADS`; measured faster in the engine).
+On AVX-512 CPUs all of it is one call of llmql's C kernel per module instead
+(`lora_cpu.c_lora_delta`: every adapter row, sorted by slot once per forward).
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from dataclasses import dataclass, field
 import torch
 
 from llmql.engine.lora.pool import AdapterPool
+from llmql.kernels.cpu_lib import cpu_kernels_available
 from llmql.kernels.lora_cpu import (
     PaddedRows,
     Segment,
     bmm_lora,
+    c_lora_delta,
     gathered_lora,
     padded_rows,
     segment_lora,
+    slot_order,
 )
 from llmql.kernels.lora_expand import lora_expand
 from llmql.kernels.lora_shrink import lora_shrink
@@ -55,6 +60,8 @@ class LoraBatch:
     long: list[Segment] = field(default_factory=list)  # CPU: (slot, lo, hi) of long segments
     grid: PaddedRows | None = None  # CPU: the rows of short adapter segments
     gathered: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # CPU: heavy slots
+    c_rows: torch.Tensor | None = None  # CPU with llmql's C kernels: adapter rows sorted by slot
+    c_slots: torch.Tensor | None = None  # ... and their slots (`lora_cpu.slot_order`)
 
     @classmethod
     def build(cls, pool: AdapterPool, lengths: list[int], slots: list[int]) -> LoraBatch:
@@ -72,7 +79,10 @@ class LoraBatch:
         if dev.type == "cuda":
             return cls(pool, indptr.to(dev), seg.to(dev), use_triton=True)
         long, grid, gathered = cpu_plan(seg_slots, bounds)
-        return cls(pool, indptr, seg, False, long, grid, gathered)
+        batch = cls(pool, indptr, seg, False, long, grid, gathered)
+        if pool.dtype == torch.float32 and cpu_kernels_available():
+            batch.c_rows, batch.c_slots = slot_order(torch.repeat_interleave(seg, indptr.diff()))
+        return batch
 
 
 def add_lora(out: torch.Tensor, x: torch.Tensor, layer_id: int, module: str) -> torch.Tensor:
@@ -89,6 +99,12 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, layer_id: int, module: str) -> 
     if lora.use_triton:
         xa = lora_shrink(x, w.a, lora.seg_indptr, lora.seg_slots, w.ranks, w.rank_stride)
         return lora_expand(xa, w.b, out, lora.seg_indptr, lora.seg_slots, w.ranks, w.offsets)
+    if lora.c_rows is not None and x.dtype == out.dtype == torch.float32:
+        if lora.c_rows.numel() == 0:
+            return out
+        flat = x if x.stride(-1) == 1 else x.contiguous()
+        if c_lora_delta(flat, w.a, w.b, out, w.offsets, w.ranks, lora.c_rows, lora.c_slots):
+            return out
     with delta_threads():
         if lora.long:
             segment_lora(x, w.a, w.b, out, w.offsets, w.rank_list, lora.long)
