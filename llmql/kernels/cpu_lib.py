@@ -1,6 +1,6 @@
 """llmql's own CPU kernels in C (csrc/*.c, AVX-512), built on first use and loaded with ctypes.
 
-The sources are compiled together with the system's C compiler (`$CC`, else `cc` or `gcc`)
+The sources (and the headers they share) are compiled together with the system's C compiler (`$CC`, else `cc` or `gcc`)
 into one shared library under `<cache>/kernels/`, keyed by the sources, the flags and the
 compiler's version (about a second; atomic, so concurrent first uses are safe), and loaded
 with ctypes: calls release the GIL, and their OpenMP threads are torch's own (the library
@@ -26,7 +26,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(sorted((Path(__file__).with_name("csrc")).glob("*.c")))
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(sorted(CSRC.glob("*.c")))
+HEADERS = tuple(sorted(CSRC.glob("*.h")))
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-ffp-contract=off",
          "-fopenmp", "-fPIC", "-shared")
 
@@ -93,7 +95,7 @@ def _build() -> Path:
         raise RuntimeError("no C compiler (cc or $CC) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256(" ".join(FLAGS).encode() + version.encode())
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.name.encode() + source.read_bytes())
     target = get_settings().cache_dir / "kernels" / f"llmql_cpu-{digest.hexdigest()[:12]}.so"
     if target.exists():

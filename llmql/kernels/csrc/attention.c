@@ -15,25 +15,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "simd.h"
+
 #define KB 16     /* keys per block */
 #define ROWS 16   /* rows per task */
 #define MAXD 256
 
-static inline __m512 exp512a(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* One cache row (d values of dtype 0 f32, 1 f16, 2 bf16) widened into dst. */
 static inline void widen(const void *src, int dtype, long d, float *dst) {
@@ -105,7 +92,7 @@ static void run_task(const Task *task, const float *q, const char *kc, const cha
             }
             float m_new = m[r] > best ? m[r] : best;
             float alpha = m[r] == -INFINITY ? 0.0f : expf(m[r] - m_new);
-            __m512 p = exp512a(_mm512_sub_ps(_mm512_load_ps(s), _mm512_set1_ps(m_new)));
+            __m512 p = exp512(_mm512_sub_ps(_mm512_load_ps(s), _mm512_set1_ps(m_new)));
             p = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_load_ps(s), _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ),
                                      p, _mm512_setzero_ps());
             float pj[KB] __attribute__((aligned(64)));

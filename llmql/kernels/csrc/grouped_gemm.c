@@ -27,26 +27,59 @@ static float *thread_buffer(long n) {
     return tls_buf;
 }
 
+/* The scales (and shifts) of group g of a block: 32 output rows in two vectors each. */
+static inline void group_consts(const float *s, const float *z, long g, __m512 *s0, __m512 *s1,
+                                __m512 *z0, __m512 *z1) {
+    *s0 = _mm512_loadu_ps(s + g * NR);
+    *s1 = _mm512_loadu_ps(s + g * NR + 16);
+    *z0 = z ? _mm512_loadu_ps(z + g * NR) : _mm512_setzero_ps();
+    *z1 = z ? _mm512_loadu_ps(z + g * NR + 16) : _mm512_setzero_ps();
+}
+
+/* Column k of a block dequantised: q * scale, then + shift (two roundings, as torch's). */
+static inline void weight_column(const int8_t *q, long k, __m512 s0, __m512 s1, __m512 z0, __m512 z1,
+                                 int shifted, __m512 *w0, __m512 *w1) {
+    __m128i b0 = _mm_loadu_si128((const __m128i *)(q + k * NR));
+    __m128i b1 = _mm_loadu_si128((const __m128i *)(q + k * NR + 16));
+    *w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0)), s0);
+    *w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1)), s1);
+    if (shifted) {
+        *w0 = _mm512_add_ps(*w0, z0);
+        *w1 = _mm512_add_ps(*w1, z1);
+    }
+}
+
 static void dequantise(const int8_t *q, const float *s, const float *z, long K, long group, float *w) {
     for (long g = 0; g < K / group; g++) {
-        __m512 s0 = _mm512_loadu_ps(s + g * NR), s1 = _mm512_loadu_ps(s + g * NR + 16);
-        __m512 z0 = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();
-        if (z) {
-            z0 = _mm512_loadu_ps(z + g * NR);
-            z1 = _mm512_loadu_ps(z + g * NR + 16);
-        }
+        __m512 s0, s1, z0, z1, w0, w1;
+        group_consts(s, z, g, &s0, &s1, &z0, &z1);
         for (long k = g * group; k < (g + 1) * group; k++) {
-            __m128i b0 = _mm_loadu_si128((const __m128i *)(q + k * NR));
-            __m128i b1 = _mm_loadu_si128((const __m128i *)(q + k * NR + 16));
-            __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0)), s0);
-            __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1)), s1);
-            if (z) {
-                w0 = _mm512_add_ps(w0, z0);
-                w1 = _mm512_add_ps(w1, z1);
-            }
+            weight_column(q, k, s0, s1, z0, z1, z != 0, &w0, &w1);
             _mm512_store_ps(w + k * NR, w0);
             _mm512_store_ps(w + k * NR + 16, w1);
         }
+    }
+}
+
+/* The register tile of R rows x 32 outputs: zeroed, one column k of W added, stored. */
+static inline __attribute__((always_inline)) void zero_rows(int R, __m512 acc[][2]) {
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+}
+
+static inline __attribute__((always_inline)) void fma_rows(int R, const float *x, long ldx, long k, __m512 w0,
+                                                           __m512 w1, __m512 acc[][2]) {
+    for (int r = 0; r < R; r++) {
+        __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
+        acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
+    }
+}
+
+static inline __attribute__((always_inline)) void store_rows(int R, __m512 acc[][2], float *y, long ldy,
+                                                             __mmask16 m0, __mmask16 m1) {
+    for (int r = 0; r < R; r++) {
+        _mm512_mask_storeu_ps(y + r * ldy, m0, acc[r][0]);
+        _mm512_mask_storeu_ps(y + r * ldy + 16, m1, acc[r][1]);
     }
 }
 
@@ -54,22 +87,12 @@ static inline __attribute__((always_inline)) void micro(int R, const float *x, l
                                                         long K, float *y, long ldy, __mmask16 m0,
                                                         __mmask16 m1) {
     __m512 acc[MR][2];
-    for (int r = 0; r < R; r++) {
-        acc[r][0] = _mm512_setzero_ps();
-        acc[r][1] = _mm512_setzero_ps();
-    }
+    zero_rows(R, acc);
     for (long k = 0; k < K; k++) {
         __m512 w0 = _mm512_load_ps(w + k * NR), w1 = _mm512_load_ps(w + k * NR + 16);
-        for (int r = 0; r < R; r++) {
-            __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
-            acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
-        }
+        fma_rows(R, x, ldx, k, w0, w1, acc);
     }
-    for (int r = 0; r < R; r++) {
-        _mm512_mask_storeu_ps(y + r * ldy, m0, acc[r][0]);
-        _mm512_mask_storeu_ps(y + r * ldy + 16, m1, acc[r][1]);
-    }
+    store_rows(R, acc, y, ldy, m0, m1);
 }
 
 static void rows(const float *x, long ldx, long M, const float *w, long K, float *y, long ldy,
@@ -96,37 +119,16 @@ static inline __attribute__((always_inline)) void fused(int R, const float *x, l
                                                         long group, float *y, long ldy, __mmask16 m0,
                                                         __mmask16 m1) {
     __m512 acc[MR][2];
-    for (int r = 0; r < R; r++) {
-        acc[r][0] = _mm512_setzero_ps();
-        acc[r][1] = _mm512_setzero_ps();
-    }
+    zero_rows(R, acc);
     for (long g = 0; g < K / group; g++) {
-        __m512 s0 = _mm512_loadu_ps(s + g * NR), s1 = _mm512_loadu_ps(s + g * NR + 16);
-        __m512 z0 = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();
-        if (z) {
-            z0 = _mm512_loadu_ps(z + g * NR);
-            z1 = _mm512_loadu_ps(z + g * NR + 16);
-        }
+        __m512 s0, s1, z0, z1, w0, w1;
+        group_consts(s, z, g, &s0, &s1, &z0, &z1);
         for (long k = g * group; k < (g + 1) * group; k++) {
-            __m128i b0 = _mm_loadu_si128((const __m128i *)(q + k * NR));
-            __m128i b1 = _mm_loadu_si128((const __m128i *)(q + k * NR + 16));
-            __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0)), s0);
-            __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1)), s1);
-            if (z) {
-                w0 = _mm512_add_ps(w0, z0);
-                w1 = _mm512_add_ps(w1, z1);
-            }
-            for (int r = 0; r < R; r++) {
-                __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
-                acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
-            }
+            weight_column(q, k, s0, s1, z0, z1, z != 0, &w0, &w1);
+            fma_rows(R, x, ldx, k, w0, w1, acc);
         }
     }
-    for (int r = 0; r < R; r++) {
-        _mm512_mask_storeu_ps(y + r * ldy, m0, acc[r][0]);
-        _mm512_mask_storeu_ps(y + r * ldy + 16, m1, acc[r][1]);
-    }
+    store_rows(R, acc, y, ldy, m0, m1);
 }
 
 #define FUSED(R) fused(R, x, ldx, qb, sb, zb, K, group, yb, ldy, m0, m1)
