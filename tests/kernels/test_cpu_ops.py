@@ -109,3 +109,23 @@ def test_layers_equal_the_formulas_with_and_without_kernels(kernels, monkeypatch
     gate_up = x @ mlp.gate_up_proj.weight.T
     want = ref_gated_act(gate_up, "gelu_tanh") @ mlp.down_proj.weight.T
     torch.testing.assert_close(mlp(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_library_build_failures_fall_back(monkeypatch, tmp_path, caplog) -> None:
+    """No working C compiler: the build raises a RuntimeError naming the compiler, and the
+    loader turns that into "unavailable" (a warning; callers keep torch's paths)."""
+    from llmql.kernels import cpu_lib
+    from llmql.settings import override
+
+    monkeypatch.setenv("CC", "/bin/false")
+    with override(cache_dir=tmp_path):
+        with pytest.raises(RuntimeError, match="/bin/false"):
+            cpu_lib._build()
+        if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX"):
+            with caplog.at_level("WARNING"):
+                assert cpu_lib._load.__wrapped__() is None
+            assert "unavailable" in caplog.text
+    assert not list(tmp_path.glob("kernels/*.so"))  # NOTE: no partial library left behind
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with override(cache_dir=tmp_path), pytest.raises(OSError):
+        cpu_lib._build()
