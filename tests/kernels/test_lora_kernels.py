@@ -83,11 +83,13 @@ def test_torch_path_matches_oracle(lens, slots) -> None:
 @pytest.mark.skipif(not cpu_kernels_available(), reason="no AVX-512 CPU or C compiler")
 @pytest.mark.parametrize("lens,slots", CASES)
 @pytest.mark.parametrize("k", [40, 640])
-def test_c_kernel_matches_oracle(lens, slots, k) -> None:
+@pytest.mark.parametrize("stride,ranks", [(8, (0, 4, 8, 2)), (32, (0, 20, 32, 5))])
+def test_c_kernel_matches_oracle(lens, slots, k, stride, ranks) -> None:
     """llmql's C kernel: every adapter row of the batch in one call (mixed ranks, base rows
     untouched, empty segments, one slot's rows in several segments, runs over 16 rows), a
-    width with a 16-lane tail (40) and the default model's (640)."""
-    x, a, b, indptr, seg, ranks, stride, offsets = make_case(lens, slots, k=k)
+    width with a 16-lane tail (40) and the default model's (640), ranks over 16 (B's blocks
+    transposed in two register passes)."""
+    x, a, b, indptr, seg, ranks, stride, offsets = make_case(lens, slots, k=k, stride=stride, ranks=ranks)
     _, want_delta = oracle(x, a, b, indptr, seg, ranks, stride, offsets)
     rows, row_slots = slot_order(torch.repeat_interleave(seg, indptr.diff()))
     base = torch.randn(x.shape[0], b.shape[1])

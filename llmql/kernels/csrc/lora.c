@@ -4,8 +4,8 @@
  * sub-projection i: A_s rows [i R, i R + r_s) of a [S, n_sub R, K], B_s columns [0, r_s) and
  * output columns [offsets[i], offsets[i+1]) of b [S, N, R]. Rows come sorted by slot; each
  * task takes up to 16 rows of one slot: the shrink reads each A row once for all of them
- * (16 independent dot products), the expand transposes a 16-column block of B once and
- * accumulates every row's 16 outputs in a vector. Tasks own their rows: no two write one row.
+ * (16 independent dot products), the expand transposes a 16-column block of B once (in
+ * registers) and accumulates every row's 16 outputs in a vector. Tasks own their rows: no two write one row.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -18,6 +18,32 @@
 typedef struct {
     long start, count, slot;
 } LoraTask;
+
+/* 16 vectors of 16 floats transposed in registers (r[i][j] <- r[j][i]). */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 2]);
+        __m512d c = _mm512_castps_pd(t[i + 1]), d = _mm512_castps_pd(t[i + 3]);
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    }
+}
 
 static void lora_task(const LoraTask *t, const float *x, long ldx, long k, const int64_t *rows,
                       const float *a, const float *b, long R, long n, const int64_t *offsets, long n_sub,
@@ -52,8 +78,15 @@ static void lora_task(const LoraTask *t, const float *x, long ldx, long k, const
             long nb = offsets[i + 1] - n0 < 16 ? offsets[i + 1] - n0 : 16;
             __mmask16 mask = (__mmask16)((1u << nb) - 1);
             const float *bs = b + (t->slot * n + n0) * R;
-            for (long j = 0; j < r; j++)
-                for (long q = 0; q < 16; q++) bt[j][q] = q < nb ? bs[q * R + j] : 0.0f;
+            for (long jc = 0; jc < r; jc += 16) { /* B's block transposed 16 x 16 in registers */
+                long w = r - jc < 16 ? r - jc : 16;
+                __mmask16 jm = w == 16 ? 0xFFFF : (__mmask16)((1u << w) - 1);
+                __m512 v[16];
+                for (long q = 0; q < 16; q++)
+                    v[q] = q < nb ? _mm512_maskz_loadu_ps(jm, bs + q * R + jc) : _mm512_setzero_ps();
+                transpose16(v);
+                for (long jj = 0; jj < w; jj++) _mm512_store_ps(bt[jc + jj], v[jj]);
+            }
             for (long m = 0; m < c; m++) {
                 float *o = out + rows[t->start + m] * ldo + n0;
                 __m512 acc = _mm512_maskz_loadu_ps(mask, o);
