@@ -63,8 +63,10 @@ def _available(raw: str) -> bool:
 
 
 def library() -> ctypes.CDLL:
-    """The loaded library (a RuntimeError where `cpu_kernels_available()` is False)."""
-    lib = _load() if cpu_kernels_available() else None
+    """The loaded library (a RuntimeError where it cannot be built or loaded here).
+    `LLMQL_CPU_KERNELS` governs the callers' choice of path (`cpu_kernels_available`), not
+    this: weights already packed for a kernel keep running on it if the variable changes."""
+    lib = _load()
     if lib is None:
         raise RuntimeError("llmql's CPU kernels are not available here (see cpu_kernels_available)")
     return lib

@@ -101,8 +101,16 @@ def test_bad_input_is_refused() -> None:
 
 
 def test_disabled_by_setting(monkeypatch) -> None:
+    """`LLMQL_CPU_KERNELS=0` turns the kernels off for new choices; a weight packed before
+    keeps running on its kernel (it has no other form)."""
+    runs = cpu_kernels_available()
+    q, s, _ = make_case(32, 64, 32, False)
+    w = pack_grouped(q, s, None, group=32)
     monkeypatch.setenv("LLMQL_CPU_KERNELS", "0")
     assert not cpu_kernels_available()
+    if runs:
+        x = torch.randn(2, 64)
+        torch.testing.assert_close(grouped_gemm(x, w), ref_grouped_gemm(x, w), atol=2e-5, rtol=1e-5)
     monkeypatch.setenv("LLMQL_CPU_KERNELS", "yes")
     with pytest.raises(ValueError, match="LLMQL_CPU_KERNELS"):
         cpu_kernels_available()
