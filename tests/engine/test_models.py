@@ -102,6 +102,20 @@ def test_prefill_on_cached_prefix_matches_transformers(pair, k: int) -> None:
     torch.testing.assert_close(logits, hf_logits(hf, ids)[k:], atol=ATOL, rtol=1e-4)
 
 
+def test_torch_paths_match_transformers(pair, monkeypatch) -> None:
+    """With llmql's C kernels off (`LLMQL_CPU_KERNELS=0`: what CPUs without AVX-512 or a C
+    compiler run) the torch paths give transformers' logits too: a prefill, then a
+    continuation on its cached prefix and a decode step."""
+    monkeypatch.setenv("LLMQL_CPU_KERNELS", "0")
+    lm, hf = pair
+    ids = sequence(12, seed=7)
+    pool, empty = new_pool(lm), torch.empty(0, dtype=torch.int64)
+    first, (prefix,) = forward(lm, pool, [(ids[:5], empty)])
+    rest, (slots,) = forward(lm, pool, [(ids[5:11], prefix)])
+    last, _ = forward(lm, pool, [(ids[11:], slots)])
+    torch.testing.assert_close(torch.cat([first, rest, last]), hf_logits(hf, ids), atol=ATOL, rtol=1e-4)
+
+
 def test_ragged_batch_matches_transformers(pair) -> None:
     lm, hf = pair
     a, b, c = sequence(9, seed=4), sequence(5, seed=5), sequence(8, seed=6)
