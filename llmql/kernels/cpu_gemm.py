@@ -2,8 +2,8 @@
 
 Shapes: x [M, K] float32, a `PackedGrouped` weight [N, K] -> y [M, N] float32, with
 W[n, k] = scale[n, g] * q[n, k] + shift[n, g] (g = k // group): the values of a GGUF tensor
-(Q4_0, Q5_0, Q8_0, Q4_K, Q6_K... widened to int8, their scales, mins and offsets folded into
-scale and shift), the arithmetic float32's.
+(Q5_0, Q8_0, Q6_K... as int8, Q4_0 and Q4_K as 4-bit nibbles, their scales, mins and
+offsets folded into scale and shift), the arithmetic float32's.
 
 `ref_grouped_gemm` is the torch reference (dequantise, then `x @ W^T`). `grouped_gemm` runs
 csrc/grouped_gemm.c: the weight is packed once in blocks of 32 output rows ([N/32, K, 32]
@@ -35,8 +35,10 @@ BLOCK = 32  # output rows per packed block (two AVX-512 vectors)
 
 @dataclass
 class PackedGrouped:
-    """A [n, k] group-wise int8 weight in `grouped_gemm`'s layout (see the module docstring):
-    q int8 [blocks, k, 32], scales and shifts (or None) float32 [blocks, k // group, 32]."""
+    """A [n, k] group-wise weight in `grouped_gemm`'s layout (see the module docstring): q
+    int8 [blocks, k, 32] (bits 8) or uint8 [blocks, k, 16] (bits 4: row j of a block in the
+    low nibble, row j + 16 in the high one), scales and shifts (or None) float32
+    [blocks, k // group, 32]."""
 
     q: torch.Tensor
     scales: torch.Tensor
@@ -44,6 +46,7 @@ class PackedGrouped:
     n: int
     k: int
     group: int
+    bits: int = 8
 
     @property
     def nbytes(self) -> int:
@@ -51,24 +54,34 @@ class PackedGrouped:
 
 
 def pack_grouped(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, *,
-                 group: int, offset: int = 0) -> PackedGrouped:
-    """int8 q [N, K], scales [N, K // group], zeros [N, K // group] or None (the `QuantWeight`
-    fields, W = scales * (q - offset) + zeros) -> a `PackedGrouped` with the same values."""
-    if qweight.dtype != torch.int8 or qweight.dim() != 2:
-        raise ValueError(f"pack_grouped needs an int8 [N, K] weight, got {qweight.dtype} {tuple(qweight.shape)}")
+                 group: int, offset: int = 0, bits: int = 8) -> PackedGrouped:
+    """The `QuantWeight` fields (W = scales * (q - offset) + zeros): q int8 [N, K] (bits 8) or
+    uint8 [N, K // 2] (bits 4, two values per byte, low nibble first), scales [N, K // group],
+    zeros [N, K // group] or None -> a `PackedGrouped` with the same values (4-bit values
+    stay 4-bit: half the bytes of int8)."""
+    want = {8: torch.int8, 4: torch.uint8}.get(bits)
+    if want is None or qweight.dtype != want or qweight.dim() != 2:
+        raise ValueError(f"pack_grouped needs int8 [N, K] (bits 8) or uint8 [N, K // 2] (bits 4), "
+                         f"got {qweight.dtype} {tuple(qweight.shape)} with bits {bits}")
+    if bits == 4:
+        qweight = torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
     n, k = qweight.shape
     if k % group or scales.shape != (n, k // group):
         raise ValueError(f"scales {tuple(scales.shape)} do not match q {(n, k)} with group {group}")
     shift = None if zeros is None else zeros.float()
     if offset:
         shift = scales.float() * -offset if shift is None else shift - scales.float() * offset
-    return PackedGrouped(q=_blocked(qweight), scales=_blocked(scales.float()),
-                         shifts=None if shift is None else _blocked(shift), n=n, k=k, group=group)
+    q = _blocked(qweight)
+    if bits == 4:  # NOTE: rows j and j + 16 of a block share a byte
+        q = (q[..., :16] | (q[..., 16:] << 4)).contiguous()
+    return PackedGrouped(q=q, scales=_blocked(scales.float()),
+                         shifts=None if shift is None else _blocked(shift), n=n, k=k, group=group, bits=bits)
 
 
 def unpack_grouped(w: PackedGrouped) -> torch.Tensor:
     """float32 W [n, k] of a packed weight (the reference's dequantisation)."""
-    q = w.q.transpose(1, 2).reshape(-1, w.k)[: w.n].float()
+    q = w.q if w.bits == 8 else torch.cat((w.q & 15, w.q >> 4), dim=-1)
+    q = q.transpose(1, 2).reshape(-1, w.k)[: w.n].float()
     scales = w.scales.transpose(1, 2).reshape(-1, w.k // w.group)[: w.n]
     out = q.view(w.n, -1, w.group).mul_(scales.unsqueeze(-1))
     if w.shifts is not None:
@@ -96,7 +109,7 @@ def grouped_gemm(x: torch.Tensor, w: PackedGrouped, out: torch.Tensor | None = N
     elif out.shape != (m, w.n) or out.dtype != torch.float32 or out.stride(1) != 1:
         raise ValueError(f"out must be float32 [{m}, {w.n}] with unit column stride")
     rc = lib.llmql_grouped_gemm(
-        x.data_ptr(), m, w.k, x.stride(0), w.q.data_ptr(), w.scales.data_ptr(),
+        x.data_ptr(), m, w.k, x.stride(0), w.q.data_ptr(), w.bits, w.scales.data_ptr(),
         w.shifts.data_ptr() if w.shifts is not None else None, w.n, w.group,
         out.data_ptr(), out.stride(0), torch.get_num_threads(),
     )

@@ -34,7 +34,7 @@ FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", 
 
 _long, _ptr, _int, _float = ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
-    "llmql_grouped_gemm": [_ptr, _long, _long, _long, _ptr, _ptr, _ptr, _long, _long, _ptr, _long, _int],
+    "llmql_grouped_gemm": [_ptr, _long, _long, _long, _ptr, _int, _ptr, _ptr, _long, _long, _ptr, _long, _int],
     "llmql_rms_norm": [_ptr, _long, _long, _long, _ptr, _float, _ptr, _long, _int],
     "llmql_gated_act": [_ptr, _long, _long, _long, _int, _ptr, _long, _int],
     "llmql_norm_rope": [_ptr, _long, _long, _long, _long, _ptr, _float, _ptr, _ptr, _ptr, _int],

@@ -21,35 +21,40 @@ from llmql.kernels.quant_matmul import dequantize
 needs_kernel = pytest.mark.skipif(not cpu_kernels_available(), reason="no AVX-512 CPU or C compiler")
 
 
-def make_case(n: int, k: int, group: int, zeros: bool, seed: int = 0):
+def make_case(n: int, k: int, group: int, zeros: bool, seed: int = 0, bits: int = 8):
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    if bits == 4:
+        q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    else:
+        q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
     s = (torch.rand(n, k // group, generator=gen) * 0.02).half()  # NOTE: GGUF scales are float16
     z = torch.randn(n, k // group, generator=gen) * 0.01 if zeros else None
     return q, s, z
 
 
-# NOTE: (group, offset, zeros) of Q6_K, Q4_K widened, Q8_0 / Q5_0 widened, Q4_0 widened
-LAYOUTS = [(16, 0, False), (32, 0, True), (32, 0, False), (32, 8, False)]
+# NOTE: (bits, group, offset, zeros) of Q6_K, Q4_K widened, Q8_0 / Q5_0, Q4_0 widened, Q4_0 and
+# Q4_K as nibbles
+LAYOUTS = [(8, 16, 0, False), (8, 32, 0, True), (8, 32, 0, False), (8, 32, 8, False), (4, 32, 8, False),
+           (4, 32, 0, True)]
 
 
-@pytest.mark.parametrize("group,offset,zeros", LAYOUTS)
-def test_packing_keeps_the_values(group, offset, zeros) -> None:
-    q, s, z = make_case(70, 96, group, zeros)
-    w = pack_grouped(q, s, z, group=group, offset=offset)
-    assert w.q.shape == (3, 96, 32) and w.n == 70  # NOTE: 70 rows padded to 3 blocks of 32
-    torch.testing.assert_close(unpack_grouped(w), dequantize(q, s, z, bits=8, group=group, offset=offset),
+@pytest.mark.parametrize("bits,group,offset,zeros", LAYOUTS)
+def test_packing_keeps_the_values(bits, group, offset, zeros) -> None:
+    q, s, z = make_case(70, 96, group, zeros, bits=bits)
+    w = pack_grouped(q, s, z, group=group, offset=offset, bits=bits)
+    assert w.q.shape == (3, 96, 32 if bits == 8 else 16) and w.n == 70  # NOTE: 70 rows in 3 blocks
+    torch.testing.assert_close(unpack_grouped(w), dequantize(q, s, z, bits=bits, group=group, offset=offset),
                                atol=1e-7, rtol=1e-6)
 
 
 @needs_kernel
-@pytest.mark.parametrize("group,offset,zeros", LAYOUTS)
+@pytest.mark.parametrize("bits,group,offset,zeros", LAYOUTS)
 @pytest.mark.parametrize("m", [0, 1, 3, 6, 7, 8, 9, 61, 130])
-def test_kernel_matches_reference(group, offset, zeros, m) -> None:
+def test_kernel_matches_reference(bits, group, offset, zeros, m) -> None:
     """Every row count the kernel splits differently (registers up to 6 rows; 8-row blocks
-    and their tails above), a column count that is not a multiple of 32."""
-    q, s, z = make_case(100, 192, group, zeros, seed=m)
-    w = pack_grouped(q, s, z, group=group, offset=offset)
+    and their tails above), a column count that is not a multiple of 32, 8- and 4-bit."""
+    q, s, z = make_case(100, 192, group, zeros, seed=m, bits=bits)
+    w = pack_grouped(q, s, z, group=group, offset=offset, bits=bits)
     x = torch.randn(m, 192, generator=torch.Generator().manual_seed(1))
     got = grouped_gemm(x, w)
     assert got.shape == (m, 100)
@@ -90,6 +95,8 @@ def test_bad_input_is_refused() -> None:
     q, s, _ = make_case(32, 64, 32, False)
     with pytest.raises(ValueError, match="int8"):
         pack_grouped(q.float(), s, None, group=32)
+    with pytest.raises(ValueError, match="bits 4"):
+        pack_grouped(q, s, None, group=32, bits=4)  # NOTE: int8 values are not nibbles
     with pytest.raises(ValueError, match="scales"):
         pack_grouped(q, s[:, :1], None, group=32)
     if cpu_kernels_available():

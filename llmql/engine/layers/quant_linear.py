@@ -68,10 +68,12 @@ class QuantParts:
 
     def use_cpu_kernel(self) -> None:
         """Run `matmul` on the AVX-512 grouped kernel (kernels/cpu_gemm.py: the same values,
-        float32 arithmetic) with each part packed into its layout, the group-wise copy dropped.
-        Parts must hold int8 values (`QuantWeight.widened`)."""
-        self.packed = [(start, pack_grouped(w.qweight, w.scales, w.zeros, group=w.group, offset=w.offset))
-                       for start, w in self.parts]
+        float32 arithmetic) with each part packed into its layout (8-bit values as int8,
+        4-bit ones as nibbles), the group-wise copy dropped."""
+        self.packed = []
+        for start, w in self.parts:
+            self.packed.append((start, pack_grouped(w.qweight, w.scales, w.zeros, group=w.group,
+                                                    offset=w.offset, bits=w.bits)))
         self.parts = []
 
     def add(self, start: int, weight: QuantWeight) -> None:
@@ -294,8 +296,8 @@ def finalize_quantized(model: nn.Module, *, layers: str = "exact") -> int:
     GEMM runs, the LM head gets its int8 copy (re-scored exactly, see `rescored_logits`).
     `layers` says how the other linears run: "exact" (group-wise, dequantising tile by tile
     at each call), "grouped" (the same with 4-bit values widened to int8, for a cheaper
-    dequantisation on CPU; on the AVX-512 kernel of kernels/cpu_gemm.py where it runs:
-    `QuantParts.use_cpu_kernel`), "bf16" ("grouped" with bfloat16 tiles and GEMMs, for CPUs with
+    dequantisation on CPU; on the AVX-512 kernel of kernels/cpu_gemm.py where it runs, with
+    4-bit values kept 4-bit: `QuantParts.use_cpu_kernel`), "bf16" ("grouped" with bfloat16 tiles and GEMMs, for CPUs with
     AMX: `amx_available`), "int8" (the int8 GEMM, activations compensated) or "float"
     (dequantised once to float32: exact, 4 bytes per weight). Where the CPU has AMX, the LM
     head's int8 copy is oneDNN's (`Int8Packed(onednn=True)`), else FBGEMM's.
@@ -321,11 +323,12 @@ def finalize_quantized(model: nn.Module, *, layers: str = "exact") -> int:
             continue
         module.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
         if layers in ("grouped", "bf16") and module is not embed and module is not head:
-            module.quant.parts = [(s, part.widened()) for s, part in module.quant.parts]  # type: ignore[union-attr]
+            if cpu_kernel:  # NOTE: 4-bit values stay 4-bit there
+                module.quant.use_cpu_kernel()  # type: ignore[union-attr]
+            else:
+                module.quant.parts = [(s, part.widened()) for s, part in module.quant.parts]  # type: ignore[union-attr]
             if layers == "bf16":
                 module.quant.dtype = torch.bfloat16  # type: ignore[union-attr]
-            elif cpu_kernel:
-                module.quant.use_cpu_kernel()  # type: ignore[union-attr]
         if int8 and module is head:
             module.int8 = Int8Packed(module.quant, onednn=onednn_head())  # type: ignore[union-attr]
         elif int8 and layers == "int8" and module is not embed:

@@ -1,7 +1,9 @@
 /* y[M, N] = x[M, K] W^T for group-wise int8 weights, on AVX-512 (see kernels/cpu_gemm.py).
  *
- * The weight is packed in blocks of NR = 32 output rows: q [N/32][K][32] int8, scales and
- * shifts [N/32][K/group][32] float32, so that W[n, k] = q * scale + shift (shift optional).
+ * The weight is packed in blocks of NR = 32 output rows: q [N/32][K][32] int8 (bits 8), or
+ * [N/32][K][16] bytes holding row j of the block in the low nibble and row j + 16 in the high
+ * one (bits 4, unsigned values), scales and shifts [N/32][K/group][32] float32, so that
+ * W[n, k] = q * scale + shift (shift optional).
  * Each task dequantises one block of W into a float32 buffer of its thread (K x 32, cache
  * resident) with the same two roundings as the torch reference (q * scale, then + shift),
  * then multiplies every row of x by it, 8 rows at a time, with a register-blocked FMA
@@ -37,24 +39,33 @@ static inline void group_consts(const float *s, const float *z, long g, __m512 *
 }
 
 /* Column k of a block dequantised: q * scale, then + shift (two roundings, as torch's). */
-static inline void weight_column(const int8_t *q, long k, __m512 s0, __m512 s1, __m512 z0, __m512 z1,
-                                 int shifted, __m512 *w0, __m512 *w1) {
-    __m128i b0 = _mm_loadu_si128((const __m128i *)(q + k * NR));
-    __m128i b1 = _mm_loadu_si128((const __m128i *)(q + k * NR + 16));
-    *w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0)), s0);
-    *w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1)), s1);
+static inline __attribute__((always_inline)) void weight_column(int bits, const uint8_t *q, long k, __m512 s0,
+                                                                __m512 s1, __m512 z0, __m512 z1, int shifted,
+                                                                __m512 *w0, __m512 *w1) {
+    __m512i v0, v1;
+    if (bits == 4) {
+        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k * 16)));
+        v0 = _mm512_and_si512(v, _mm512_set1_epi32(15));
+        v1 = _mm512_srli_epi32(v, 4);
+    } else {
+        v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k * NR)));
+        v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k * NR + 16)));
+    }
+    *w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(v0), s0);
+    *w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(v1), s1);
     if (shifted) {
         *w0 = _mm512_add_ps(*w0, z0);
         *w1 = _mm512_add_ps(*w1, z1);
     }
 }
 
-static void dequantise(const int8_t *q, const float *s, const float *z, long K, long group, float *w) {
+static inline __attribute__((always_inline)) void dequantise(int bits, const uint8_t *q, const float *s,
+                                                             const float *z, long K, long group, float *w) {
     for (long g = 0; g < K / group; g++) {
         __m512 s0, s1, z0, z1, w0, w1;
         group_consts(s, z, g, &s0, &s1, &z0, &z1);
         for (long k = g * group; k < (g + 1) * group; k++) {
-            weight_column(q, k, s0, s1, z0, z1, z != 0, &w0, &w1);
+            weight_column(bits, q, k, s0, s1, z0, z1, z != 0, &w0, &w1);
             _mm512_store_ps(w + k * NR, w0);
             _mm512_store_ps(w + k * NR + 16, w1);
         }
@@ -114,7 +125,7 @@ static void rows(const float *x, long ldx, long M, const float *w, long K, float
 }
 
 /* M <= 6 rows: each weight vector is dequantised in registers and used at once. */
-static inline __attribute__((always_inline)) void fused(int R, const float *x, long ldx, const int8_t *q,
+static inline __attribute__((always_inline)) void fused(int bits, int R, const float *x, long ldx, const uint8_t *q,
                                                         const float *s, const float *z, long K,
                                                         long group, float *y, long ldy, __mmask16 m0,
                                                         __mmask16 m1) {
@@ -124,47 +135,56 @@ static inline __attribute__((always_inline)) void fused(int R, const float *x, l
         __m512 s0, s1, z0, z1, w0, w1;
         group_consts(s, z, g, &s0, &s1, &z0, &z1);
         for (long k = g * group; k < (g + 1) * group; k++) {
-            weight_column(q, k, s0, s1, z0, z1, z != 0, &w0, &w1);
+            weight_column(bits, q, k, s0, s1, z0, z1, z != 0, &w0, &w1);
             fma_rows(R, x, ldx, k, w0, w1, acc);
         }
     }
     store_rows(R, acc, y, ldy, m0, m1);
 }
 
-#define FUSED(R) fused(R, x, ldx, qb, sb, zb, K, group, yb, ldy, m0, m1)
+#define FUSED(R) fused(bits, R, x, ldx, qb, sb, zb, K, group, yb, ldy, m0, m1)
 
-/* x [M, K] (row stride ldx) float32; q, s, z packed as above for N output rows (z may be
- * NULL); y [M, N] (row stride ldy). Returns 0, or -1 when a buffer could not be allocated. */
-int llmql_grouped_gemm(const float *x, long M, long K, long ldx, const int8_t *q, const float *s,
+/* One block of 32 output rows: in registers for up to 6 rows of x, else dequantised into the
+ * thread's buffer and multiplied 8 rows at a time. Returns -1 when the buffer is missing. */
+static inline __attribute__((always_inline)) int block(int bits, const float *x, long M, long K, long ldx,
+                                                       const uint8_t *qb, const float *sb, const float *zb,
+                                                       long group, float *yb, long ldy, long cols) {
+    __mmask16 m0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+    __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+    switch (M) {
+        case 0: return 0;
+        case 1: FUSED(1); return 0;
+        case 2: FUSED(2); return 0;
+        case 3: FUSED(3); return 0;
+        case 4: FUSED(4); return 0;
+        case 5: FUSED(5); return 0;
+        case 6: FUSED(6); return 0;
+        default: {
+            float *w = thread_buffer(K * NR);
+            if (!w) return -1;
+            dequantise(bits, qb, sb, zb, K, group, w);
+            rows(x, ldx, M, w, K, yb, ldy, cols);
+            return 0;
+        }
+    }
+}
+
+/* x [M, K] (row stride ldx) float32; q (bits 8 or 4), s, z packed as above for N output rows
+ * (z may be NULL); y [M, N] (row stride ldy). Returns 0, or -1 when a buffer could not be
+ * allocated or bits is neither 4 nor 8. */
+int llmql_grouped_gemm(const float *x, long M, long K, long ldx, const void *q, int bits, const float *s,
                        const float *z, long N, long group, float *y, long ldy, int threads) {
-    long blocks = (N + NR - 1) / NR, groups = K / group;
+    if (bits != 4 && bits != 8) return -1;
+    long blocks = (N + NR - 1) / NR, groups = K / group, qstride = K * NR * bits / 8;
     int failed = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
     for (long b = 0; b < blocks; b++) {
-        const int8_t *qb = q + b * K * NR;
+        const uint8_t *qb = (const uint8_t *)q + b * qstride;
         const float *sb = s + b * groups * NR, *zb = z ? z + b * groups * NR : 0;
-        float *yb = y + b * NR;
         long cols = N - b * NR < NR ? N - b * NR : NR;
-        __mmask16 m0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
-        __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
-        switch (M) {
-            case 0: break;
-            case 1: FUSED(1); break;
-            case 2: FUSED(2); break;
-            case 3: FUSED(3); break;
-            case 4: FUSED(4); break;
-            case 5: FUSED(5); break;
-            case 6: FUSED(6); break;
-            default: {
-                float *w = thread_buffer(K * NR);
-                if (!w) {
-                    failed = 1;
-                    break;
-                }
-                dequantise(qb, sb, zb, K, group, w);
-                rows(x, ldx, M, w, K, yb, ldy, cols);
-            }
-        }
+        int rc = bits == 4 ? block(4, x, M, K, ldx, qb, sb, zb, group, y + b * NR, ldy, cols)
+                           : block(8, x, M, K, ldx, qb, sb, zb, group, y + b * NR, ldy, cols);
+        if (rc) failed = 1;
     }
     return failed ? -1 : 0;
 }
