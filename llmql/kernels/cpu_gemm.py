@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from llmql.kernels.cpu_lib import library
+from llmql.kernels.quant_matmul import group_shift, unpack_nibbles
 
 BLOCK = 32  # output rows per packed block (two AVX-512 vectors)
 
@@ -64,13 +65,11 @@ def pack_grouped(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
         raise ValueError(f"pack_grouped needs int8 [N, K] (bits 8) or uint8 [N, K // 2] (bits 4), "
                          f"got {qweight.dtype} {tuple(qweight.shape)} with bits {bits}")
     if bits == 4:
-        qweight = torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
+        qweight = unpack_nibbles(qweight)
     n, k = qweight.shape
     if k % group or scales.shape != (n, k // group):
         raise ValueError(f"scales {tuple(scales.shape)} do not match q {(n, k)} with group {group}")
-    shift = None if zeros is None else zeros.float()
-    if offset:
-        shift = scales.float() * -offset if shift is None else shift - scales.float() * offset
+    shift = group_shift(scales, zeros, offset)
     q = _blocked(qweight)
     if bits == 4:  # NOTE: rows j and j + 16 of a block share a byte
         q = (q[..., :16] | (q[..., 16:] << 4)).contiguous()

@@ -58,7 +58,7 @@ def ref_quant_matmul(
             torch.matmul(x, w.t(), out=y[:, start:end])
         else:
             y[:, start:end] = torch.nn.functional.linear(xs, w)
-    shift = _group_shift(scales, zeros, offset)
+    shift = group_shift(scales, zeros, offset)
     if shift is not None:
         # NOTE: the per-group constant of W (zeros - offset * scales) times x summed per group.
         y.addmm_(x.reshape(m, k // group, group).sum(-1), shift.t())
@@ -73,7 +73,7 @@ def dequantize(
     n = qweight.shape[0]
     k = qweight.shape[1] * (2 if bits == 4 else 1)
     w = _scaled(qweight, scales, bits, group, torch.empty(n * k, dtype=torch.float32, device=qweight.device))
-    shift = _group_shift(scales, zeros, offset)
+    shift = group_shift(scales, zeros, offset)
     if shift is not None:
         w.view(n, k // group, group).add_(shift.unsqueeze(-1))
     return w
@@ -83,7 +83,7 @@ def _scaled(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
             out: torch.Tensor) -> torch.Tensor:
     """q * scales [N, K] in `out`'s dtype, written into `out` (N * K elements)."""
     if bits == 4:
-        qweight = torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
+        qweight = unpack_nibbles(qweight)
     n, k = qweight.shape
     w = out.view(n, k)
     # NOTE: convert, then scale in place: two vectorised passes run ~2x faster than one
@@ -94,7 +94,12 @@ def _scaled(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
     return w
 
 
-def _group_shift(scales: torch.Tensor, zeros: torch.Tensor | None, offset: int) -> torch.Tensor | None:
+def unpack_nibbles(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K // 2] of 4-bit values (low nibble first) -> uint8 [N, K], one value each."""
+    return torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
+
+
+def group_shift(scales: torch.Tensor, zeros: torch.Tensor | None, offset: int) -> torch.Tensor | None:
     """The constant each group adds to q * scale: zeros - offset * scales [N, K // group]."""
     if not offset:
         return None if zeros is None else zeros.float()

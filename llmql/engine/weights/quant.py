@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llmql.kernels.quant_matmul import dequantize
+from llmql.kernels.quant_matmul import dequantize, unpack_nibbles
 
 QK_K = 256
 
@@ -75,7 +75,7 @@ class QuantWeight:
         no nibble unpacking when dequantised: ~20% faster CPU matmuls at decode sizes)."""
         if self.bits != 4:
             return self
-        q = torch.stack((self.qweight & 15, self.qweight >> 4), dim=-1).reshape(self.qweight.shape[0], -1)
+        q = unpack_nibbles(self.qweight)
         return QuantWeight(q.to(torch.int8), self.scales, self.zeros, 8, self.group, self.offset)
 
     def to(self, device: str | torch.device) -> QuantWeight:
