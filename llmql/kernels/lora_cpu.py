@@ -19,7 +19,9 @@ out's size). `benchmarks/lora_bench.py --cpu-paths` measures the paths on these 
 
 On AVX-512 CPUs all of that is one call of llmql's C kernel per (layer, module)
 (`c_lora_delta`, csrc/lora.c) over every adapter row of the forward, sorted by slot once
-per forward (`slot_order`); the paths above are its torch fallbacks.
+per forward (`slot_order`); the paths above are its torch fallbacks. The CPU pool keeps B
+rank-major (`b` is a [S, N, R] view of [S, R, N] storage) so that the kernel's expand reads
+each rank's output columns contiguously, and only the ranks a slot has.
 """
 
 from __future__ import annotations
@@ -137,19 +139,21 @@ def c_lora_delta(
     ranks: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
 ) -> bool:
     """`out` += the delta of each row in `rows` (sorted by `slots`, from `slot_order`) on
-    llmql's AVX-512 kernel: per run of up to 16 rows of one slot, one pass over the slot's A
-    for all of them (shrink), then B's output columns 16 at a time (expand). float32 x, a,
-    b, out with unit column strides. False (nothing written) where the kernel does not take
-    the shapes: rank stride over 64 or more than 4 sub-projections."""
+    llmql's AVX-512 kernel: the shrink per run of up to 24 rows of one slot (register blocks
+    of 6 rows x 4 ranks), then the expand per block of output columns over all of the slot's
+    rows. float32 x, a, b, out with unit column strides. `b` [S, N, R] is read rank-major: a
+    transposed view of a [S, R, N] tensor (the CPU pool's layout) costs nothing, any other
+    layout is copied first. False (nothing written) only when the kernel's scratch memory
+    cannot be had."""
     if not (x.dtype == a.dtype == b.dtype == out.dtype == torch.float32):
         raise ValueError("c_lora_delta: float32 x, A, B and out")
     if x.stride(1) != 1 or out.stride(1) != 1:
         raise ValueError("c_lora_delta: x and out need unit column strides")
-    a, b = a.contiguous(), b.contiguous()
+    a, bt = a.contiguous(), b.transpose(1, 2).contiguous()
     offs = _offsets(tuple(offsets))
     rc = library().llmql_lora_delta(
         x.data_ptr(), x.stride(0), x.shape[1], rows.data_ptr(), slots.data_ptr(), rows.numel(),
-        a.data_ptr(), b.data_ptr(), b.shape[2], b.shape[1], offs.data_ptr(), offs.numel() - 1,
+        a.data_ptr(), bt.data_ptr(), b.shape[2], b.shape[1], offs.data_ptr(), offs.numel() - 1,
         ranks.to(torch.int64).contiguous().data_ptr(), out.data_ptr(), out.stride(0), torch.get_num_threads())
     return rc == 0
 

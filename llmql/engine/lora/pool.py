@@ -41,7 +41,8 @@ class SlotWeights:
     """One (layer, module)'s adapters, stacked by slot (see llmql.kernels.lora_shrink).
 
     a [S, n_sub*R, in], b [S, out, R], ranks [S] int64 (and as a host list, `rank_list`, for
-    the CPU path), offsets: output column offsets.
+    the CPU path), offsets: output column offsets. On CPU `b` is a transposed view of
+    [S, R, out] storage (rank-major, as llmql's C kernel reads it; torch's paths take either).
     """
 
     a: torch.Tensor
@@ -180,8 +181,11 @@ class AdapterPool:
             offsets.append(offsets[-1] + out)
         n, k = len(self.slots), shapes[0][1]
         kw = dict(device=self.device, dtype=self.dtype)
-        return SlotWeights(torch.zeros(n, len(shapes) * stride, k, **kw),
-                           torch.zeros(n, offsets[-1], stride, **kw),
+        if self.device.type == "cpu":  # NOTE: B rank-major for the C kernel (`b` a view)
+            b = torch.zeros(n, stride, offsets[-1], **kw).transpose(1, 2)
+        else:
+            b = torch.zeros(n, offsets[-1], stride, **kw)
+        return SlotWeights(torch.zeros(n, len(shapes) * stride, k, **kw), b,
                            torch.zeros(n, dtype=torch.int64, device=self.device), tuple(offsets),
                            [0] * n)
 

@@ -1,125 +1,204 @@
 /* LoRA deltas of a mixed batch on AVX-512 (see kernels/lora_cpu.py: `c_lora_delta`).
  *
  * out[row] += (x[row] A_s^T) B_s^T for each listed row, s its adapter's pool slot, per
- * sub-projection i: A_s rows [i R, i R + r_s) of a [S, n_sub R, K], B_s columns [0, r_s) and
- * output columns [offsets[i], offsets[i+1]) of b [S, N, R]. Rows come sorted by slot; each
- * task takes up to 16 rows of one slot: the shrink reads each A row once for all of them
- * (16 independent dot products), the expand transposes a 16-column block of B once (in
- * registers) and accumulates every row's 16 outputs in a vector. Tasks own their rows: no two write one row.
+ * sub-projection i: A_s rows [i R, i R + r_s) of a [S, n_sub R, K], B_s rows [0, r_s) and
+ * output columns [offsets[i], offsets[i+1]) of bt [S, R, N] (B rank-major: the CPU pool's
+ * layout). Rows come sorted by slot.
+ *
+ * Two phases, each parallel over its own tasks:
+ * - shrink: per run of up to 24 rows of one slot, xa = x A_s^T into a scratch [count, n_sub R]:
+ *   blocks of 6 rows x 4 rank rows, 24 vector accumulators over K (each x and A load feeds
+ *   4 or 6 FMAs);
+ * - expand: per (slot, sub-projection, output columns: 64, or more for a slot with few rows),
+ *   every row of the slot in blocks of 6 rows x 64 columns: one rank step = 4 loads of bt + 6
+ *   broadcasts -> 24 FMAs. Tasks own their output columns: no two write one element.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-#define CH 16
-#define MAXR 64
-#define MAXSUB 4
+#define SHRINK_ROWS 24
+#define MB 6  /* rows per register block */
+#define NB 64 /* output columns per expand task */
 
 typedef struct {
     long start, count, slot;
-} LoraTask;
+} Run;
 
-/* 16 vectors of 16 floats transposed in registers (r[i][j] <- r[j][i]). */
-static inline void transpose16(__m512 r[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 2]);
-        __m512d c = _mm512_castps_pd(t[i + 1]), d = _mm512_castps_pd(t[i + 3]);
-        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
-        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
-    }
-    for (int i = 0; i < 16; i += 8)
-        for (int j = 0; j < 4; j++) {
-            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
-            t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
-        }
-    for (int i = 0; i < 8; i++) {
-        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
-    }
-}
+typedef struct {
+    long run, sub, n0, n1; /* output columns [n0, n1) of sub-projection `sub` */
+} ExpandTask;
 
-static void lora_task(const LoraTask *t, const float *x, long ldx, long k, const int64_t *rows,
-                      const float *a, const float *b, long R, long n, const int64_t *offsets, long n_sub,
-                      long r, float *out, long ldo) {
-    float xa[CH][MAXSUB * MAXR];
-    const float *xr[CH];
-    long c = t->count;
-    for (long m = 0; m < c; m++) xr[m] = x + rows[t->start + m] * ldx;
+/* xa[m][j] = x[m] . arow[j] for mb rows and jb rank columns (constants after inlining). */
+static inline __attribute__((always_inline)) void shrink_block(
+    int mb, int jb, const float *const *xr, const float *a, long k, float *xa, long ldxa) {
+    __m512 acc[MB][4];
+    for (int m = 0; m < mb; m++)
+        for (int j = 0; j < jb; j++) acc[m][j] = _mm512_setzero_ps();
     long kfull = k / 16 * 16;
-    __mmask16 tail = (__mmask16)((1u << (k - kfull)) - 1);
-    for (long i = 0; i < n_sub; i++) {
-        for (long j = 0; j < r; j++) {
-            const float *arow = a + ((t->slot * n_sub + i) * R + j) * k;
-            __m512 acc[CH];
-            for (long m = 0; m < CH; m++) acc[m] = _mm512_setzero_ps();
-            for (long kk = 0; kk < kfull; kk += 16) {
-                __m512 av = _mm512_loadu_ps(arow + kk);
-                for (long m = 0; m < CH; m++)
-                    if (m < c) acc[m] = _mm512_fmadd_ps(av, _mm512_loadu_ps(xr[m] + kk), acc[m]);
-            }
-            if (tail) {
-                __m512 av = _mm512_maskz_loadu_ps(tail, arow + kfull);
-                for (long m = 0; m < c; m++)
-                    acc[m] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(tail, xr[m] + kfull), acc[m]);
-            }
-            for (long m = 0; m < c; m++) xa[m][i * r + j] = _mm512_reduce_add_ps(acc[m]);
+    for (long kk = 0; kk < kfull; kk += 16) {
+        __m512 av[4];
+        for (int j = 0; j < jb; j++) av[j] = _mm512_loadu_ps(a + j * k + kk);
+        for (int m = 0; m < mb; m++) {
+            __m512 xv = _mm512_loadu_ps(xr[m] + kk);
+            for (int j = 0; j < jb; j++) acc[m][j] = _mm512_fmadd_ps(av[j], xv, acc[m][j]);
         }
     }
-    float bt[MAXR][16] __attribute__((aligned(64)));
-    for (long i = 0; i < n_sub; i++) {
-        for (long n0 = offsets[i]; n0 < offsets[i + 1]; n0 += 16) {
-            long nb = offsets[i + 1] - n0 < 16 ? offsets[i + 1] - n0 : 16;
-            __mmask16 mask = (__mmask16)((1u << nb) - 1);
-            const float *bs = b + (t->slot * n + n0) * R;
-            for (long jc = 0; jc < r; jc += 16) { /* B's block transposed 16 x 16 in registers */
-                long w = r - jc < 16 ? r - jc : 16;
-                __mmask16 jm = w == 16 ? 0xFFFF : (__mmask16)((1u << w) - 1);
-                __m512 v[16];
-                for (long q = 0; q < 16; q++)
-                    v[q] = q < nb ? _mm512_maskz_loadu_ps(jm, bs + q * R + jc) : _mm512_setzero_ps();
-                transpose16(v);
-                for (long jj = 0; jj < w; jj++) _mm512_store_ps(bt[jc + jj], v[jj]);
+    if (k > kfull) {
+        __mmask16 tail = (__mmask16)((1u << (k - kfull)) - 1);
+        __m512 av[4];
+        for (int j = 0; j < jb; j++) av[j] = _mm512_maskz_loadu_ps(tail, a + j * k + kfull);
+        for (int m = 0; m < mb; m++) {
+            __m512 xv = _mm512_maskz_loadu_ps(tail, xr[m] + kfull);
+            for (int j = 0; j < jb; j++) acc[m][j] = _mm512_fmadd_ps(av[j], xv, acc[m][j]);
+        }
+    }
+    for (int m = 0; m < mb; m++)
+        for (int j = 0; j < jb; j++) xa[m * ldxa + j] = _mm512_reduce_add_ps(acc[m][j]);
+}
+
+#define SHRINK_CASES(JB)                                                         \
+    switch (mb) {                                                                \
+    case 1: shrink_block(1, JB, xr + m, arow, k, xam, ldxa); break;              \
+    case 2: shrink_block(2, JB, xr + m, arow, k, xam, ldxa); break;              \
+    case 3: shrink_block(3, JB, xr + m, arow, k, xam, ldxa); break;              \
+    case 4: shrink_block(4, JB, xr + m, arow, k, xam, ldxa); break;              \
+    case 5: shrink_block(5, JB, xr + m, arow, k, xam, ldxa); break;              \
+    default: shrink_block(MB, JB, xr + m, arow, k, xam, ldxa); break;            \
+    }
+
+/* One run chunk's xa rows: [count][n_sub R] at xa (rank columns >= r left unset). */
+static void shrink_task(const Run *t, const float *x, long ldx, long k, const int64_t *rows,
+                        const float *a, long R, long n_sub, long r, float *xa) {
+    const float *xr[SHRINK_ROWS];
+    long ldxa = n_sub * R;
+    for (long m = 0; m < t->count; m++) xr[m] = x + rows[t->start + m] * ldx;
+    for (long m = 0; m < t->count; m += MB) {
+        int mb = t->count - m < MB ? (int)(t->count - m) : MB;
+        for (long i = 0; i < n_sub; i++) {
+            long j = 0;
+            for (; j + 4 <= r; j += 4) {
+                const float *arow = a + ((t->slot * n_sub + i) * R + j) * k;
+                float *xam = xa + (t->start + m) * ldxa + i * R + j;
+                SHRINK_CASES(4)
             }
-            for (long m = 0; m < c; m++) {
-                float *o = out + rows[t->start + m] * ldo + n0;
-                __m512 acc = _mm512_maskz_loadu_ps(mask, o);
-                for (long j = 0; j < r; j++)
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(xa[m][i * r + j]), _mm512_load_ps(bt[j]), acc);
-                _mm512_mask_storeu_ps(o, mask, acc);
+            for (; j < r; j++) {
+                const float *arow = a + ((t->slot * n_sub + i) * R + j) * k;
+                float *xam = xa + (t->start + m) * ldxa + i * R + j;
+                SHRINK_CASES(1)
             }
         }
     }
 }
 
-/* rows [count] (x/out row ids) and slots [count], sorted by slot, slots > 0; ranks [S].
- * Returns 0, or -1 for shapes it does not take (rank stride over 64, more than 4
- * sub-projections) or when memory runs out; the caller then uses its torch path. */
+/* out[m][0..64) += sum_j xam[m][j] bs[j][0..64) for mb rows (bs: rank-major B, row stride
+ * ldb; masks: which of the 4 column vectors exist, and their tails). */
+static inline __attribute__((always_inline)) void expand_block(
+    int mb, long r, const float *xam, long ldxa, const float *bs, long ldb, float *const *orow,
+    const __mmask16 *masks) {
+    __m512 acc[MB][4];
+    for (int m = 0; m < mb; m++)
+        for (int q = 0; q < 4; q++) acc[m][q] = _mm512_setzero_ps();
+    for (long j = 0; j < r; j++) {
+        const float *bj = bs + j * ldb;
+        __m512 b0 = _mm512_maskz_loadu_ps(masks[0], bj), b1 = _mm512_maskz_loadu_ps(masks[1], bj + 16);
+        __m512 b2 = _mm512_maskz_loadu_ps(masks[2], bj + 32), b3 = _mm512_maskz_loadu_ps(masks[3], bj + 48);
+        for (int m = 0; m < mb; m++) {
+            __m512 xv = _mm512_set1_ps(xam[m * ldxa + j]);
+            acc[m][0] = _mm512_fmadd_ps(xv, b0, acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(xv, b1, acc[m][1]);
+            acc[m][2] = _mm512_fmadd_ps(xv, b2, acc[m][2]);
+            acc[m][3] = _mm512_fmadd_ps(xv, b3, acc[m][3]);
+        }
+    }
+    for (int m = 0; m < mb; m++)
+        for (int q = 0; q < 4; q++)
+            if (masks[q]) {
+                float *o = orow[m] + 16 * q;
+                _mm512_mask_storeu_ps(o, masks[q], _mm512_add_ps(_mm512_maskz_loadu_ps(masks[q], o), acc[m][q]));
+            }
+}
+
+static void expand_task(const Run *run, long sub, long n0, long n_end, const int64_t *rows,
+                        const float *xa, long ldxa, const float *bt, long R, long n, long r,
+                        float *out, long ldo) {
+    long nb = n_end - n0 < NB ? n_end - n0 : NB;
+    __mmask16 masks[4];
+    for (int q = 0; q < 4; q++) {
+        long w = nb - 16 * q;
+        masks[q] = w >= 16 ? 0xFFFF : w > 0 ? (__mmask16)((1u << w) - 1) : 0;
+    }
+    const float *bs = bt + run->slot * R * n + n0; /* row j: rank j's 64 output columns */
+    for (long m = 0; m < run->count; m += MB) {
+        int mb = run->count - m < MB ? (int)(run->count - m) : MB;
+        float *orow[MB];
+        for (int mm = 0; mm < mb; mm++) orow[mm] = out + rows[run->start + m + mm] * ldo + n0;
+        const float *xam = xa + (run->start + m) * ldxa + sub * R;
+        switch (mb) {
+        case 1: expand_block(1, r, xam, ldxa, bs, n, orow, masks); break;
+        case 2: expand_block(2, r, xam, ldxa, bs, n, orow, masks); break;
+        case 3: expand_block(3, r, xam, ldxa, bs, n, orow, masks); break;
+        case 4: expand_block(4, r, xam, ldxa, bs, n, orow, masks); break;
+        case 5: expand_block(5, r, xam, ldxa, bs, n, orow, masks); break;
+        default: expand_block(MB, r, xam, ldxa, bs, n, orow, masks); break;
+        }
+    }
+}
+
+/* rows [count] (x/out row ids) and slots [count], sorted by slot, slots > 0; ranks [S]; bt
+ * [S, R, n]: B rank-major. Returns 0, or -1 when memory runs out (nothing written); the
+ * caller then uses its torch path. */
 int llmql_lora_delta(const float *x, long ldx, long k, const int64_t *rows, const int64_t *slots, long count,
-                     const float *a, const float *b, long R, long n, const int64_t *offsets, long n_sub,
+                     const float *a, const float *bt, long R, long n, const int64_t *offsets, long n_sub,
                      const int64_t *ranks, float *out, long ldo, int threads) {
-    if (R > MAXR || n_sub > MAXSUB || n_sub < 1) return -1;
-    LoraTask *tasks = (LoraTask *)malloc(sizeof(LoraTask) * (count ? count : 1));
-    if (!tasks) return -1;
-    long nt = 0;
+    if (count == 0 || n_sub < 1) return 0;
+    long ldxa = n_sub * R, runs = 0, chunks = 0, blocks = 0;
+    for (long i = 0; i < n_sub; i++) blocks += (offsets[i + 1] - offsets[i] + NB - 1) / NB;
+    for (long i = 0; i < count; i++)
+        if (i == 0 || slots[i] != slots[i - 1]) runs++;
+    Run *run = (Run *)malloc(sizeof(Run) * (size_t)runs);
+    Run *chunk = (Run *)malloc(sizeof(Run) * (size_t)(count + runs));
+    ExpandTask *etask = (ExpandTask *)malloc(sizeof(ExpandTask) * (size_t)(runs * blocks));
+    float *xa = (float *)malloc(sizeof(float) * (size_t)(count * ldxa));
+    if (!run || !chunk || !etask || !xa) {
+        free(run), free(chunk), free(etask), free(xa);
+        return -1;
+    }
+    long nr = 0, ne = 0;
     for (long i = 0; i < count;) {
         long j = i;
-        while (j < count && slots[j] == slots[i] && j - i < CH) j++;
+        while (j < count && slots[j] == slots[i]) j++;
         if (ranks[slots[i]] > 0) {
-            LoraTask t = {i, j - i, slots[i]};
-            tasks[nt++] = t;
+            Run t = {i, j - i, slots[i]};
+            run[nr++] = t;
+            for (long c = i; c < j; c += SHRINK_ROWS) {
+                Run u = {c, j - c < SHRINK_ROWS ? j - c : SHRINK_ROWS, slots[i]};
+                chunk[chunks++] = u;
+            }
         }
         i = j;
     }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (nt > 1)
-    for (long i = 0; i < nt; i++)
-        lora_task(&tasks[i], x, ldx, k, rows, a, b, R, n, offsets, n_sub, ranks[tasks[i].slot], out, ldo);
-    free(tasks);
+    for (long t = 0; t < nr; t++) { /* a few rows: several column blocks per task */
+        long span = NB * (run[t].count >= 16 ? 1 : 16 / run[t].count);
+        for (long i = 0; i < n_sub; i++)
+            for (long n0 = offsets[i]; n0 < offsets[i + 1]; n0 += span) {
+                ExpandTask e = {t, i, n0, n0 + span < offsets[i + 1] ? n0 + span : offsets[i + 1]};
+                etask[ne++] = e;
+            }
+    }
+#pragma omp parallel num_threads(threads) if (count > 1)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (long i = 0; i < chunks; i++)
+            shrink_task(&chunk[i], x, ldx, k, rows, a, R, n_sub, ranks[chunk[i].slot], xa);
+#pragma omp for schedule(dynamic, 1)
+        for (long i = 0; i < ne; i++) {
+            const ExpandTask *e = &etask[i];
+            for (long n0 = e->n0; n0 < e->n1; n0 += NB)
+                expand_task(&run[e->run], e->sub, n0, e->n1, rows, xa, ldxa, bt, R, n,
+                            ranks[run[e->run].slot], out, ldo);
+        }
+    }
+    free(run), free(chunk), free(etask), free(xa);
     return 0;
 }
