@@ -282,6 +282,8 @@ def _check(request: GenerationRequest, ids: list[int], max_ctx: int, slots: int)
         return ErrorKind.BAD_REQUEST, f"logprobs must be 0..20, got {request.logprobs}"
     if request.policy is not None and request.policy not in REQUEST_POLICIES:
         return ErrorKind.BAD_REQUEST, f"policy must be one of {REQUEST_POLICIES} or None, got {request.policy!r}"
+    if request.cache_salt is not None and not isinstance(request.cache_salt, str):
+        return ErrorKind.BAD_REQUEST, f"cache_salt must be a string or None, got {request.cache_salt!r}"
     if request.chat:
         return (ErrorKind.BAD_REQUEST,
                 "chat=True needs a text prompt and a model with a chat template that renders it")

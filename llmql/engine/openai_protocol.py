@@ -3,7 +3,8 @@
 Used by the remote backend (`llmql.engine.remote`). Extensions beyond OpenAI's API:
 `guided_choice` (vLLM's spelling, also understood by `llmql serve`) constrains the answer
 to one of the choices; `choice_logprobs` in a response choice (sent by `llmql serve`) carries
-each choice's first-token log-probability, as `GenerationResult.choice_logprobs`.
+each choice's first-token log-probability, as `GenerationResult.choice_logprobs`;
+`cache_salt` (vLLM's and `llmql serve`'s prefix-cache isolation, sent only when set).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def request_body(request: GenerationRequest, model: str, *, guided: bool = True)
                                    "json_schema": {"name": "output", "schema": request.json_schema}}
     if request.tenant is not None:
         body["user"] = request.tenant
+    if request.cache_salt is not None:
+        # NOTE: sent only when set: llmql serve and vLLM honour it; a server that refuses
+        # unknown fields (OpenAI's own API) answers 400 rather than share the cache unsalted
+        body["cache_salt"] = request.cache_salt
     if request.logprobs is not None:
         body.update({"logprobs": True, "top_logprobs": request.logprobs} if request.chat
                     else {"logprobs": request.logprobs})

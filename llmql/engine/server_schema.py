@@ -2,7 +2,9 @@
 
 Accepted beyond OpenAI's fields: `choices` (and vLLM's `guided_choice`): the answer is one of
 these strings; each response choice then carries `choice_logprobs` (per choice, the
-log-probability of its first token, as `GenerationResult.choice_logprobs`).
+log-probability of its first token, as `GenerationResult.choice_logprobs`). `cache_salt` (as
+vLLM): a non-empty string; only requests with the same salt share prefix-cache entries
+(`GenerationRequest.cache_salt`).
 
 Per-token log-probabilities (`GenerationResult.token_logprobs`) come in OpenAI's shapes:
 completions `logprobs: k` → `{tokens, token_logprobs, top_logprobs, text_offset}`; chat
@@ -186,6 +188,7 @@ def _sampling(body: Mapping[str, Any], adapter: str | None, *, default_max_token
         adapter=adapter,
         tenant=_optional_str(body, "user"),
         logprobs=logprobs,
+        cache_salt=_salt(body),
     )
 
 
@@ -272,6 +275,13 @@ def _optional_str(body: Mapping[str, Any], name: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise APIError(400, f"{name} must be a string", param=name)
     return value
+
+
+def _salt(body: Mapping[str, Any]) -> str | None:
+    salt = _optional_str(body, "cache_salt")
+    if salt == "":
+        raise APIError(400, "cache_salt must be a non-empty string", param="cache_salt")
+    return salt
 
 
 def _flag(body: Mapping[str, Any], name: str) -> bool:

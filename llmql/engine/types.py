@@ -45,6 +45,10 @@ class GenerationRequest:
             same: "fcfs" (arrival order) or "ltr" (shortest predicted answer first); None:
             the engine's policy. The engine's policy still decides the share between
             tenants (the embedded engine; remote backends ignore it).
+        cache_salt: prefix-cache isolation: requests reuse each other's cached KV only when
+            their salts (and adapters) are equal; e.g. one salt per tenant of a shared
+            server, so one tenant cannot time another's prompts; None: the shared cache.
+            Answers do not depend on it.
     """
 
     prompt: str | list[int]
@@ -60,6 +64,7 @@ class GenerationRequest:
     chat: bool = False
     logprobs: int | None = None
     policy: str | None = None
+    cache_salt: str | None = None
 
 
 REQUEST_POLICIES = ("fcfs", "ltr")  # values of `GenerationRequest.policy`

@@ -74,6 +74,26 @@ def test_lpm_policy_same_outputs(tiny) -> None:
     assert _greedy(tiny, prompts, policy="lpm")[0] == _greedy(tiny, prompts)[0]
 
 
+def test_cache_salt_isolates_prefix_reuse(tiny) -> None:
+    """Identical prompts reuse cached KV only under equal salts; answers never change."""
+    engine = EmbeddedEngine(tiny, EngineConfig(kv_tokens=4096))
+    prompt = _word_prompts(1, seed=5)[0]
+    expected, _ = _greedy(tiny, [prompt], prefix_cache=False)
+
+    def ask(*salts: str | None) -> list[int]:
+        results = engine.generate([GenerationRequest(prompt, max_tokens=12, cache_salt=s)
+                                   for s in salts], progress=False)
+        assert [(r.text, r.output_tokens, r.finish_reason) for r in results] == expected * len(salts)
+        return [r.cached_tokens for r in results]
+
+    assert ask("a", "b") == [0, 0]  # one batch: neither waits for nor reuses the other
+    assert ask("c") == [0]
+    assert min(ask("a", "b", "c")) > 0
+    assert ask(None)[0] == 0 and ask(None)[0] > 0  # None is its own shared namespace
+    bad = engine.generate([GenerationRequest(prompt, cache_salt=7)], progress=False)[0]  # type: ignore[arg-type]
+    assert bad.error_kind == ErrorKind.BAD_REQUEST and "cache_salt" in bad.error
+
+
 def test_bad_input_is_per_request(tiny) -> None:
     engine = EmbeddedEngine(tiny, EngineConfig(kv_tokens=200))
     max_ctx = tiny.config.max_context

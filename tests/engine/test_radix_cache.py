@@ -90,6 +90,18 @@ def test_evict_cascades_to_parents() -> None:
     assert cache.evict(5) == 4 and not cache.root.children
 
 
+def test_namespaces_are_apart_and_dropped_when_evicted() -> None:
+    cache = RadixPrefixCache(_pool(), page_size=1)
+    _insert(cache, [1, 2, 3])
+    slots = cache.pool.alloc(3)
+    assert cache.insert([1, 2, 3], slots, ("fp", "salt")) == 0  # nothing shared across namespaces
+    assert cache.match_prefix([1, 2, 3], ("fp", "salt")).slots.tolist() == slots.tolist()
+    assert cache.match_prefix([1, 2, 3], ("fp", "other")).length == 0
+    assert cache.insert([], cache.pool.alloc(0), "unseen") == 0 and len(cache.roots) == 2
+    assert cache.evict(6) == 6 and list(cache.roots) == [None]  # the base root stays
+    assert cache.pool.free_slots == 64
+
+
 def test_no_cache_and_registry() -> None:
     pool = _pool()
     assert isinstance(create_prefix_cache("radix", pool, 2), RadixPrefixCache)

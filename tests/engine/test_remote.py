@@ -87,7 +87,8 @@ def test_request_mapping_and_identity() -> None:
         engine = load(f"{url}/v1", backoff=0.01)
         engine.generate([GenerationRequest(
             "q", max_tokens=7, temperature=0.5, top_p=0.9, seed=3, stop=("\n",),
-            choices=("yes", "no"), json_schema={"type": "object"}, tenant="t1")])
+            choices=("yes", "no"), json_schema={"type": "object"}, tenant="t1"),
+            GenerationRequest("q", cache_salt="s1")])
         engine.close()
     assert engine.model_name == f"{url}/v1#flaky-model"
     body = server.bodies[0]
@@ -95,6 +96,7 @@ def test_request_mapping_and_identity() -> None:
     assert (body["max_tokens"], body["temperature"], body["top_p"], body["seed"]) == (7, 0.5, 0.9, 3)
     assert body["stop"] == ["\n"] and body["guided_choice"] == ["yes", "no"] and body["user"] == "t1"
     assert body["response_format"]["json_schema"]["schema"] == {"type": "object"}
+    assert "cache_salt" not in body and server.bodies[1]["cache_salt"] == "s1"  # only when set
 
 
 def test_sends_in_submission_order() -> None:

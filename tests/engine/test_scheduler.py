@@ -49,11 +49,14 @@ def _fake_forward(pool: KVPool, batch: ScheduledBatch) -> list[int]:
     return out
 
 
-def _run(prompts, max_new, *, slots, cache="radix", page=1, chunk=8, budget=32, policy="fcfs"):
+def _run(prompts, max_new, *, slots, cache="radix", page=1, chunk=8, budget=32, policy="fcfs",
+         salts=None):
     pool = KVPool(slots, num_layers=1, num_kv_heads=1, head_dim=2)
     kv = CacheManager(pool, create_prefix_cache(cache, pool, page))
     sched = Scheduler(kv, create_policy(policy), chunk_size=chunk, max_batch_tokens=budget)
-    reqs = [Req(i, list(p), GenerationRequest(p, max_tokens=max_new), max_new) for i, p in enumerate(prompts)]
+    salts = salts or [None] * len(prompts)
+    reqs = [Req(i, list(p), GenerationRequest(p, max_tokens=max_new, cache_salt=salt), max_new)
+            for i, (p, salt) in enumerate(zip(prompts, salts))]
     for r in reqs:
         sched.add(r)
 
@@ -116,6 +119,38 @@ def test_prefix_reuse_waits_for_a_chunked_prefill() -> None:
     for r, p in zip(reqs, prompts):
         assert r.output_ids == _expected(p, 3)
     assert all(r.cached_tokens >= 60 - 16 for r in reqs[1:])  # NOTE: 16: `defer_tokens`
+
+
+def test_cache_salt_isolates_prefix_reuse_and_deferral() -> None:
+    """Same prompts under different salts share nothing, neither from the cache nor by
+    waiting for one another's chunks; under one salt they share as without salts."""
+    rng = random.Random(3)
+    shared = [rng.randrange(VOCAB) for _ in range(60)]
+    prompts = [shared + [rng.randrange(VOCAB) for _ in range(4)] for _ in range(4)]
+    salted, _, kv = _run(prompts, 3, slots=2048, chunk=16, budget=24, salts=["a", "b", "c", "d"])
+    for r, p in zip(salted, prompts):
+        assert r.output_ids == _expected(p, 3)
+    assert [r.cached_tokens for r in salted] == [0, 0, 0, 0]
+    assert kv.cache.cached_size >= 4 * 60  # every salt keeps its own copy of the prefix
+    same, _, _ = _run(prompts, 3, slots=2048, chunk=16, budget=24, salts=["a"] * 4)
+    mixed, _, _ = _run(prompts, 3, slots=2048, chunk=16, budget=24, salts=["a", None, "a", None])
+    assert all(r.cached_tokens >= 60 - 16 for r in same[1:])
+    assert mixed[1].cached_tokens == 0 and mixed[2].cached_tokens >= 60 - 16
+    assert mixed[3].cached_tokens >= 60 - 16
+
+
+@pytest.mark.parametrize("salts, admitted", [(("a", "b"), 2), (("a", "a"), 1), ((None, None), 1)])
+def test_cache_salt_decides_in_step_deferral(salts: tuple, admitted: int) -> None:
+    """A request waits for another's chunks (the timing a tenant could observe) only
+    when both share a salt."""
+    pool = KVPool(256, num_layers=1, num_kv_heads=1, head_dim=2)
+    sched = Scheduler(CacheManager(pool, create_prefix_cache("radix", pool)), create_policy("fcfs"),
+                      chunk_size=64, max_batch_tokens=256)
+    prompt = list(range(40))
+    for i, salt in enumerate(salts):
+        sched.add(Req(i, list(prompt), GenerationRequest(prompt, cache_salt=salt), 4))
+    batch, _ = sched.schedule()
+    assert batch is not None and len(batch.reqs) == admitted
 
 
 def test_small_pool_forces_eviction_and_preemption() -> None:

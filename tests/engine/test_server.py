@@ -141,6 +141,27 @@ def test_logprobs_match_embedded(client: openai.OpenAI, engine) -> None:
                for c in content)
 
 
+def test_cache_salt_isolates_the_prefix_cache(client: openai.OpenAI, engine) -> None:
+    prompt = " ".join(f"w{50 + i}" for i in range(16))
+
+    def ask(salt: str, chat: bool = False) -> tuple[str, int]:
+        if chat:
+            out = client.chat.completions.create(
+                model="tiny-chat", messages=[{"role": "user", "content": prompt}], max_tokens=4,
+                temperature=0, extra_body={"cache_salt": salt})
+            text = out.choices[0].message.content
+        else:
+            out = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=4,
+                                            temperature=0, extra_body={"cache_salt": salt})
+            text = out.choices[0].text
+        return text, out.usage.prompt_tokens_details.cached_tokens
+
+    (first, cold), (second, other) = ask("tenant-1"), ask("tenant-2")
+    assert cold == other == 0 and first == second == _greedy(engine, [prompt], max_tokens=4)[0]
+    assert ask("tenant-1")[1] > 0
+    assert ask("tenant-3", chat=True)[1] == 0 and ask("tenant-3", chat=True)[1] > 0
+
+
 def test_remote_backend_returns_the_logprobs(url: str, engine) -> None:
     requests = [GenerationRequest(PROMPTS[5], max_tokens=3, logprobs=2),
                 GenerationRequest("w5 w6", max_tokens=3, logprobs=2, chat=True)]
@@ -187,6 +208,8 @@ def test_64_concurrent_requests(client: openai.OpenAI, engine) -> None:
     ({"prompt": ["w5"] * 65}, 429),
     ({"prompt": "w5", "logprobs": 21}, 400),
     ({"prompt": "w5", "logprobs": 1, "stream": True}, 400),
+    ({"prompt": "w5", "cache_salt": ""}, 400),
+    ({"prompt": "w5", "cache_salt": 3}, 400),
 ])
 def test_error_statuses(url: str, body: dict, status: int) -> None:
     response = httpx.post(f"{url}/v1/completions", json={"max_tokens": 2, **body},

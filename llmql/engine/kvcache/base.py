@@ -10,7 +10,8 @@ stay with the caller, who must free its duplicates. A request *locks* the node i
 so that its prefix cannot be evicted while it runs, and unlocks it when done.
 
 Namespaces: K/V depend on more than the tokens when a LoRA adapter is applied, so lookups and
-inserts take a `namespace` (the adapter's fingerprint; None for the base model) and never
+inserts take a `namespace` (the adapter's fingerprint; None for the base model; paired with
+the request's `cache_salt` when it has one: `scheduler.cache.cache_namespace`) and never
 match across namespaces.
 """
 

@@ -35,7 +35,8 @@ class RadixPrefixCache(BasePrefixCache):
     """Radix tree of cached token pages; LRU eviction of unlocked leaves.
 
     Children are keyed by their first page, so page_size=1 is a plain token radix tree.
-    Each namespace (LoRA adapter) has its own root; `root` is the base model's.
+    Each namespace (LoRA adapter, `cache_salt`) has its own root; `root` is the base
+    model's. Other roots are dropped with their last entry, so one-off salts do not pile up.
     """
 
     def __init__(self, pool: KVPool, page_size: int = 1) -> None:
@@ -71,6 +72,8 @@ class RadixPrefixCache(BasePrefixCache):
         self, token_ids: Sequence[int], slots: torch.Tensor, namespace: Hashable = None
     ) -> int:
         n_total = self.page_floor(min(len(token_ids), slots.numel()))
+        if n_total == 0:
+            return 0
         key = tuple(token_ids[:n_total])
         node, pos = self.roots.setdefault(namespace, _new_root()), 0
         now = next(self._clock)
@@ -119,6 +122,7 @@ class RadixPrefixCache(BasePrefixCache):
             del parent.children[leaf.key[: self.page_size]]
             if parent.parent is not None and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, parent)
+        self.roots = {ns: r for ns, r in self.roots.items() if r.children or r is self.root}
         return freed
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 
 from llmql.engine.kvcache.base import BasePrefixCache, MatchResult, NoPrefixCache
@@ -32,7 +34,7 @@ class CacheManager:
 
     def match(self, req: Req) -> MatchResult:
         """The cached prefix of `req`, leaving at least its last token to compute."""
-        return self.cache.match_prefix(req.token_ids[: req.seq_len - 1], adapter_key(req))
+        return self.cache.match_prefix(req.token_ids[: req.seq_len - 1], cache_namespace(req))
 
     def attach(self, req: Req, match: MatchResult) -> None:
         """Start `req` on the matched prefix (locks it)."""
@@ -58,10 +60,10 @@ class CacheManager:
         if not self.caching:
             return
         ids, own = req.token_ids[: req.num_computed], req.slots[: req.num_computed]
-        existing = self.cache.insert(ids, own, adapter_key(req))
+        existing = self.cache.insert(ids, own, cache_namespace(req))
         if existing > req.cached_len:  # NOTE: the cache kept its own copies of these tokens
             self.pool.free(own[req.cached_len : existing])
-        match = self.cache.match_prefix(ids, adapter_key(req))
+        match = self.cache.match_prefix(ids, cache_namespace(req))
         self.cache.lock(match.node)
         self.cache.unlock(req.node)
         req.node, req.cached_len = match.node, match.length
@@ -74,3 +76,10 @@ class CacheManager:
         self.cache.unlock(req.node)
         self.pool.free(req.slots[req.cached_len :])
         req.node, req.slots, req.cached_len, req.num_computed = None, _NO_SLOTS, 0, 0
+
+
+def cache_namespace(req: Req) -> Hashable:
+    """The prefix-cache namespace of `req`: its adapter's fingerprint, paired with its
+    `cache_salt` when it has one (requests share cached K/V only within a namespace)."""
+    salt = req.params.cache_salt
+    return adapter_key(req) if salt is None else (adapter_key(req), salt)

@@ -9,8 +9,7 @@ from typing import Protocol
 
 import numpy as np
 
-from llmql.engine.lora.admission import adapter_key
-from llmql.engine.scheduler.cache import CacheManager
+from llmql.engine.scheduler.cache import CacheManager, cache_namespace
 from llmql.engine.scheduler.policy import SchedulingPolicy
 from llmql.engine.scheduler.request import Req
 
@@ -26,9 +25,9 @@ class PrefillAdmitter:
 
     A request that shares more than `defer_tokens` uncached tokens with one admitted in the
     same step, or with a running one whose prompt is still being prefilled (chunked), under
-    the same LoRA adapter (the cache is keyed by adapter), waits, so that it reuses that
-    request's prefix from the cache instead of computing it a second time (in-batch prefix
-    sharing).
+    the same cache namespace (LoRA adapter and `cache_salt`: `cache_namespace`), waits, so
+    that it reuses that request's prefix from the cache instead of computing it a second
+    time (in-batch prefix sharing).
     """
 
     def __init__(
@@ -93,11 +92,11 @@ class PrefillAdmitter:
 
     def _defer(self, req: Req, computing: list[Req], matched: int) -> bool:
         """Whether `req` shares more than `defer_tokens` uncached tokens with a request of
-        `computing` (this step's) under the same adapter."""
+        `computing` (this step's) under the same cache namespace."""
         if not self.kv.caching or not computing:
             return False
-        mine, key = np.asarray(req.token_ids[: req.seq_len - 1]), adapter_key(req)
-        return any(adapter_key(o) == key and _lcp(mine, o.token_ids) - matched > self.defer_tokens
+        mine, key = np.asarray(req.token_ids[: req.seq_len - 1]), cache_namespace(req)
+        return any(cache_namespace(o) == key and _lcp(mine, o.token_ids) - matched > self.defer_tokens
                    for o in computing)
 
 
