@@ -5,10 +5,17 @@ review prompts from ../shared/data, adapter popularity uniform and Zipf(1.0). Si
 in one run: ours with one mixed batch; ours one adapter at a time; `peft`'s mixed-adapter
 batched `generate(adapter_names=...)`; ours base-only on the same prompts (LoRA overhead).
 
+The radix prefix cache is keyed by adapter (K/V under one adapter is never reused under
+another), so a mixed batch recomputes, per adapter, the prompt prefixes it shares with
+other adapters' prompts. To tell that cost from the adapters' own, base-only runs a second
+time with its cache split the same way (`cache_salt` = the adapter name each prompt gets):
+`cache_split_cost_vs_base` is what the split alone costs, `lora_overhead_same_cache_split`
+what the adapters cost on top of it (`lora_overhead_vs_base` is both together).
+
 Prints one JSON line per measurement, then a table. Usage:
     .venv/bin/python benchmarks/lora_bench.py [--prompts 256] [--max-tokens 16] [--no-peft]
         [--peft-batch 16,32,64 --peft-tune 32] [--peft-prompts N] [--no-base]
-        [--no-sequential] [--no-prefix-cache] [--popularity uniform,zipf] [--threads N]
+        [--no-sequential] [--no-split] [--no-prefix-cache] [--popularity uniform,zipf] [--threads N]
     .venv/bin/python benchmarks/lora_bench.py --cpu-paths   # the CPU delta paths per shape
 """
 
@@ -81,12 +88,15 @@ def assign(n: int, adapters: int, popularity: str, seed: int) -> list[str]:
     return [f"a{i}" for i in rng.choices(range(adapters), weights=weights, k=n)]
 
 
-def run_ours(lm, config, ids, names, max_tokens: int) -> tuple[Timer, list]:
+def run_ours(lm, config, ids, names, max_tokens: int, salts=None) -> tuple[Timer, list]:
+    """Ours on `ids` with adapters `names` (None: the base model) and `cache_salt`s `salts`."""
     from llmql.engine.engine import EmbeddedEngine
     from llmql.engine.types import GenerationRequest
 
     engine = EmbeddedEngine(lm, config)
-    reqs = [GenerationRequest(x, max_tokens=max_tokens, adapter=a) for x, a in zip(ids, names)]
+    salts = salts or [None] * len(ids)
+    reqs = [GenerationRequest(x, max_tokens=max_tokens, adapter=a, cache_salt=s)
+            for x, a, s in zip(ids, names, salts)]
     with Timer() as timer:
         results = engine.generate(reqs, progress=False)
     assert all(r.error is None for r in results), [r.error for r in results if r.error][:3]
@@ -152,7 +162,8 @@ CPU_CASES = {"decode_64_uniform": ([1] * 64, "uniform"), "decode_64_zipf": ([1] 
 
 
 def bench_cpu_paths(repeat: int = 20) -> None:
-    """Per module shape: the LoRA delta (shrink + expand) by segment matmuls (`segments`,
+    """Per module shape: the LoRA delta (shrink + expand) by llmql's C kernel (`c_kernel`,
+    where it runs: every adapter row in one call), by segment matmuls (`segments`,
     SGMV-style), by one padded bmm over slots (`padded_bmm`, BGMV-style) and by one matmul
     per slot over gathered rows (`grouped`, the torch reference), next to the base projection
     itself (`base_linear`), for decode rows and prefill segments; and the engine's own mix
@@ -189,7 +200,15 @@ def _stacked(gen, k: int, outs: tuple[int, ...], stride: int, ranks: list[int]):
 
 def _time_paths(repeat, x, a, b, out, offsets, ranks, lens, seg) -> dict[str, float]:
     from llmql.engine.lora.batch import cpu_plan, delta_threads
-    from llmql.kernels.lora_cpu import bmm_lora, gathered_lora, padded_rows, segment_lora
+    from llmql.kernels.cpu_lib import cpu_kernels_available
+    from llmql.kernels.lora_cpu import (
+        bmm_lora,
+        c_lora_delta,
+        gathered_lora,
+        padded_rows,
+        segment_lora,
+        slot_order,
+    )
     from llmql.kernels.lora_expand import ref_lora_expand
     from llmql.kernels.lora_shrink import ref_lora_shrink, slot_groups
 
@@ -216,7 +235,14 @@ def _time_paths(repeat, x, a, b, out, offsets, ranks, lens, seg) -> dict[str, fl
         with delta_threads():
             return all_threads()
 
-    return dict(segments_ms=round(_time(repeat, segment_lora, x, a, b, out, offsets, ranks, segments), 3),
+    c_kernel = {}
+    if cpu_kernels_available():  # NOTE: B rank-major, as the CPU pool holds it
+        rows, row_slots = slot_order(token_slots)
+        b_rank_major = b.transpose(1, 2).contiguous().transpose(1, 2)
+        c_kernel["c_kernel_ms"] = round(_time(repeat, c_lora_delta, x, a, b_rank_major, out, offsets,
+                                              torch.tensor(ranks), rows, row_slots), 3)
+    return dict(**c_kernel,
+                segments_ms=round(_time(repeat, segment_lora, x, a, b, out, offsets, ranks, segments), 3),
                 padded_bmm_ms=round(_time(repeat, bmm_lora, x, a, b, out, offsets, grid), 3),
                 grouped_ms=round(_time(repeat, grouped), 3),
                 engine_plan_all_threads_ms=round(_time(repeat, all_threads), 3),
@@ -252,6 +278,8 @@ def main() -> None:
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="both sides without the prefix cache (the LoRA compute alone)")
     ap.add_argument("--popularity", default="uniform,zipf")
+    ap.add_argument("--no-split", action="store_true",
+                    help="skip base-only with the cache split by adapter (cache_salt)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=1,
                     help="run ours base-only and mixed this many times each; keep the fastest")
@@ -301,6 +329,18 @@ def _one_popularity(args, common, lm, config, ids, pop, t_base, peft_model) -> l
     if t_base is not None:
         out.append(emit(dict(c, what="lora_overhead_vs_base",
                              overhead=round(t_mixed.wall / t_base.wall - 1, 3))))
+    if t_base is not None and config.prefix_cache and not args.no_split:
+        # NOTE: base-only again, its prefix cache split as the adapters split it (one
+        # cache_salt per adapter name): what the split alone costs, and what the adapters
+        # cost on top of it
+        t_split, split, walls = best_of(args.repeat, run_ours, lm, config, ids, [None] * len(ids),
+                                        args.max_tokens, names)
+        out += [emit(dict(c, what="ours_base_same_cache_split", **timing(t_split), runs=walls,
+                          **tokens(split))),
+                emit(dict(c, what="cache_split_cost_vs_base",
+                          overhead=round(t_split.wall / t_base.wall - 1, 3))),
+                emit(dict(c, what="lora_overhead_same_cache_split",
+                          overhead=round(t_mixed.wall / t_split.wall - 1, 3)))]
     if not args.no_sequential:
         t_seq, seq_out = run_sequential(lm, config, ids, names, args.max_tokens)
         out += [emit(dict(c, what="ours_one_adapter_at_a_time", **timing(t_seq),
@@ -358,11 +398,11 @@ def _locked(path: Path | None):
 
 
 def _table(rows: list[dict]) -> None:
-    print(f"\n{'popularity':<10} {'measurement':<28} {'value':>10}")
+    print(f"\n{'popularity':<10} {'measurement':<32} {'value':>10}")
     for r in rows:
         value = r.get("seconds", r.get("speedup", r.get("overhead")))
         unit = "s" if "seconds" in r else ("x" if "speedup" in r else "")
-        print(f"{r.get('popularity', '-'):<10} {r['what']:<28} {value:>9}{unit}")
+        print(f"{r.get('popularity', '-'):<10} {r['what']:<32} {value:>9}{unit}")
 
 
 if __name__ == "__main__":
