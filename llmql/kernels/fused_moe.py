@@ -92,10 +92,12 @@ def _kernel():
         a_ptr, w_ptr, out_ptr, weights_ptr, sorted_ids_ptr, block_expert_ptr,
         num_pairs, n_out, k_in, top_k,
         stride_am, stride_we, stride_wn, stride_om,
-        A_PER_TOKEN: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+        A_PER_TOKEN: tl.constexpr, MUL_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """out[pair] = a[row(pair)] @ w[expert].T (x routing weight) for one block of sorted pairs."""
+        """out[pair] = a[row(pair)] @ w[expert].T (x routing weight) for one block of sorted pairs.
+        PRECISION: "ieee" for float32 operands (Triton's default on CUDA, tf32, is ~1e-2 off),
+        "tf32" for 16-bit ones (they widen to tf32 exactly); float32 sums either way."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -112,7 +114,8 @@ def _kernel():
                         mask=valid[:, None] & (kk[None, :] < k_in), other=0.0)
             w = tl.load(w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + kk[:, None],
                         mask=(offs_n[None, :] < n_out) & (kk[:, None] < k_in), other=0.0)
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+            # NOTE: 16-bit values widen exactly to tf32, so tf32 products are exact for them
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
         if MUL_WEIGHT:
             acc *= tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
         tl.store(out_ptr + pairs[:, None] * stride_om + offs_n[None, :],
@@ -158,5 +161,7 @@ def _gemm(a, w, out, weights, sorted_ids, block_expert, total, pairs, k, per_tok
     _kernel()[grid](
         a, w, out, weights, sorted_ids, block_expert, pairs, n_out, k_in, k,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        A_PER_TOKEN=per_token, MUL_WEIGHT=mul, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        A_PER_TOKEN=per_token, MUL_WEIGHT=mul,
+        PRECISION="ieee" if torch.float32 in (a.dtype, w.dtype) else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )

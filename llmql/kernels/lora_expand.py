@@ -67,6 +67,8 @@ def lora_expand(
         xa, w, out, seg_indptr, seg_slots, ranks, off, w.shape[2],
         xa.stride(0), w.stride(0), w.stride(1), out.stride(0),
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=16,
+        # NOTE: float32 products as float32 (Triton's default on CUDA is tf32: ~1e-2 off)
+        PRECISION="ieee" if xa.dtype == torch.float32 else "tf32",
     )
     return out
 
@@ -82,6 +84,7 @@ def _kernel():
         XA, W, OUT, seg_indptr, seg_slots, ranks, offsets, R,
         stride_xt, stride_ws, stride_wn, stride_ot,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         g = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -106,7 +109,7 @@ def _kernel():
                                 mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                     b = tl.load(W + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None],
                                 mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-                    acc += tl.dot(a, b)
+                    acc += tl.dot(a, b, input_precision=PRECISION)
                 ptrs = OUT + offs_m[:, None] * stride_ot + offs_n[None, :]
                 mask = m_mask[:, None] & n_mask[None, :]
                 prev = tl.load(ptrs, mask=mask, other=0.0)

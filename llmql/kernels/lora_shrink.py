@@ -81,6 +81,8 @@ def lora_shrink(
         x, w, y, seg_indptr, seg_slots, ranks, k, n, rank_stride,
         x.stride(0), w.stride(0), w.stride(1), y.stride(0),
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=64,
+        # NOTE: float32 products as float32 (Triton's default on CUDA is tf32: ~1e-2 off)
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
     return y
 
@@ -96,6 +98,7 @@ def _kernel():
         X, W, Y, seg_indptr, seg_slots, ranks, K, N, R,
         stride_xt, stride_ws, stride_wn, stride_yt,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         g = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -117,7 +120,7 @@ def _kernel():
                              mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 wt = tl.load(W + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None],
                              mask=n_valid[None, :] & k_mask[:, None], other=0.0)
-                acc += tl.dot(xt, wt)
+                acc += tl.dot(xt, wt, input_precision=PRECISION)
             tl.store(Y + offs_m[:, None] * stride_yt + offs_n[None, :],
                      acc.to(Y.dtype.element_ty), mask=m_mask[:, None] & n_in[None, :])
 
