@@ -8,7 +8,7 @@ Llama as a Q4_0 GGUF and reports its load + generate peak RSS.
 
 Prints one JSON line per measurement, then a table. Usage:
     .venv/bin/python benchmarks/quant_bench.py [--rows 60] [--threads 2] [--repeat 3 | --interleave 3]
-        [--sides none,auto,int8] [--synthetic-1b]
+        [--sides none,auto,int8,auto-bf16,auto-avx2,auto-torch] [--no-llama-cpp] [--synthetic-1b]
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 SIDES = ("none", "auto", "int8")
+# "auto" with LLMQL_CPU_KERNELS set: the AVX2 build of the grouped GEMM and torch's other
+# paths (what a CPU with AVX2 but not AVX-512 runs), or torch's paths only
+KERNEL_SIDES = {"auto-avx2": "avx2", "auto-torch": "0"}
 WORKLOADS = {"prefill": 2, "decode": 32}
 
 
@@ -50,6 +53,9 @@ def run_side(side: str, rows: int, threads: int, model: str | None, repeat: int 
     quantization = side
     if side == "auto-bf16":  # NOTE: "auto" with bfloat16 tiles opted in (CPUs with AMX only)
         os.environ["LLMQL_CPU_BF16"] = "1"
+        quantization = "auto"
+    if side in KERNEL_SIDES:  # NOTE: "auto" as a CPU without AVX-512 / without any C kernel runs it
+        os.environ["LLMQL_CPU_KERNELS"] = KERNEL_SIDES[side]
         quantization = "auto"
     engine = load(model or "default", quantization=quantization, kv_tokens=16384, threads=threads)
     out: dict = {"side": side, "load_s": round(time.perf_counter() - t0, 1),
@@ -211,7 +217,9 @@ def main() -> None:
     parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--synthetic-1b", action="store_true")
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of none,auto,int8,auto-bf16 (auto with "
-                             "LLMQL_CPU_BF16=1: bfloat16 tiles on CPUs with AMX)")
+                             "LLMQL_CPU_BF16=1: bfloat16 tiles on CPUs with AMX), auto-avx2 (LLMQL_CPU_KERNELS=avx2), "
+                             "auto-torch (LLMQL_CPU_KERNELS=0)")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp's side out")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of the workloads per side (prefix cache emptied between); median reported")
     parser.add_argument("--interleave", type=int, default=0, metavar="N",
@@ -225,7 +233,8 @@ def main() -> None:
     if args.synthetic_path:
         print(json.dumps(synthetic_1b(Path(args.synthetic_path), args.threads)))
         return
-    sides = args.sides.split(",") + (["llama_cpp"] if importlib.util.find_spec("llama_cpp") else [])
+    with_llama = importlib.util.find_spec("llama_cpp") and not args.no_llama_cpp
+    sides = args.sides.split(",") + (["llama_cpp"] if with_llama else [])
     common = ["--rows", str(args.rows), "--threads", str(args.threads), "--repeat", str(args.repeat)]
     common += ["--model", args.model] if args.model else []
     print(json.dumps({"start_utc": time.strftime("%H:%M:%S", time.gmtime()), "load": os.getloadavg()}), flush=True)
@@ -236,7 +245,8 @@ def main() -> None:
         results[side] = r = _child([*common, "--side", side])
         print(json.dumps(_brief(r)), flush=True)
     if "llama_cpp" not in results:
-        print(json.dumps({"side": "llama_cpp", "measured": False, "reason": "llama_cpp not importable"}))
+        reason = "--no-llama-cpp" if args.no_llama_cpp else "llama_cpp not importable"
+        print(json.dumps({"side": "llama_cpp", "measured": False, "reason": reason}))
     print(json.dumps({"time_utc": time.strftime("%H:%M:%S", time.gmtime()), "load": os.getloadavg()}))
     if args.synthetic_1b:
         import tempfile

@@ -70,15 +70,19 @@ def layer_mode(gguf: object, quantization: str, device: str) -> str:
     default model's 16-token greedy answers equal the float32 ones). "auto" on a CPU with the
     int8 GEMM: weight-only group-wise linears ("grouped": the GGUF values kept as int8 with
     their group scales, dequantised tile by tile into a reused float32 buffer at each matmul,
-    or in cache by the AVX-512 kernel of kernels/cpu_gemm.py where it runs, so the arithmetic
+    or in cache by the C kernel of kernels/cpu_gemm.py where it runs, so the arithmetic
     is float32's) for a small model, whose float32 linears take at most
     1/16 of the machine's memory (the default 270M model: 383 MiB as float32, ~110 MiB
     grouped; "bf16", the same with bfloat16 tiles and GEMMs, where `LLMQL_CPU_BF16=1` opts
     in on a CPU with AMX: 2-4x faster linears, but bfloat16's rounding changes 20-30% of the
     default model's 16-token greedy answers), else the int8 GEMM (1B and up). Where llmql's
-    C kernels run (AVX-512), "grouped" for every size: the kernel keeps 4-bit values 4-bit and
-    is as fast as the int8 GEMM (a 1.1B Q4_0 Llama, 32 rows x 16 tokens: 5.53 s against 5.92,
-    2026-12-04), and exact. Otherwise the exact group-wise path.
+    AVX-512 kernels run (`cpu_kernels_available()`), "grouped" for every size: the kernel keeps
+    4-bit values 4-bit, is exact and as fast as the int8 GEMM (a 1.1B Q4_0 Llama, 32 rows x 16
+    tokens: 5.53 s against 5.92, 2026-12-04). Its AVX2 build (CPUs without AVX-512) runs the
+    small models' grouped linears, but large models keep the int8 GEMM there: the AVX2 build
+    matched it only at 1 row (a 1.1B gate+up, 2048 -> 5632, 1 thread, on the AVX-512 box:
+    1.19 ms against 1.19 at 1 row, 10.2 against 3.4 at 32), and it was never measured on a
+    CPU that has AVX2 alone. Otherwise the exact group-wise path.
     """
     from llmql.engine.loader import _physical_memory
 

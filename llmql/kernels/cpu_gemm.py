@@ -1,4 +1,4 @@
-"""Group-wise int8 weights times float32 activations on AVX-512 CPUs, in one kernel.
+"""Group-wise int8 weights times float32 activations on x86 CPUs (AVX-512 or AVX2), in one kernel.
 
 Shapes: x [M, K] float32, a `PackedGrouped` weight [N, K] -> y [M, N] float32, with
 W[n, k] = scale[n, g] * q[n, k] + shift[n, g] (g = k // group): the values of a GGUF tensor
@@ -15,9 +15,31 @@ float32 weight: equal at 60 and 512 rows (gate+up 4096x640 at 60 rows: 1.07 vs 1
 faster at 1-4 rows, where it reads a quarter of the bytes; the torch path it replaces
 (dequantise a tile, then the GEMM) took 2.4 ms there.
 
-The C file is part of llmql's CPU library (kernels/cpu_lib.py: compiled on first use,
-loaded with ctypes, torch's OpenMP threads). Where it does not run (no AVX-512, no C
-compiler, `LLMQL_CPU_KERNELS=0`), `cpu_kernels_available()` is False and the engine keeps
+CPUs with AVX2 but not AVX-512 run csrc/avx2/grouped_gemm.c, an AVX2 + FMA build with the
+same export, layout and roundings (16 ymm registers: each block in two halves of 16
+outputs, up to 6 rows dequantised in registers, more rows from the buffer in 6 x 16 tiles).
+Measured on an AVX-512 box running both builds (`LLMQL_CPU_KERNELS=avx2` forces the AVX2 one;
+2 threads, medians, 2026-12-04), the default model's 4-bit linears (Q4_K: scales and
+shifts), ms:
+
+    K -> N (layer)        rows   AVX2    AVX-512   torch tiles (LLMQL_CPU_KERNELS=0)
+    640 -> 1536 (qkv)       1    0.052   0.035     0.29
+                            6    0.099   0.065     0.35
+                           60    0.68    0.43      1.03
+    640 -> 4096 (gate_up)   1    0.128   0.083     0.70
+                            6    0.26    0.18      0.84
+                           60    1.88    1.32      2.50
+    2048 -> 640 (down)      1    0.070   0.045     0.37
+                            6    0.129   0.084     0.44
+                           60    0.95    0.61      1.26
+
+The AVX2 build takes 1.4-1.6x the AVX-512 kernel's time (half the vector width) and is 3-6x
+faster than the torch path at 1-6 rows, 1.3-1.5x at 60 (whose GEMM ran on AVX-512 here: on an
+AVX2 CPU it is slower still).
+
+The C files are built by kernels/cpu_lib.py (compiled on first use, loaded with ctypes,
+torch's OpenMP threads; `gemm_library()` picks the build). Where neither runs (no AVX2, no C
+compiler, `LLMQL_CPU_KERNELS=0`), `gemm_kernel_available()` is False and the engine keeps
 the torch path.
 """
 
@@ -28,10 +50,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmql.kernels.cpu_lib import library
+from llmql.kernels.cpu_lib import gemm_library
 from llmql.kernels.quant_matmul import group_shift, unpack_nibbles
 
-BLOCK = 32  # output rows per packed block (two AVX-512 vectors)
+BLOCK = 32  # output rows per packed block (two AVX-512 vectors, four AVX2 ones)
 
 
 @dataclass
@@ -95,10 +117,11 @@ def ref_grouped_gemm(x: torch.Tensor, w: PackedGrouped) -> torch.Tensor:
 
 
 def grouped_gemm(x: torch.Tensor, w: PackedGrouped, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] float32 (rows may be strided) -> y [M, N] float32 on the AVX-512 kernel, written
+    """x [M, K] float32 (rows may be strided) -> y [M, N] float32 on the C kernel (AVX-512, else
+    AVX2: `gemm_library()`), written
     into `out` when given (a float32 [M, N] view whose rows may be strided, e.g. columns of a
     wider output)."""
-    lib = library()
+    lib = gemm_library()
     if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != w.k:
         raise ValueError(f"x must be float32 [M, {w.k}] with unit column stride, got {x.dtype} "
                          f"{tuple(x.shape)} strides {x.stride()}")

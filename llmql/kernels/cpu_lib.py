@@ -9,6 +9,12 @@ cores). `cpu_kernels_available()` is False where this cannot run (a CPU without 
 torch's dispatch level says; no compiler; `LLMQL_CPU_KERNELS=0`): callers then keep their
 torch paths. What each kernel computes: kernels/cpu_gemm.py, kernels/cpu_ops.py, kernels/attention_cpu.py
 (`c_paged_attention`), kernels/lora_cpu.py (`c_lora_delta`).
+
+The grouped GEMM alone also has an AVX2 + FMA build (csrc/avx2/*.c, a second library built
+the same way): `gemm_library()` is the AVX-512 library where it runs, else that one where
+torch's dispatch level is AVX2 or better, and `gemm_kernel_available()` says whether either
+runs. `LLMQL_CPU_KERNELS=avx2` forces the AVX2 GEMM and turns the AVX-512 kernels off, as on
+a CPU without AVX-512.
 """
 
 from __future__ import annotations
@@ -21,16 +27,20 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
+AVX2_SRC = CSRC / "avx2"  # NOTE: a subfolder, so that the AVX-512 build's csrc/*.c leaves it out
 SOURCES = tuple(sorted(CSRC.glob("*.c")))
 HEADERS = tuple(sorted(CSRC.glob("*.h")))
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-ffp-contract=off",
          "-fopenmp", "-fPIC", "-shared")
+AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
+KERNEL_CHOICES = ("auto", "0", "avx2")  # LLMQL_CPU_KERNELS
 
 _long, _ptr, _int, _float = ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
@@ -46,65 +56,112 @@ SIGNATURES = {
 RETURNS_INT = ("llmql_grouped_gemm", "llmql_paged_attention", "llmql_lora_delta")
 
 
+class Build(NamedTuple):
+    """One shared library: its sources and headers, compiler flags, exported functions, and
+    the torch dispatch levels (`torch.backends.cpu.get_cpu_capability()`) it runs on."""
+
+    name: str
+    sources: tuple[Path, ...]
+    headers: tuple[Path, ...]
+    flags: tuple[str, ...]
+    exports: tuple[str, ...]
+    capabilities: tuple[str, ...]
+
+
+AVX512 = Build("llmql_cpu", SOURCES, HEADERS, FLAGS, tuple(SIGNATURES), ("AVX512", "AMX"))
+AVX2 = Build("llmql_avx2", tuple(sorted(AVX2_SRC.glob("*.c"))), tuple(sorted(AVX2_SRC.glob("*.h"))), AVX2_FLAGS,
+             ("llmql_grouped_gemm",), ("AVX2", "AVX512", "AMX"))
+
+
 def cpu_kernels_available() -> bool:
     """Whether llmql's C kernels run here: an x86 CPU with AVX-512, a C compiler that built
-    them, and `LLMQL_CPU_KERNELS` not "0" (default "auto"; read at each call: the layers ask
-    at every forward, so the answer is cached per value of the variable)."""
+    them, and `LLMQL_CPU_KERNELS` "auto" (the default; "0" and "avx2" turn them off; read at
+    each call: the layers ask at every forward, so the answer is cached per value of the
+    variable)."""
     return _available(os.environ.get("LLMQL_CPU_KERNELS", ""))
 
 
-@functools.cache
-def _available(raw: str) -> bool:
-    from llmql.settings import env_choice
-
-    if env_choice("LLMQL_CPU_KERNELS", ("auto", "0"), "auto") == "0":
-        return False
-    return _load() is not None
+def gemm_kernel_available() -> bool:
+    """Whether the grouped GEMM (kernels/cpu_gemm.py) runs here: on the AVX-512 library where
+    `cpu_kernels_available()`, else on the AVX2 + FMA one (a CPU with AVX2, a C compiler,
+    `LLMQL_CPU_KERNELS` not "0"; cached per value of the variable)."""
+    raw = os.environ.get("LLMQL_CPU_KERNELS", "")
+    return _kernel_mode(raw) != "0" and _gemm_library(raw) is not None
 
 
 def library() -> ctypes.CDLL:
-    """The loaded library (a RuntimeError where it cannot be built or loaded here).
+    """The loaded AVX-512 library (a RuntimeError where it cannot be built or loaded here).
     `LLMQL_CPU_KERNELS` governs the callers' choice of path (`cpu_kernels_available`), not
     this: weights already packed for a kernel keep running on it if the variable changes."""
-    lib = _load()
+    lib = _load(AVX512)
     if lib is None:
         raise RuntimeError("llmql's CPU kernels are not available here (see cpu_kernels_available)")
     return lib
 
 
-@functools.cache
-def _load() -> ctypes.CDLL | None:
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        log.warning("llmql's CPU kernels are unavailable (%s); using torch's paths", exc)
-        return None
-    for name, argtypes in SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int if name in RETURNS_INT else None
-        fn.argtypes = argtypes
+def gemm_library() -> ctypes.CDLL:
+    """The library whose `llmql_grouped_gemm` runs here: the AVX-512 one where it loads, else
+    the AVX2 one; `LLMQL_CPU_KERNELS=avx2` forces the AVX2 one (a RuntimeError where neither
+    loads). As for `library()`, "0" governs the callers' choice (`gemm_kernel_available`),
+    not this: both builds read the same packed weights."""
+    lib = _gemm_library(os.environ.get("LLMQL_CPU_KERNELS", ""))
+    if lib is None:
+        raise RuntimeError("llmql's grouped GEMM kernel is not available here (see gemm_kernel_available)")
     return lib
 
 
-def _build() -> Path:
-    """Compile the sources once per (sources, flags, compiler) into the cache; return the path."""
+@functools.cache
+def _kernel_mode(raw: str) -> str:
+    from llmql.settings import env_choice
+
+    return env_choice("LLMQL_CPU_KERNELS", KERNEL_CHOICES, "auto")
+
+
+@functools.cache
+def _available(raw: str) -> bool:
+    return _kernel_mode(raw) == "auto" and _load(AVX512) is not None
+
+
+@functools.cache
+def _gemm_library(raw: str) -> ctypes.CDLL | None:
+    if _kernel_mode(raw) != "avx2" and (lib := _load(AVX512)) is not None:
+        return lib
+    return _load(AVX2)
+
+
+@functools.cache
+def _load(build: Build = AVX512) -> ctypes.CDLL | None:
+    if torch.backends.cpu.get_cpu_capability() not in build.capabilities:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(build)))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        log.warning("llmql's CPU kernels (%s) are unavailable (%s); using torch's paths", build.name, exc)
+        return None
+    for name in build.exports:
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int if name in RETURNS_INT else None
+        fn.argtypes = SIGNATURES[name]
+    return lib
+
+
+def _build(build: Build = AVX512) -> Path:
+    """Compile `build` once per (sources, flags, compiler) into the cache; return the path."""
     from llmql.settings import get_settings
 
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc or $CC) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256(" ".join(FLAGS).encode() + version.encode())
-    for source in (*SOURCES, *HEADERS):
+    digest = hashlib.sha256(" ".join(build.flags).encode() + version.encode())
+    for source in (*build.sources, *build.headers):
         digest.update(source.name.encode() + source.read_bytes())
-    target = get_settings().cache_dir / "kernels" / f"llmql_cpu-{digest.hexdigest()[:12]}.so"
+    target = get_settings().cache_dir / "kernels" / f"{build.name}-{digest.hexdigest()[:12]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    done = subprocess.run([cc, *FLAGS, "-o", str(tmp), *map(str, SOURCES), "-lm"],
+    done = subprocess.run([cc, *build.flags, "-o", str(tmp), *map(str, build.sources), "-lm"],
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from llmql.engine.models import load_model
 from llmql.engine.weights.gguf_quant import FileQuantWeight
 from llmql.engine.weights.gguf_reader import read_gguf
 from llmql.engine.weights.quant import QuantWeight, from_gguf, quantize_int4, quantize_int8
-from llmql.kernels.cpu_lib import cpu_kernels_available
+from llmql.kernels.cpu_lib import gemm_kernel_available
 from llmql.kernels.int8_linear import int8_linear_available, onednn_int8_available
 
 T = gguf.GGMLQuantizationType
@@ -172,7 +172,7 @@ def test_int8_gemm_path_near_exact(tiny_model_dir, tiny_hf_model, tmp_path, monk
 def test_auto_grouped_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf_model, tmp_path,
                                                           monkeypatch) -> None:
     """"auto" on a CPU with the int8 GEMM, a model whose float32 linears fit: the linears
-    weight-only group-wise (int8 values: on the AVX-512 kernel where it runs, else
+    weight-only group-wise (int8 values: on the C kernel where it runs, else
     dequantised per call), the LM head on int8 with its top tokens re-scored exactly,
     the token embedding read from the GGUF file; the greedy token and top logits are exact."""
     hf = tiny_hf_model(tiny_model_dir("gemma3"))
@@ -184,7 +184,7 @@ def test_auto_grouped_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf
     auto = load_model(str(path), quantization="auto", cache_dir=tmp_path / "c2")
     qkv = auto.model.model.layers[0].self_attn.qkv_proj
     assert qkv.weight.is_meta and qkv.quant.int8 is None and qkv.quant.dtype == torch.float32
-    if cpu_kernels_available():  # NOTE: the AVX-512 kernel's packed int8 blocks
+    if gemm_kernel_available():  # NOTE: the C kernel's packed int8 blocks
         assert qkv.quant.packed and not qkv.quant.parts
         assert all(p.q.dtype == torch.int8 for _, p in qkv.quant.packed)
     else:
@@ -201,6 +201,33 @@ def test_auto_grouped_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf
     torch_path = load_model(str(path), quantization="auto", cache_dir=tmp_path / "c3")
     assert torch_path.model.model.layers[0].self_attn.qkv_proj.quant.parts
     torch.testing.assert_close(_logits(torch_path).gather(-1, top), got.gather(-1, top), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not int8_linear_available(), reason="no FBGEMM int8 linear on this CPU")
+def test_avx2_grouped_kernel_same_greedy_tokens(tiny_model_dir, tiny_hf_model, tmp_path, monkeypatch) -> None:
+    """`LLMQL_CPU_KERNELS=avx2` (a CPU with AVX2 but not AVX-512): "auto" runs a Q4_0 model's
+    linears on the AVX2 build of the grouped kernel (4-bit values packed as nibbles), the
+    rest on torch's paths, and the engine's greedy tokens equal those of the torch path
+    (`LLMQL_CPU_KERNELS=0`: the values widened, dequantised per call)."""
+    from llmql.engine.engine import load
+    from llmql.engine.types import GenerationRequest
+
+    hf = tiny_hf_model(tiny_model_dir("llama"))
+    path = write_gguf(hf, tmp_path / "llama.gguf", "llama", quantize=True, qtype=T.Q4_0)
+    monkeypatch.setenv("LLMQL_INT8_GEMM", "1")
+    answers = {}
+    for kernels in ("0", "avx2"):
+        monkeypatch.setenv("LLMQL_CPU_KERNELS", kernels)
+        if kernels == "avx2" and not gemm_kernel_available():
+            pytest.skip("no AVX2 CPU or C compiler")
+        engine = load(str(path), quantization="auto", kv_tokens=512)
+        down = engine.lm.model.model.layers[0].mlp.down_proj.quant
+        assert [p.bits for _, p in down.packed] == ([4] if kernels == "avx2" else [])
+        reqs = [GenerationRequest(p, max_tokens=8) for p in ([1, 7, 8, 9], [1, 70, 3], [1, 5, 5, 60, 2])]
+        answers[kernels] = [(r.text, r.output_tokens) for r in engine.generate(reqs, progress=False)]
+        engine.close()
+    assert sum(n for _, n in answers["0"]) >= 12 and all(text for text, _ in answers["0"])
+    assert answers["avx2"] == answers["0"]
 
 
 @pytest.mark.skipif(not (int8_linear_available() and onednn_int8_available()),

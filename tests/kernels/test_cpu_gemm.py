@@ -1,7 +1,10 @@
-"""The AVX-512 grouped int8 kernel against its torch reference (dequantise, then matmul).
+"""The grouped int8 kernel, its AVX-512 and AVX2 builds, against its torch reference
+(dequantise, then matmul).
 
-Skipped where the kernel does not build or run (no AVX-512, no C compiler): the engine then
-keeps the torch path, which tests/kernels/test_quant_matmul.py covers.
+Kernel tests run once per build (`LLMQL_CPU_KERNELS` "auto": AVX-512 where the CPU has it;
+"avx2": the AVX2 build, as on a CPU without AVX-512) and skip where that build does not run
+(no such CPU, no C compiler): the engine then keeps the torch path, which
+tests/kernels/test_quant_matmul.py covers.
 """
 
 from __future__ import annotations
@@ -15,10 +18,17 @@ from llmql.kernels.cpu_gemm import (
     ref_grouped_gemm,
     unpack_grouped,
 )
-from llmql.kernels.cpu_lib import cpu_kernels_available
+from llmql.kernels.cpu_lib import cpu_kernels_available, gemm_kernel_available, gemm_library
 from llmql.kernels.quant_matmul import dequantize
 
-needs_kernel = pytest.mark.skipif(not cpu_kernels_available(), reason="no AVX-512 CPU or C compiler")
+
+@pytest.fixture(params=["auto", "avx2"])
+def kernel(request, monkeypatch) -> str:
+    """The build the test runs on: the default one, or the AVX2 one forced."""
+    monkeypatch.setenv("LLMQL_CPU_KERNELS", request.param)
+    if not gemm_kernel_available():
+        pytest.skip(f"no grouped GEMM build for LLMQL_CPU_KERNELS={request.param} (CPU or C compiler)")
+    return request.param
 
 
 def make_case(n: int, k: int, group: int, zeros: bool, seed: int = 0, bits: int = 8):
@@ -47,36 +57,37 @@ def test_packing_keeps_the_values(bits, group, offset, zeros) -> None:
                                atol=1e-7, rtol=1e-6)
 
 
-@needs_kernel
 @pytest.mark.parametrize("bits,group,offset,zeros", LAYOUTS)
-@pytest.mark.parametrize("m", [0, 1, 3, 6, 7, 8, 9, 61, 130])
-def test_kernel_matches_reference(bits, group, offset, zeros, m) -> None:
-    """Every row count the kernel splits differently (registers up to 6 rows; 8-row blocks
-    and their tails above), a column count that is not a multiple of 32, 8- and 4-bit."""
-    q, s, z = make_case(100, 192, group, zeros, seed=m, bits=bits)
+@pytest.mark.parametrize("m", [0, 1, 2, 3, 5, 6, 7, 8, 9, 13, 61, 64, 130])
+@pytest.mark.parametrize("n", [96, 100])
+def test_kernel_matches_reference(kernel, bits, group, offset, zeros, m, n) -> None:
+    """Every row count a build splits differently (registers up to 6 rows; 8-row (AVX-512) or
+    6-row (AVX2) tiles and their tails above), column counts that are and are not a multiple
+    of 32 (the AVX2 build's two 16-column halves and masked tails), 8- and 4-bit."""
+    q, s, z = make_case(n, 192, group, zeros, seed=m, bits=bits)
     w = pack_grouped(q, s, z, group=group, offset=offset, bits=bits)
     x = torch.randn(m, 192, generator=torch.Generator().manual_seed(1))
     got = grouped_gemm(x, w)
-    assert got.shape == (m, 100)
+    assert got.shape == (m, n)
     torch.testing.assert_close(got, ref_grouped_gemm(x, w), atol=2e-5, rtol=1e-5)
 
 
-@needs_kernel
-def test_strided_input_and_output_columns() -> None:
+@pytest.mark.parametrize("m", [3, 9])
+def test_strided_input_and_output_columns(kernel, m) -> None:
     """x with a row stride (a column slice of a wider tensor) and output written into the
-    columns of a wider tensor (how packed parts of one layer fill one output)."""
+    columns of a wider tensor (how packed parts of one layer fill one output), for rows
+    multiplied in registers (3) and from the dequantised buffer (9)."""
     q, s, z = make_case(40, 64, 32, True)
     w = pack_grouped(q, s, z, group=32)
-    wide = torch.randn(9, 100)
+    wide = torch.randn(m, 100)
     x = wide[:, 10:74]
-    out = torch.full((9, 50), 7.0)
+    out = torch.full((m, 50), 7.0)
     grouped_gemm(x, w, out[:, 5:45])
     torch.testing.assert_close(out[:, 5:45], ref_grouped_gemm(x, w), atol=2e-5, rtol=1e-5)
     assert (out[:, :5] == 7).all() and (out[:, 45:] == 7).all()  # nothing written outside
 
 
-@needs_kernel
-def test_threads_do_not_change_the_answer() -> None:
+def test_threads_do_not_change_the_answer(kernel) -> None:
     q, s, z = make_case(256, 128, 32, False)
     w = pack_grouped(q, s, z, group=32)
     x = torch.randn(20, 128)
@@ -99,7 +110,7 @@ def test_bad_input_is_refused() -> None:
         pack_grouped(q, s, None, group=32, bits=4)  # NOTE: int8 values are not nibbles
     with pytest.raises(ValueError, match="scales"):
         pack_grouped(q, s[:, :1], None, group=32)
-    if cpu_kernels_available():
+    if gemm_kernel_available():
         w = pack_grouped(q, s, None, group=32)
         with pytest.raises(ValueError, match="float32"):
             grouped_gemm(torch.randn(3, 64).double(), w)
@@ -110,14 +121,27 @@ def test_bad_input_is_refused() -> None:
 def test_disabled_by_setting(monkeypatch) -> None:
     """`LLMQL_CPU_KERNELS=0` turns the kernels off for new choices; a weight packed before
     keeps running on its kernel (it has no other form)."""
-    runs = cpu_kernels_available()
+    runs = gemm_kernel_available()
     q, s, _ = make_case(32, 64, 32, False)
     w = pack_grouped(q, s, None, group=32)
     monkeypatch.setenv("LLMQL_CPU_KERNELS", "0")
-    assert not cpu_kernels_available()
+    assert not cpu_kernels_available() and not gemm_kernel_available()
     if runs:
         x = torch.randn(2, 64)
         torch.testing.assert_close(grouped_gemm(x, w), ref_grouped_gemm(x, w), atol=2e-5, rtol=1e-5)
     monkeypatch.setenv("LLMQL_CPU_KERNELS", "yes")
     with pytest.raises(ValueError, match="LLMQL_CPU_KERNELS"):
         cpu_kernels_available()
+
+
+def test_avx2_setting_keeps_only_the_avx2_gemm(monkeypatch) -> None:
+    """`LLMQL_CPU_KERNELS=avx2` simulates a CPU without AVX-512: the AVX-512 kernels are off
+    and the grouped GEMM runs on its AVX2 build; "auto" prefers the AVX-512 build."""
+    monkeypatch.setenv("LLMQL_CPU_KERNELS", "avx2")
+    assert not cpu_kernels_available()
+    if not gemm_kernel_available():
+        pytest.skip("no AVX2 CPU or C compiler")
+    assert "llmql_avx2" in gemm_library()._name
+    monkeypatch.setenv("LLMQL_CPU_KERNELS", "auto")
+    assert gemm_kernel_available()
+    assert ("llmql_avx2" in gemm_library()._name) != cpu_kernels_available()

@@ -15,8 +15,8 @@ greedy token and the top of the distribution are those of the exact weights for 
 hidden state (the tied embedding keeps using the exact copy, which may stay in the GGUF
 file: `FileQuantWeight`). The other linears run as `finalize_quantized(layers=...)` says:
 group-wise exact (weight-only: dequantised tile by tile at each call, float32 arithmetic;
-"grouped" widens 4-bit values to int8 for a cheaper dequantisation, and on AVX-512 CPUs
-runs them on kernels/cpu_gemm.py's kernel, which dequantises in cache as it multiplies:
+"grouped" widens 4-bit values to int8 for a cheaper dequantisation, and on AVX-512 or AVX2
+CPUs runs them on kernels/cpu_gemm.py's kernel, which dequantises in cache as it multiplies:
 as fast as a float32 GEMM at 60 rows, 2-4x faster at 1-4), on the int8 GEMM
 (fast, approximate: int8 weights, activations rounded to 7 bits and compensated), or
 dequantised to float32 once.
@@ -33,7 +33,7 @@ from torch import nn
 
 from llmql.engine.weights.quant import QuantWeight, stack_rows
 from llmql.kernels.cpu_gemm import PackedGrouped, grouped_gemm, pack_grouped
-from llmql.kernels.cpu_lib import cpu_kernels_available
+from llmql.kernels.cpu_lib import gemm_kernel_available
 from llmql.kernels.int8_linear import (
     int8_linear,
     int8_linear_available,
@@ -67,7 +67,7 @@ class QuantParts:
         self.parts = []
 
     def use_cpu_kernel(self) -> None:
-        """Run `matmul` on the AVX-512 grouped kernel (kernels/cpu_gemm.py: the same values,
+        """Run `matmul` on the grouped C kernel (kernels/cpu_gemm.py: the same values,
         float32 arithmetic) with each part packed into its layout (8-bit values as int8,
         4-bit ones as nibbles), the group-wise copy dropped."""
         self.packed = []
@@ -296,8 +296,9 @@ def finalize_quantized(model: nn.Module, *, layers: str = "exact") -> int:
     GEMM runs, the LM head gets its int8 copy (re-scored exactly, see `rescored_logits`).
     `layers` says how the other linears run: "exact" (group-wise, dequantising tile by tile
     at each call), "grouped" (the same with 4-bit values widened to int8, for a cheaper
-    dequantisation on CPU; on the AVX-512 kernel of kernels/cpu_gemm.py where it runs, with
-    4-bit values kept 4-bit: `QuantParts.use_cpu_kernel`), "bf16" ("grouped" with bfloat16 tiles and GEMMs, for CPUs with
+    dequantisation on CPU; on the C kernel of kernels/cpu_gemm.py where it runs (AVX-512, else
+    its AVX2 build: `gemm_kernel_available`), with 4-bit values kept 4-bit:
+    `QuantParts.use_cpu_kernel`), "bf16" ("grouped" with bfloat16 tiles and GEMMs, for CPUs with
     AMX: `amx_available`), "int8" (the int8 GEMM, activations compensated) or "float"
     (dequantised once to float32: exact, 4 bytes per weight). Where the CPU has AMX, the LM
     head's int8 copy is oneDNN's (`Int8Packed(onednn=True)`), else FBGEMM's.
@@ -313,7 +314,7 @@ def finalize_quantized(model: nn.Module, *, layers: str = "exact") -> int:
         head.quant = embed.quant
         quantized.append(head)
     int8 = bool(quantized) and int8_enabled(model)
-    cpu_kernel = layers == "grouped" and on_cpu(model) and cpu_kernels_available()
+    cpu_kernel = layers == "grouped" and on_cpu(model) and gemm_kernel_available()
     for module in quantized:
         w = module.weight
         if layers == "float" and module is not embed and module is not head:
