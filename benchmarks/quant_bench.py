@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 SIDES = ("none", "auto", "int8")
-# "auto" with LLMQL_CPU_KERNELS set: the AVX2 build of the grouped GEMM and torch's other
-# paths (what a CPU with AVX2 but not AVX-512 runs), or torch's paths only
+# "auto" with LLMQL_CPU_KERNELS set: the AVX2 builds of the C kernels (GEMM, attention, row
+# ops; the LoRA delta has none: what a CPU with AVX2 but not AVX-512 runs), or torch's paths only
 KERNEL_SIDES = {"auto-avx2": "avx2", "auto-torch": "0"}
 WORKLOADS = {"prefill": 2, "decode": 32}
 

@@ -29,9 +29,10 @@ Environment variables:
     LLMQL_CPU_KERNELS "auto" (default): on AVX-512 CPUs llmql's C kernels (compiled on
                       first use into the cache dir with the system's `cc`) run a quantized
                       model's group-wise linears, attention, RMSNorm and the gated MLP
-                      activation; on CPUs with AVX2 but not AVX-512, the linears' kernel
-                      only (its AVX2 build); "avx2": that AVX2 build on any such CPU, the
-                      rest on torch's paths (what an AVX2-only CPU runs); "0": torch's paths.
+                      activation; on CPUs with AVX2 but not AVX-512, the AVX2 builds of
+                      these (the LoRA kernel keeps torch's path); "avx2": the AVX2 builds
+                      on any such CPU, the AVX-512 ones off (what an AVX2-only CPU runs);
+                      "0": torch's paths.
 """
 
 from __future__ import annotations

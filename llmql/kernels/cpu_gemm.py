@@ -38,8 +38,8 @@ faster than the torch path at 1-6 rows, 1.3-1.5x at 60 (whose GEMM ran on AVX-51
 AVX2 CPU it is slower still).
 
 The C files are built by kernels/cpu_lib.py (compiled on first use, loaded with ctypes,
-torch's OpenMP threads; `gemm_library()` picks the build). Where neither runs (no AVX2, no C
-compiler, `LLMQL_CPU_KERNELS=0`), `gemm_kernel_available()` is False and the engine keeps
+torch's OpenMP threads; `kernel_library` picks the build). Where neither runs (no AVX2, no C
+compiler, `LLMQL_CPU_KERNELS=0`), `kernel_available("llmql_grouped_gemm")` is False and the engine keeps
 the torch path.
 """
 
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmql.kernels.cpu_lib import gemm_library
+from llmql.kernels.cpu_lib import kernel_library
 from llmql.kernels.quant_matmul import group_shift, unpack_nibbles
 
 BLOCK = 32  # output rows per packed block (two AVX-512 vectors, four AVX2 ones)
@@ -118,10 +118,10 @@ def ref_grouped_gemm(x: torch.Tensor, w: PackedGrouped) -> torch.Tensor:
 
 def grouped_gemm(x: torch.Tensor, w: PackedGrouped, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] float32 (rows may be strided) -> y [M, N] float32 on the C kernel (AVX-512, else
-    AVX2: `gemm_library()`), written
+    AVX2: `kernel_library`), written
     into `out` when given (a float32 [M, N] view whose rows may be strided, e.g. columns of a
     wider output)."""
-    lib = gemm_library()
+    lib = kernel_library("llmql_grouped_gemm")
     if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != w.k:
         raise ValueError(f"x must be float32 [M, {w.k}] with unit column stride, got {x.dtype} "
                          f"{tuple(x.shape)} strides {x.stride()}")

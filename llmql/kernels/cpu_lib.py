@@ -1,20 +1,22 @@
-"""llmql's own CPU kernels in C (csrc/*.c, AVX-512), built on first use and loaded with ctypes.
+"""llmql's own CPU kernels in C (csrc/*.c, AVX-512; csrc/avx2/*.c, AVX2), built on first use and loaded with ctypes.
 
 The sources (and the headers they share) are compiled together with the system's C compiler (`$CC`, else `cc` or `gcc`)
 into one shared library under `<cache>/kernels/`, keyed by the sources, the flags and the
 compiler's version (about a second; atomic, so concurrent first uses are safe), and loaded
 with ctypes: calls release the GIL, and their OpenMP threads are torch's own (the library
 links the libgomp that torch has already loaded, so no second thread pool competes for the
-cores). `cpu_kernels_available()` is False where this cannot run (a CPU without AVX-512, as
-torch's dispatch level says; no compiler; `LLMQL_CPU_KERNELS=0`): callers then keep their
-torch paths. What each kernel computes: kernels/cpu_gemm.py, kernels/cpu_ops.py, kernels/attention_cpu.py
+cores). What each kernel computes: kernels/cpu_gemm.py, kernels/cpu_ops.py, kernels/attention_cpu.py
 (`c_paged_attention`), kernels/lora_cpu.py (`c_lora_delta`).
 
-The grouped GEMM alone also has an AVX2 + FMA build (csrc/avx2/*.c, a second library built
-the same way): `gemm_library()` is the AVX-512 library where it runs, else that one where
-torch's dispatch level is AVX2 or better, and `gemm_kernel_available()` says whether either
-runs. `LLMQL_CPU_KERNELS=avx2` forces the AVX2 GEMM and turns the AVX-512 kernels off, as on
-a CPU without AVX-512.
+Two builds: `AVX512` (every kernel) and `AVX2` (AVX2 + FMA + F16C, csrc/avx2/*.c: the grouped
+GEMM, RMSNorm, the gated activation, q/k norm + RoPE and paged attention, with the same
+exports and values, for CPUs without AVX-512). `kernel_library(name)` is the library whose
+`name` runs here: the AVX-512 one where it runs, else the AVX2 one where torch's dispatch
+level is AVX2 or better and it exports `name`; `kernel_available(name)` says whether one does
+(False where neither runs: no such CPU, as torch's dispatch level says; no compiler;
+`LLMQL_CPU_KERNELS=0`): callers then keep their torch paths. `LLMQL_CPU_KERNELS=avx2` turns
+the AVX-512 library off and the AVX2 one on, as on a CPU without AVX-512.
+`cpu_kernels_available()` and `library()` mean the AVX-512 library alone (the LoRA kernel's).
 """
 
 from __future__ import annotations
@@ -70,23 +72,25 @@ class Build(NamedTuple):
 
 AVX512 = Build("llmql_cpu", SOURCES, HEADERS, FLAGS, tuple(SIGNATURES), ("AVX512", "AMX"))
 AVX2 = Build("llmql_avx2", tuple(sorted(AVX2_SRC.glob("*.c"))), tuple(sorted(AVX2_SRC.glob("*.h"))), AVX2_FLAGS,
-             ("llmql_grouped_gemm",), ("AVX2", "AVX512", "AMX"))
+             ("llmql_grouped_gemm", "llmql_rms_norm", "llmql_gated_act", "llmql_norm_rope", "llmql_paged_attention"),
+             ("AVX2", "AVX512", "AMX"))
 
 
 def cpu_kernels_available() -> bool:
-    """Whether llmql's C kernels run here: an x86 CPU with AVX-512, a C compiler that built
-    them, and `LLMQL_CPU_KERNELS` "auto" (the default; "0" and "avx2" turn them off; read at
-    each call: the layers ask at every forward, so the answer is cached per value of the
-    variable)."""
+    """Whether llmql's AVX-512 library runs here (every kernel; the LoRA delta's only build):
+    an x86 CPU with AVX-512, a C compiler that built it, and `LLMQL_CPU_KERNELS` "auto" (the
+    default; "0" and "avx2" turn it off; read at each call: the layers ask at every forward,
+    so the answer is cached per value of the variable)."""
     return _available(os.environ.get("LLMQL_CPU_KERNELS", ""))
 
 
-def gemm_kernel_available() -> bool:
-    """Whether the grouped GEMM (kernels/cpu_gemm.py) runs here: on the AVX-512 library where
-    `cpu_kernels_available()`, else on the AVX2 + FMA one (a CPU with AVX2, a C compiler,
-    `LLMQL_CPU_KERNELS` not "0"; cached per value of the variable)."""
+def kernel_available(name: str) -> bool:
+    """Whether the kernel `name` (an export, e.g. "llmql_rms_norm") runs here: on the AVX-512
+    library where `cpu_kernels_available()`, else on the AVX2 one where it exports `name` (a
+    CPU with AVX2, a C compiler, `LLMQL_CPU_KERNELS` not "0"; cached per value of the
+    variable)."""
     raw = os.environ.get("LLMQL_CPU_KERNELS", "")
-    return _kernel_mode(raw) != "0" and _gemm_library(raw) is not None
+    return _kernel_mode(raw) != "0" and _kernel_library(raw, name) is not None
 
 
 def library() -> ctypes.CDLL:
@@ -99,14 +103,14 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-def gemm_library() -> ctypes.CDLL:
-    """The library whose `llmql_grouped_gemm` runs here: the AVX-512 one where it loads, else
-    the AVX2 one; `LLMQL_CPU_KERNELS=avx2` forces the AVX2 one (a RuntimeError where neither
-    loads). As for `library()`, "0" governs the callers' choice (`gemm_kernel_available`),
-    not this: both builds read the same packed weights."""
-    lib = _gemm_library(os.environ.get("LLMQL_CPU_KERNELS", ""))
+def kernel_library(name: str) -> ctypes.CDLL:
+    """The library whose `name` runs here: the AVX-512 one where it loads, else the AVX2 one
+    where it exports `name`; `LLMQL_CPU_KERNELS=avx2` forces the AVX2 one (a RuntimeError
+    where neither has it). As for `library()`, "0" governs the callers' choice
+    (`kernel_available`), not this: both builds read the same packed weights."""
+    lib = _kernel_library(os.environ.get("LLMQL_CPU_KERNELS", ""), name)
     if lib is None:
-        raise RuntimeError("llmql's grouped GEMM kernel is not available here (see gemm_kernel_available)")
+        raise RuntimeError(f"llmql's CPU kernel {name} is not available here (see kernel_available)")
     return lib
 
 
@@ -123,10 +127,10 @@ def _available(raw: str) -> bool:
 
 
 @functools.cache
-def _gemm_library(raw: str) -> ctypes.CDLL | None:
+def _kernel_library(raw: str, name: str) -> ctypes.CDLL | None:
     if _kernel_mode(raw) != "avx2" and (lib := _load(AVX512)) is not None:
         return lib
-    return _load(AVX2)
+    return _load(AVX2) if name in AVX2.exports else None
 
 
 @functools.cache

@@ -9,6 +9,7 @@ import torch
 from llmql.engine.context import ForwardBatch, forward_context
 from llmql.engine.kvcache.pool import KVPool
 from llmql.engine.models import LoadedModel, load_model
+from llmql.kernels.cpu_lib import kernel_available
 
 ATOL = 1e-4
 # NOTE: the keys of conftest.TINY_FAMILIES (conftest modules are not importable here).
@@ -102,11 +103,15 @@ def test_prefill_on_cached_prefix_matches_transformers(pair, k: int) -> None:
     torch.testing.assert_close(logits, hf_logits(hf, ids)[k:], atol=ATOL, rtol=1e-4)
 
 
-def test_torch_paths_match_transformers(pair, monkeypatch) -> None:
-    """With llmql's C kernels off (`LLMQL_CPU_KERNELS=0`: what CPUs without AVX-512 or a C
-    compiler run) the torch paths give transformers' logits too: a prefill, then a
-    continuation on its cached prefix and a decode step."""
-    monkeypatch.setenv("LLMQL_CPU_KERNELS", "0")
+@pytest.mark.parametrize("kernels", ["0", "avx2"])
+def test_other_cpu_paths_match_transformers(pair, kernels, monkeypatch) -> None:
+    """With llmql's C kernels off (`LLMQL_CPU_KERNELS=0`: what CPUs without AVX2 or a C
+    compiler run) the torch paths give transformers' logits too, and so do the kernels' AVX2
+    builds ("avx2": what CPUs without AVX-512 run): a prefill, then a continuation on its
+    cached prefix and a decode step."""
+    monkeypatch.setenv("LLMQL_CPU_KERNELS", kernels)
+    if kernels == "avx2" and not kernel_available("llmql_paged_attention"):
+        pytest.skip("no AVX2 CPU or C compiler")
     lm, hf = pair
     ids = sequence(12, seed=7)
     pool, empty = new_pool(lm), torch.empty(0, dtype=torch.int64)

@@ -18,7 +18,7 @@ from llmql.engine.models import load_model
 from llmql.engine.weights.gguf_quant import FileQuantWeight
 from llmql.engine.weights.gguf_reader import read_gguf
 from llmql.engine.weights.quant import QuantWeight, from_gguf, quantize_int4, quantize_int8
-from llmql.kernels.cpu_lib import gemm_kernel_available
+from llmql.kernels.cpu_lib import kernel_available
 from llmql.kernels.int8_linear import int8_linear_available, onednn_int8_available
 
 T = gguf.GGMLQuantizationType
@@ -184,7 +184,7 @@ def test_auto_grouped_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf
     auto = load_model(str(path), quantization="auto", cache_dir=tmp_path / "c2")
     qkv = auto.model.model.layers[0].self_attn.qkv_proj
     assert qkv.weight.is_meta and qkv.quant.int8 is None and qkv.quant.dtype == torch.float32
-    if gemm_kernel_available():  # NOTE: the C kernel's packed int8 blocks
+    if kernel_available("llmql_grouped_gemm"):  # NOTE: the C kernel's packed int8 blocks
         assert qkv.quant.packed and not qkv.quant.parts
         assert all(p.q.dtype == torch.int8 for _, p in qkv.quant.packed)
     else:
@@ -206,8 +206,8 @@ def test_auto_grouped_layers_int8_head_embedding_in_file(tiny_model_dir, tiny_hf
 @pytest.mark.skipif(not int8_linear_available(), reason="no FBGEMM int8 linear on this CPU")
 def test_avx2_grouped_kernel_same_greedy_tokens(tiny_model_dir, tiny_hf_model, tmp_path, monkeypatch) -> None:
     """`LLMQL_CPU_KERNELS=avx2` (a CPU with AVX2 but not AVX-512): "auto" runs a Q4_0 model's
-    linears on the AVX2 build of the grouped kernel (4-bit values packed as nibbles), the
-    rest on torch's paths, and the engine's greedy tokens equal those of the torch path
+    linears on the AVX2 build of the grouped kernel (4-bit values packed as nibbles), its
+    norms, activations and attention on the AVX2 builds of theirs, and the engine's greedy tokens equal those of the torch path
     (`LLMQL_CPU_KERNELS=0`: the values widened, dequantised per call)."""
     from llmql.engine.engine import load
     from llmql.engine.types import GenerationRequest
@@ -218,7 +218,7 @@ def test_avx2_grouped_kernel_same_greedy_tokens(tiny_model_dir, tiny_hf_model, t
     answers = {}
     for kernels in ("0", "avx2"):
         monkeypatch.setenv("LLMQL_CPU_KERNELS", kernels)
-        if kernels == "avx2" and not gemm_kernel_available():
+        if kernels == "avx2" and not kernel_available("llmql_grouped_gemm"):
             pytest.skip("no AVX2 CPU or C compiler")
         engine = load(str(path), quantization="auto", kv_tokens=512)
         down = engine.lm.model.model.layers[0].mlp.down_proj.quant

@@ -11,15 +11,24 @@ import torch
 
 from llmql.kernels.attention import ref_paged_attention
 from llmql.kernels.attention_cpu import c_paged_attention, cpu_paged_attention
-from llmql.kernels.cpu_lib import cpu_kernels_available
-
-needs_kernels = pytest.mark.skipif(not cpu_kernels_available(), reason="no AVX-512 CPU or C compiler")
+from llmql.kernels.cpu_lib import kernel_available
 
 
-@pytest.fixture(params=["auto", "0"])
+@pytest.fixture(params=["auto", "avx2", "0"])
 def kernels(request, monkeypatch) -> str:
-    """Both CPU paths: llmql's C kernel where it runs ("auto") and the torch path ("0")."""
+    """Every CPU path: llmql's C kernel where it runs ("auto": AVX-512 where the CPU has it;
+    "avx2": its AVX2 build) and the torch path ("0")."""
     monkeypatch.setenv("LLMQL_CPU_KERNELS", request.param)
+    return request.param
+
+
+@pytest.fixture(params=["auto", "avx2"])
+def kernel(request, monkeypatch) -> str:
+    """The C kernel's build the test runs on: the default one, or the AVX2 one forced (skipped
+    where that build does not run: no such CPU, no C compiler)."""
+    monkeypatch.setenv("LLMQL_CPU_KERNELS", request.param)
+    if not kernel_available("llmql_paged_attention"):
+        pytest.skip(f"no paged attention build for LLMQL_CPU_KERNELS={request.param} (CPU or C compiler)")
     return request.param
 
 
@@ -114,10 +123,9 @@ def test_shared_prefix_groups_pick_the_larger_saving() -> None:
     assert _split([3, 5], 0, 2) == (0, [])  # below SHARED_MIN: no group
 
 
-@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 20])
-def test_c_kernel_on_model_shapes(dtype, window) -> None:
+def test_c_kernel_on_model_shapes(dtype, window, kernel) -> None:
     """The default model's heads (4 query heads on 1 KV head of 256) over a pool of each
     dtype: long prefills on cached prefixes (several 16-query tiles, several 16-key blocks,
     key blocks partly outside a sliding window), decode rows, a fresh one-token prompt."""
@@ -129,8 +137,19 @@ def test_c_kernel_on_model_shapes(dtype, window) -> None:
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-@needs_kernels
-def test_c_kernel_declines_shapes_it_does_not_take() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [48, 80])
+def test_c_kernel_on_other_head_dims(dtype, d, kernel) -> None:
+    """Head dims whose rows are not a whole number of the kernels' register blocks (AVX2: 8
+    vectors of 8), 3 query heads per KV head, last key blocks of 1-16 keys."""
+    q_lens, kv_lens = [12, 1, 1, 3], [27, 9, 16, 8]
+    q, k, v, qo, kvp, idx = make_case(q_lens, kv_lens, hq=6, hkv=2, d=d, seed=d)
+    k, v = k.to(dtype), v.to(dtype)
+    got = c_paged_attention(q, k, v, qo, kvp, idx, scale=0.2)
+    torch.testing.assert_close(got, ref_paged_attention(q, k, v, qo, kvp, idx, scale=0.2), atol=2e-5, rtol=1e-4)
+
+
+def test_c_kernel_declines_shapes_it_does_not_take(kernel) -> None:
     """Head dims that are not a multiple of 16, or over 256, and more than 16 query heads per
     KV head: None, and `cpu_paged_attention` falls back to the torch path."""
     for hq, d in [(4, 8), (2, 320), (32, 16)]:

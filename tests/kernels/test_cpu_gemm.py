@@ -18,7 +18,7 @@ from llmql.kernels.cpu_gemm import (
     ref_grouped_gemm,
     unpack_grouped,
 )
-from llmql.kernels.cpu_lib import cpu_kernels_available, gemm_kernel_available, gemm_library
+from llmql.kernels.cpu_lib import AVX2, cpu_kernels_available, kernel_available, kernel_library
 from llmql.kernels.quant_matmul import dequantize
 
 
@@ -26,7 +26,7 @@ from llmql.kernels.quant_matmul import dequantize
 def kernel(request, monkeypatch) -> str:
     """The build the test runs on: the default one, or the AVX2 one forced."""
     monkeypatch.setenv("LLMQL_CPU_KERNELS", request.param)
-    if not gemm_kernel_available():
+    if not kernel_available("llmql_grouped_gemm"):
         pytest.skip(f"no grouped GEMM build for LLMQL_CPU_KERNELS={request.param} (CPU or C compiler)")
     return request.param
 
@@ -110,7 +110,7 @@ def test_bad_input_is_refused() -> None:
         pack_grouped(q, s, None, group=32, bits=4)  # NOTE: int8 values are not nibbles
     with pytest.raises(ValueError, match="scales"):
         pack_grouped(q, s[:, :1], None, group=32)
-    if gemm_kernel_available():
+    if kernel_available("llmql_grouped_gemm"):
         w = pack_grouped(q, s, None, group=32)
         with pytest.raises(ValueError, match="float32"):
             grouped_gemm(torch.randn(3, 64).double(), w)
@@ -121,11 +121,11 @@ def test_bad_input_is_refused() -> None:
 def test_disabled_by_setting(monkeypatch) -> None:
     """`LLMQL_CPU_KERNELS=0` turns the kernels off for new choices; a weight packed before
     keeps running on its kernel (it has no other form)."""
-    runs = gemm_kernel_available()
+    runs = kernel_available("llmql_grouped_gemm")
     q, s, _ = make_case(32, 64, 32, False)
     w = pack_grouped(q, s, None, group=32)
     monkeypatch.setenv("LLMQL_CPU_KERNELS", "0")
-    assert not cpu_kernels_available() and not gemm_kernel_available()
+    assert not cpu_kernels_available() and not kernel_available("llmql_grouped_gemm")
     if runs:
         x = torch.randn(2, 64)
         torch.testing.assert_close(grouped_gemm(x, w), ref_grouped_gemm(x, w), atol=2e-5, rtol=1e-5)
@@ -134,14 +134,17 @@ def test_disabled_by_setting(monkeypatch) -> None:
         cpu_kernels_available()
 
 
-def test_avx2_setting_keeps_only_the_avx2_gemm(monkeypatch) -> None:
-    """`LLMQL_CPU_KERNELS=avx2` simulates a CPU without AVX-512: the AVX-512 kernels are off
-    and the grouped GEMM runs on its AVX2 build; "auto" prefers the AVX-512 build."""
+def test_avx2_setting_picks_the_avx2_build(monkeypatch) -> None:
+    """`LLMQL_CPU_KERNELS=avx2` simulates a CPU without AVX-512: the AVX-512 library is off
+    (and the LoRA kernel, which has no AVX2 build) and every AVX2 export runs on the AVX2
+    build; "auto" prefers the AVX-512 build."""
     monkeypatch.setenv("LLMQL_CPU_KERNELS", "avx2")
-    assert not cpu_kernels_available()
-    if not gemm_kernel_available():
+    assert not cpu_kernels_available() and not kernel_available("llmql_lora_delta")
+    if not kernel_available("llmql_grouped_gemm"):
         pytest.skip("no AVX2 CPU or C compiler")
-    assert "llmql_avx2" in gemm_library()._name
+    for name in AVX2.exports:
+        assert kernel_available(name) and "llmql_avx2" in kernel_library(name)._name
     monkeypatch.setenv("LLMQL_CPU_KERNELS", "auto")
-    assert gemm_kernel_available()
-    assert ("llmql_avx2" in gemm_library()._name) != cpu_kernels_available()
+    for name in AVX2.exports:
+        assert kernel_available(name)
+        assert ("llmql_avx2" in kernel_library(name)._name) != cpu_kernels_available()

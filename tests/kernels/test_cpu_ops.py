@@ -1,13 +1,16 @@
-"""llmql's C RMSNorm and gated activation against their torch references (and the engine
-layers using them against the torch formulas). Skipped where the kernels do not run (no
-AVX-512 or no C compiler): the layers then take torch's path."""
+"""llmql's C RMSNorm, gated activation and q/k norm + RoPE against their torch references
+(and the engine layers using them against the torch formulas).
+
+Kernel tests run once per build (`LLMQL_CPU_KERNELS` "auto": AVX-512 where the CPU has it;
+"avx2": the AVX2 build, as on a CPU without AVX-512) and skip where that build does not run
+(no such CPU, no C compiler): the layers then take torch's path."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llmql.kernels.cpu_lib import cpu_kernels_available
+from llmql.kernels.cpu_lib import kernel_available
 from llmql.kernels.cpu_ops import (
     gated_act,
     norm_rope,
@@ -17,12 +20,18 @@ from llmql.kernels.cpu_ops import (
     rms_norm,
 )
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels_available(), reason="no AVX-512 CPU or C compiler")
+
+@pytest.fixture(params=["auto", "avx2"])
+def kernel(request, monkeypatch) -> str:
+    """The build the test runs on: the default one, or the AVX2 one forced."""
+    monkeypatch.setenv("LLMQL_CPU_KERNELS", request.param)
+    if not all(kernel_available(f"llmql_{name}") for name in ("rms_norm", "gated_act", "norm_rope")):
+        pytest.skip(f"no row-op build for LLMQL_CPU_KERNELS={request.param} (CPU or C compiler)")
+    return request.param
 
 
-@needs_kernels
 @pytest.mark.parametrize("shape", [(1, 640), (7, 100), (60, 640), (300, 256), (3, 4, 48), (0, 64)])
-def test_rms_norm_matches_reference(shape) -> None:
+def test_rms_norm_matches_reference(shape, kernel) -> None:
     """Row counts on both sides of the threading threshold, a width that is not a multiple of
     16 (masked tail), a 3-D input (per-head norms), no rows."""
     gen = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
@@ -33,17 +42,15 @@ def test_rms_norm_matches_reference(shape) -> None:
     torch.testing.assert_close(got, ref_rms_norm(x, scale, 1e-6), atol=1e-5, rtol=1e-5)
 
 
-@needs_kernels
-def test_rms_norm_strided_rows() -> None:
+def test_rms_norm_strided_rows(kernel) -> None:
     wide = torch.randn(9, 100)
     x, scale = wide[:, 10:74], torch.rand(64)
     torch.testing.assert_close(rms_norm(x, scale, 1e-5), ref_rms_norm(x, scale, 1e-5), atol=1e-5, rtol=1e-5)
 
 
-@needs_kernels
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("rows,width", [(1, 2048), (5, 40), (60, 2048), (200, 1000)])
-def test_gated_act_matches_reference(act, rows, width) -> None:
+def test_gated_act_matches_reference(act, rows, width, kernel) -> None:
     """Values across the activation's range (large negative: ~0; large positive: ~x)."""
     gen = torch.Generator().manual_seed(rows)
     gate_up = torch.randn(rows, 2 * width, generator=gen) * 4
@@ -53,10 +60,9 @@ def test_gated_act_matches_reference(act, rows, width) -> None:
     torch.testing.assert_close(got, ref_gated_act(gate_up, act), atol=1e-5, rtol=2e-6)
 
 
-@needs_kernels
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("t,heads,head_dim", [(1, 4, 256), (9, 2, 20), (70, 8, 64), (0, 2, 16)])
-def test_norm_rope_matches_reference(norm, t, heads, head_dim) -> None:
+def test_norm_rope_matches_reference(norm, t, heads, head_dim, kernel) -> None:
     """Heads read from the middle of a packed [T, W] output (strided rows), normalised
     (Gemma 3 / Qwen 3) or not (Llama), rotated at arbitrary positions; head widths whose half
     is not a multiple of 16 take the masked tail."""
@@ -64,9 +70,8 @@ def test_norm_rope_matches_reference(norm, t, heads, head_dim) -> None:
     width = 3 + heads * head_dim + 5
     qkv = torch.randn(t, width, generator=gen) * 2
     scale = 1.0 + torch.randn(head_dim, generator=gen) if norm else None
-    angles = torch.rand(t, head_dim // 2, generator=gen) * 50
-    emb = torch.cat((angles, angles), dim=-1)
-    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]  # NOTE: the layers' [T, 1, D] tables
+    angles = torch.rand(t, head_dim, generator=gen) * 50  # NOTE: halves differ (RoPE's repeat), so both count
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]  # NOTE: the layers' [T, 1, D] tables
     got = norm_rope(qkv, 3, heads, head_dim, scale, 1e-6, cos, sin)
     assert got.shape == (t, heads, head_dim) and got.is_contiguous()
     want = ref_norm_rope(qkv, 3, heads, head_dim, scale, 1e-6, cos, sin)
@@ -75,8 +80,7 @@ def test_norm_rope_matches_reference(norm, t, heads, head_dim) -> None:
         assert torch.equal(got, want)
 
 
-@needs_kernels
-def test_bad_input_is_refused() -> None:
+def test_bad_input_is_refused(kernel) -> None:
     with pytest.raises(ValueError, match="float32"):
         rms_norm(torch.randn(3, 8).double(), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="scale"):
@@ -91,10 +95,10 @@ def test_bad_input_is_refused() -> None:
         norm_rope(torch.randn(3, 32), 0, 2, 16, None, 0.0, torch.ones(3, 16), None)
 
 
-@pytest.mark.parametrize("kernels", ["auto", "0"])
+@pytest.mark.parametrize("kernels", ["auto", "avx2", "0"])
 def test_layers_equal_the_formulas_with_and_without_kernels(kernels, monkeypatch) -> None:
     """RMSNorm (Gemma's 1 + w) and the gated MLP's activation step give the torch formulas'
-    values whichever path runs (LLMQL_CPU_KERNELS=0: torch's)."""
+    values whichever path runs (LLMQL_CPU_KERNELS=0: torch's; "avx2": the AVX2 build)."""
     from llmql.engine.layers.mlp import GatedMLP
     from llmql.engine.layers.norm import RMSNorm
 

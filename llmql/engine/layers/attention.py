@@ -12,7 +12,7 @@ from llmql.engine.layers.norm import RMSNorm
 from llmql.engine.layers.rotary import RotaryEmbedding
 from llmql.engine.lora.batch import add_lora
 from llmql.kernels.attention import paged_attention, store_kv
-from llmql.kernels.cpu_lib import cpu_kernels_available
+from llmql.kernels.cpu_lib import kernel_available
 from llmql.kernels.cpu_ops import norm_rope
 
 
@@ -67,7 +67,7 @@ class SelfAttention(nn.Module):
         t = hidden.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv = add_lora(self.qkv_proj(hidden), hidden, self.layer_id, "qkv")
-        if qkv.dtype == torch.float32 and qkv.is_cpu and cpu_kernels_available():
+        if qkv.dtype == torch.float32 and qkv.is_cpu and kernel_available("llmql_norm_rope"):
             q, k = self._norm_rope(positions, qkv)  # NOTE: one pass per q and k (kernels/cpu_ops.py)
             v = qkv[:, q_size + kv_size :].reshape(t, self.num_kv_heads, self.head_dim)
         else:

@@ -8,7 +8,7 @@ from torch import nn
 
 from llmql.engine.layers.linear import Linear, MergedLinear
 from llmql.engine.lora.batch import add_lora
-from llmql.kernels.cpu_lib import cpu_kernels_available
+from llmql.kernels.cpu_lib import kernel_available
 from llmql.kernels.cpu_ops import gated_act
 
 _ACTIVATIONS = {
@@ -39,7 +39,7 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = add_lora(self.gate_up_proj(x), x, self.layer_id, "gate_up")
         if (self.kernel_act and gate_up.dtype == torch.float32 and gate_up.is_cpu
-                and cpu_kernels_available()):
+                and kernel_available("llmql_gated_act")):
             h = gated_act(gate_up, self.kernel_act)  # NOTE: one pass (kernels/cpu_ops.py)
         else:
             gate, up = gate_up.split(self.intermediate, dim=-1)

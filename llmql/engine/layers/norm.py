@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from llmql.engine.layers.linear import default_weight_loader
-from llmql.kernels.cpu_lib import cpu_kernels_available
+from llmql.kernels.cpu_lib import kernel_available
 from llmql.kernels.cpu_ops import rms_norm
 
 
@@ -45,7 +45,8 @@ class RMSNorm(nn.Module):
         return self._scale[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and x.is_cpu and self.weight.dtype == torch.float32 and cpu_kernels_available():
+        if (x.dtype == torch.float32 and x.is_cpu and self.weight.dtype == torch.float32
+                and kernel_available("llmql_rms_norm")):
             return rms_norm(x, self.scale(), self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -33,7 +33,7 @@ from torch import nn
 
 from llmql.engine.weights.quant import QuantWeight, stack_rows
 from llmql.kernels.cpu_gemm import PackedGrouped, grouped_gemm, pack_grouped
-from llmql.kernels.cpu_lib import gemm_kernel_available
+from llmql.kernels.cpu_lib import kernel_available
 from llmql.kernels.int8_linear import (
     int8_linear,
     int8_linear_available,
@@ -297,7 +297,7 @@ def finalize_quantized(model: nn.Module, *, layers: str = "exact") -> int:
     `layers` says how the other linears run: "exact" (group-wise, dequantising tile by tile
     at each call), "grouped" (the same with 4-bit values widened to int8, for a cheaper
     dequantisation on CPU; on the C kernel of kernels/cpu_gemm.py where it runs (AVX-512, else
-    its AVX2 build: `gemm_kernel_available`), with 4-bit values kept 4-bit:
+    its AVX2 build: `kernel_available`), with 4-bit values kept 4-bit:
     `QuantParts.use_cpu_kernel`), "bf16" ("grouped" with bfloat16 tiles and GEMMs, for CPUs with
     AMX: `amx_available`), "int8" (the int8 GEMM, activations compensated) or "float"
     (dequantised once to float32: exact, 4 bytes per weight). Where the CPU has AMX, the LM
@@ -314,7 +314,7 @@ def finalize_quantized(model: nn.Module, *, layers: str = "exact") -> int:
         head.quant = embed.quant
         quantized.append(head)
     int8 = bool(quantized) and int8_enabled(model)
-    cpu_kernel = layers == "grouped" and on_cpu(model) and gemm_kernel_available()
+    cpu_kernel = layers == "grouped" and on_cpu(model) and kernel_available("llmql_grouped_gemm")
     for module in quantized:
         w = module.weight
         if layers == "float" and module is not embed and module is not head:

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "simd.h"
+
 #define NR 32
 #define HR 16
 #define MR 6
@@ -112,12 +114,6 @@ static inline __attribute__((always_inline)) void store_rows(int R, __m256 acc[]
             _mm256_maskstore_ps(y + r * ldy + 8, m1, acc[r][1]);
         }
     }
-}
-
-/* Lanes [0, n) of 8 set (n clamped to 0..8). */
-static inline __m256i lanes(long n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 0 ? 0 : n > 8 ? 8 : n)),
-                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 static inline __attribute__((always_inline)) void micro(int R, const float *x, long ldx, const float *w, long K,
