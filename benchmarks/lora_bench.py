@@ -200,7 +200,7 @@ def _stacked(gen, k: int, outs: tuple[int, ...], stride: int, ranks: list[int]):
 
 def _time_paths(repeat, x, a, b, out, offsets, ranks, lens, seg) -> dict[str, float]:
     from llmql.engine.lora.batch import cpu_plan, delta_threads
-    from llmql.kernels.cpu_lib import cpu_kernels_available
+    from llmql.kernels.cpu_lib import kernel_available
     from llmql.kernels.lora_cpu import (
         bmm_lora,
         c_lora_delta,
@@ -236,7 +236,7 @@ def _time_paths(repeat, x, a, b, out, offsets, ranks, lens, seg) -> dict[str, fl
             return all_threads()
 
     c_kernel = {}
-    if cpu_kernels_available():  # NOTE: B rank-major, as the CPU pool holds it
+    if kernel_available("llmql_lora_delta"):  # NOTE: B rank-major, as the CPU pool holds it
         rows, row_slots = slot_order(token_slots)
         b_rank_major = b.transpose(1, 2).contiguous().transpose(1, 2)
         c_kernel["c_kernel_ms"] = round(_time(repeat, c_lora_delta, x, a, b_rank_major, out, offsets,

@@ -29,9 +29,9 @@ Environment variables:
     LLMQL_CPU_KERNELS "auto" (default): on AVX-512 CPUs llmql's C kernels (compiled on
                       first use into the cache dir with the system's `cc`) run a quantized
                       model's group-wise linears, attention, RMSNorm and the gated MLP
-                      activation; on CPUs with AVX2 but not AVX-512, the AVX2 builds of
-                      these (the LoRA kernel keeps torch's path); "avx2": the AVX2 builds
-                      on any such CPU, the AVX-512 ones off (what an AVX2-only CPU runs);
+                      activation (and LoRA deltas); on CPUs with AVX2 but not AVX-512, the
+                      AVX2 builds of these; "avx2": the AVX2 builds on any such CPU, the
+                      AVX-512 ones off (what an AVX2-only CPU runs);
                       "0": torch's paths.
 """
 

@@ -8,15 +8,15 @@ links the libgomp that torch has already loaded, so no second thread pool compet
 cores). What each kernel computes: kernels/cpu_gemm.py, kernels/cpu_ops.py, kernels/attention_cpu.py
 (`c_paged_attention`), kernels/lora_cpu.py (`c_lora_delta`).
 
-Two builds: `AVX512` (every kernel) and `AVX2` (AVX2 + FMA + F16C, csrc/avx2/*.c: the grouped
-GEMM, RMSNorm, the gated activation, q/k norm + RoPE and paged attention, with the same
-exports and values, for CPUs without AVX-512). `kernel_library(name)` is the library whose
-`name` runs here: the AVX-512 one where it runs, else the AVX2 one where torch's dispatch
-level is AVX2 or better and it exports `name`; `kernel_available(name)` says whether one does
+Two builds of every kernel, with the same exports and values: `AVX512` (csrc/*.c) and `AVX2`
+(AVX2 + FMA + F16C, csrc/avx2/*.c, for CPUs without AVX-512). `kernel_library(name)` is the
+library whose `name` runs here: the AVX-512 one where it runs, else the AVX2 one where
+torch's dispatch level is AVX2 or better; `kernel_available(name)` says whether one does
 (False where neither runs: no such CPU, as torch's dispatch level says; no compiler;
 `LLMQL_CPU_KERNELS=0`): callers then keep their torch paths. `LLMQL_CPU_KERNELS=avx2` turns
 the AVX-512 library off and the AVX2 one on, as on a CPU without AVX-512.
-`cpu_kernels_available()` and `library()` mean the AVX-512 library alone (the LoRA kernel's).
+`cpu_kernels_available()` says whether the AVX-512 library runs (engine/quantized.py's
+choice of GEMM for large models).
 """
 
 from __future__ import annotations
@@ -72,15 +72,14 @@ class Build(NamedTuple):
 
 AVX512 = Build("llmql_cpu", SOURCES, HEADERS, FLAGS, tuple(SIGNATURES), ("AVX512", "AMX"))
 AVX2 = Build("llmql_avx2", tuple(sorted(AVX2_SRC.glob("*.c"))), tuple(sorted(AVX2_SRC.glob("*.h"))), AVX2_FLAGS,
-             ("llmql_grouped_gemm", "llmql_rms_norm", "llmql_gated_act", "llmql_norm_rope", "llmql_paged_attention"),
-             ("AVX2", "AVX512", "AMX"))
+             tuple(SIGNATURES), ("AVX2", "AVX512", "AMX"))
 
 
 def cpu_kernels_available() -> bool:
-    """Whether llmql's AVX-512 library runs here (every kernel; the LoRA delta's only build):
-    an x86 CPU with AVX-512, a C compiler that built it, and `LLMQL_CPU_KERNELS` "auto" (the
-    default; "0" and "avx2" turn it off; read at each call: the layers ask at every forward,
-    so the answer is cached per value of the variable)."""
+    """Whether llmql's AVX-512 library runs here: an x86 CPU with AVX-512, a C compiler that
+    built it, and `LLMQL_CPU_KERNELS` "auto" (the default; "0" and "avx2" turn it off; read
+    at each call: the layers ask at every forward, so the answer is cached per value of the
+    variable)."""
     return _available(os.environ.get("LLMQL_CPU_KERNELS", ""))
 
 
@@ -93,21 +92,12 @@ def kernel_available(name: str) -> bool:
     return _kernel_mode(raw) != "0" and _kernel_library(raw, name) is not None
 
 
-def library() -> ctypes.CDLL:
-    """The loaded AVX-512 library (a RuntimeError where it cannot be built or loaded here).
-    `LLMQL_CPU_KERNELS` governs the callers' choice of path (`cpu_kernels_available`), not
-    this: weights already packed for a kernel keep running on it if the variable changes."""
-    lib = _load(AVX512)
-    if lib is None:
-        raise RuntimeError("llmql's CPU kernels are not available here (see cpu_kernels_available)")
-    return lib
-
-
 def kernel_library(name: str) -> ctypes.CDLL:
     """The library whose `name` runs here: the AVX-512 one where it loads, else the AVX2 one
     where it exports `name`; `LLMQL_CPU_KERNELS=avx2` forces the AVX2 one (a RuntimeError
-    where neither has it). As for `library()`, "0" governs the callers' choice
-    (`kernel_available`), not this: both builds read the same packed weights."""
+    where neither has it). `LLMQL_CPU_KERNELS=0` governs the callers' choice of path
+    (`kernel_available`), not this: weights already packed for a kernel keep running on it if
+    the variable changes, and both builds read the same packed weights."""
     lib = _kernel_library(os.environ.get("LLMQL_CPU_KERNELS", ""), name)
     if lib is None:
         raise RuntimeError(f"llmql's CPU kernel {name} is not available here (see kernel_available)")

@@ -17,11 +17,14 @@ Long segments (prefill): per segment, a shrink matmul with A trimmed to the slot
 an in-place addmm per sub-projection into `out` (no padding, no gathers, no temporaries of
 out's size). `benchmarks/lora_bench.py --cpu-paths` measures the paths on these shapes.
 
-On AVX-512 CPUs all of that is one call of llmql's C kernel per (layer, module)
-(`c_lora_delta`, csrc/lora.c) over every adapter row of the forward, sorted by slot once
-per forward (`slot_order`); the paths above are its torch fallbacks. The CPU pool keeps B
-rank-major (`b` is a [S, N, R] view of [S, R, N] storage) so that the kernel's expand reads
-each rank's output columns contiguously, and only the ranks a slot has.
+On x86 CPUs with AVX2 or AVX-512 all of that is one call of llmql's C kernel per (layer,
+module) (`c_lora_delta`: csrc/lora.c, or its AVX2 build csrc/avx2/lora.c) over every adapter
+row of the forward, sorted by slot once per forward (`slot_order`); the paths above are its
+torch fallbacks. --cpu-paths (2 threads, medians, 2026-12-04), summed over its 20 cases:
+AVX2 build 7.0-7.5 ms, AVX-512 build 5.3, torch paths 16.7 (AVX2 per case: 0.95-1.7x the
+AVX-512 build's time, 1-7.7x faster than torch, whose GEMMs on that box use AVX-512).
+The CPU pool keeps B rank-major (`b` is a [S, N, R] view of [S, R, N] storage) so that the
+kernel's expand reads each rank's output columns contiguously, and only the ranks a slot has.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmql.kernels.cpu_lib import library
+from llmql.kernels.cpu_lib import kernel_library
 
 
 @dataclass(frozen=True)
@@ -139,9 +142,9 @@ def c_lora_delta(
     ranks: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
 ) -> bool:
     """`out` += the delta of each row in `rows` (sorted by `slots`, from `slot_order`) on
-    llmql's AVX-512 kernel: the shrink per run of up to 24 rows of one slot (register blocks
-    of 6 rows x 4 ranks), then the expand per block of output columns over all of the slot's
-    rows. float32 x, a, b, out with unit column strides. `b` [S, N, R] is read rank-major: a
+    llmql's kernel (the AVX-512 build, else the AVX2 one: `kernel_library`): the shrink per
+    run of up to 24 rows of one slot (register blocks of 6 rows x 4 ranks; AVX2: 3 x 4),
+    then the expand per block of output columns over all of the slot's rows. float32 x, a, b, out with unit column strides. `b` [S, N, R] is read rank-major: a
     transposed view of a [S, R, N] tensor (the CPU pool's layout) costs nothing, any other
     layout is copied first. False (nothing written) only when the kernel's scratch memory
     cannot be had."""
@@ -151,7 +154,7 @@ def c_lora_delta(
         raise ValueError("c_lora_delta: x and out need unit column strides")
     a, bt = a.contiguous(), b.transpose(1, 2).contiguous()
     offs = _offsets(tuple(offsets))
-    rc = library().llmql_lora_delta(
+    rc = kernel_library("llmql_lora_delta").llmql_lora_delta(
         x.data_ptr(), x.stride(0), x.shape[1], rows.data_ptr(), slots.data_ptr(), rows.numel(),
         a.data_ptr(), bt.data_ptr(), b.shape[2], b.shape[1], offs.data_ptr(), offs.numel() - 1,
         ranks.to(torch.int64).contiguous().data_ptr(), out.data_ptr(), out.stride(0), torch.get_num_threads())

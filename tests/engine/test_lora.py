@@ -25,6 +25,7 @@ from llmql.engine.scheduler.policy import create_policy
 from llmql.engine.scheduler.prefill import PrefillAdmitter
 from llmql.engine.scheduler.request import Req
 from llmql.engine.types import GenerationRequest
+from llmql.kernels.cpu_lib import kernel_available
 from llmql.optimizer.explain import explain
 from llmql.settings import override
 
@@ -150,7 +151,14 @@ def _forward(lm, pool: AdapterPool, kv: KVPool, seqs, adapters):
         return lm.model.compute_logits(lm.model(torch.tensor(ids), batch.positions))
 
 
-def test_mixed_prefill_logits_match_peft(family) -> None:
+@pytest.mark.parametrize("kernels", ["auto", "avx2"])
+def test_mixed_prefill_logits_match_peft(family, kernels, monkeypatch) -> None:
+    """peft's logits from the CPU delta paths: llmql's LoRA kernel where it runs ("auto":
+    its AVX-512 build where that runs; "avx2": its AVX2 build, as on a CPU without AVX-512),
+    else torch's paths."""
+    monkeypatch.setenv("LLMQL_CPU_KERNELS", kernels)
+    if kernels == "avx2" and not kernel_available("llmql_lora_delta"):
+        pytest.skip("no AVX2 CPU or C compiler")
     base, folders = family
     lm = load_model(str(base))
     c = lm.config
@@ -163,6 +171,7 @@ def test_mixed_prefill_logits_match_peft(family) -> None:
     slots = pool.activate(adapters)
     plan = LoraBatch.build(pool, lengths, slots)
     assert plan.long and plan.grid is not None and [s for s, _ in plan.gathered] == [slots[0]]
+    assert (plan.c_rows is not None) == kernel_available("llmql_lora_delta")
     seqs = [prompt(n, seed=10 + i) for i, n in enumerate(lengths)]
     kv = KVPool(128, c.num_layers, c.num_kv_heads, c.head_dim)
     logits = _forward(lm, pool, kv, seqs, adapters).split([len(s) for s in seqs])

@@ -18,7 +18,13 @@ from llmql.kernels.cpu_gemm import (
     ref_grouped_gemm,
     unpack_grouped,
 )
-from llmql.kernels.cpu_lib import AVX2, cpu_kernels_available, kernel_available, kernel_library
+from llmql.kernels.cpu_lib import (
+    AVX2,
+    AVX512,
+    cpu_kernels_available,
+    kernel_available,
+    kernel_library,
+)
 from llmql.kernels.quant_matmul import dequantize
 
 
@@ -136,10 +142,11 @@ def test_disabled_by_setting(monkeypatch) -> None:
 
 def test_avx2_setting_picks_the_avx2_build(monkeypatch) -> None:
     """`LLMQL_CPU_KERNELS=avx2` simulates a CPU without AVX-512: the AVX-512 library is off
-    (and the LoRA kernel, which has no AVX2 build) and every AVX2 export runs on the AVX2
-    build; "auto" prefers the AVX-512 build."""
+    and every kernel (each has an AVX2 build) runs on the AVX2 build; "auto" prefers the
+    AVX-512 build."""
     monkeypatch.setenv("LLMQL_CPU_KERNELS", "avx2")
-    assert not cpu_kernels_available() and not kernel_available("llmql_lora_delta")
+    assert not cpu_kernels_available()
+    assert set(AVX2.exports) == set(AVX512.exports)
     if not kernel_available("llmql_grouped_gemm"):
         pytest.skip("no AVX2 CPU or C compiler")
     for name in AVX2.exports:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmql.engine.lora.pool import AdapterPool
-from llmql.kernels.cpu_lib import cpu_kernels_available
+from llmql.kernels.cpu_lib import kernel_available
 from llmql.kernels.lora_cpu import (
     PaddedRows,
     Segment,
@@ -80,7 +80,7 @@ class LoraBatch:
             return cls(pool, indptr.to(dev), seg.to(dev), use_triton=True)
         long, grid, gathered = cpu_plan(seg_slots, bounds)
         batch = cls(pool, indptr, seg, False, long, grid, gathered)
-        if pool.dtype == torch.float32 and cpu_kernels_available():
+        if pool.dtype == torch.float32 and kernel_available("llmql_lora_delta"):
             batch.c_rows, batch.c_slots = slot_order(torch.repeat_interleave(seg, indptr.diff()))
         return batch
 
