@@ -12,9 +12,11 @@ similar lengths are padded into one batched scaled-dot-product attention with an
 causal/window mask (one call per sequence when padding would waste too much).
 
 The default model's heads (4 query heads on 1 KV head of 256), 2 threads, median ms,
-AVX-512 / AVX2 kernel / torch path (2026-12-04): a prefill of 60 sequences of 140-160 tokens
-38 / 36 / 90; 60 decode rows over those keys, float32 pool 0.81 / 0.79 / 5.7, bfloat16 pool
-0.61 / 0.64 / 2.8.
+AVX-512 / AVX2 kernel / torch path (2026-12-04, after the AVX-512 kernel's tiles: scores 2 rows
+x 8 keys with one reduction tree, p V in 4 x 64 register blocks, up to 64 rows per task; it
+took 36-38 / 0.84 / 0.59 before): a prefill of 60 sequences of 140-160 tokens 26 / 34 / 84;
+60 decode rows over those keys, float32 pool 0.70 / 0.78 / 6.0, bfloat16 pool 0.47 / 0.61 /
+4.9-6.2.
 Shapes as in `llmql.kernels.attention`: q [T, Hq, D], k/v_cache [S, Hkv, D] -> [T, Hq, D].
 """
 
@@ -79,8 +81,9 @@ def c_paged_attention(
     kv_indptr: torch.Tensor, kv_indices: torch.Tensor, *, scale: float, sliding_window: int | None = None,
 ) -> torch.Tensor | None:
     """The contract of `ref_paged_attention` (no softcap) on llmql's C kernel (csrc/attention.c,
-    or its AVX2 build csrc/avx2/attention.c: `kernel_library`): per sequence and KV head, up to 16 rows (queries x the query heads
-    of the KV head) stream their visible keys in blocks of 16, widened from the pool's dtype
+    or its AVX2 build csrc/avx2/attention.c: `kernel_library`): per sequence and KV head, up to 64
+    rows on AVX-512, 16 on AVX2 (queries x the query heads of the KV head) stream their visible
+    keys in blocks of 16, widened from the pool's dtype
     once per block, with an online softmax (running max and sum) into float32 accumulators,
     so no gathered K/V copy, mask or score matrix is built. None where the kernel does not
     take the shapes (head dim not a multiple of 16 or over 256, more than 16 query heads per

@@ -7,6 +7,8 @@ Kernel tests run once per build (`LLMQL_CPU_KERNELS` "auto": AVX-512 where the C
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -133,3 +135,22 @@ def test_library_build_failures_fall_back(monkeypatch, tmp_path, caplog) -> None
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with override(cache_dir=tmp_path), pytest.raises(OSError):
         cpu_lib._build()
+
+
+@pytest.mark.parametrize("build", ["AVX512", "AVX2"])
+def test_each_build_compiles_where_its_cpu_runs(build) -> None:
+    """Where the CPU runs a build and a C compiler is on PATH, the build compiles and loads:
+    a source that stops compiling must fail here, not fall back silently to the other build
+    or to torch's paths (the kernel tests would then still pass)."""
+    import shutil
+
+    from llmql.kernels import cpu_lib
+
+    b = getattr(cpu_lib, build)
+    if torch.backends.cpu.get_cpu_capability() not in b.capabilities:
+        pytest.skip(f"this CPU does not run the {build} build")
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler")
+    assert cpu_lib._build(b).exists()  # NOTE: raises with the compiler's message on an error
+    lib = cpu_lib._load(b)
+    assert lib is not None and all(hasattr(lib, name) for name in b.exports)
