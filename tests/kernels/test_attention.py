@@ -11,7 +11,6 @@ import torch
 
 from llmql.kernels.attention import ref_paged_attention
 from llmql.kernels.attention_cpu import c_paged_attention, cpu_paged_attention
-from llmql.kernels.cpu_lib import kernel_available
 
 
 @pytest.fixture(params=["auto", "avx2", "0"])
@@ -22,14 +21,10 @@ def kernels(request, monkeypatch) -> str:
     return request.param
 
 
-@pytest.fixture(params=["auto", "avx2"])
-def kernel(request, monkeypatch) -> str:
-    """The C kernel's build the test runs on: the default one, or the AVX2 one forced (skipped
-    where that build does not run: no such CPU, no C compiler)."""
-    monkeypatch.setenv("LLMQL_CPU_KERNELS", request.param)
-    if not kernel_available("llmql_paged_attention"):
-        pytest.skip(f"no paged attention build for LLMQL_CPU_KERNELS={request.param} (CPU or C compiler)")
-    return request.param
+@pytest.fixture
+def kernel(c_build: str) -> str:
+    """The C kernel build under test (tests/kernels/conftest.py: `c_build`)."""
+    return c_build
 
 
 def make_case(q_lens, kv_lens, hq=4, hkv=2, d=16, slots=None, dtype=torch.float32, device="cpu", seed=0):

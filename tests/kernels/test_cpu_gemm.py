@@ -28,13 +28,10 @@ from llmql.kernels.cpu_lib import (
 from llmql.kernels.quant_matmul import dequantize
 
 
-@pytest.fixture(params=["auto", "avx2"])
-def kernel(request, monkeypatch) -> str:
-    """The build the test runs on: the default one, or the AVX2 one forced."""
-    monkeypatch.setenv("LLMQL_CPU_KERNELS", request.param)
-    if not kernel_available("llmql_grouped_gemm"):
-        pytest.skip(f"no grouped GEMM build for LLMQL_CPU_KERNELS={request.param} (CPU or C compiler)")
-    return request.param
+@pytest.fixture
+def kernel(c_build: str) -> str:
+    """The C kernel build under test (tests/kernels/conftest.py: `c_build`)."""
+    return c_build
 
 
 def make_case(n: int, k: int, group: int, zeros: bool, seed: int = 0, bits: int = 8):

@@ -12,7 +12,6 @@ import os
 import pytest
 import torch
 
-from llmql.kernels.cpu_lib import kernel_available
 from llmql.kernels.cpu_ops import (
     gated_act,
     norm_rope,
@@ -23,13 +22,10 @@ from llmql.kernels.cpu_ops import (
 )
 
 
-@pytest.fixture(params=["auto", "avx2"])
-def kernel(request, monkeypatch) -> str:
-    """The build the test runs on: the default one, or the AVX2 one forced."""
-    monkeypatch.setenv("LLMQL_CPU_KERNELS", request.param)
-    if not all(kernel_available(f"llmql_{name}") for name in ("rms_norm", "gated_act", "norm_rope")):
-        pytest.skip(f"no row-op build for LLMQL_CPU_KERNELS={request.param} (CPU or C compiler)")
-    return request.param
+@pytest.fixture
+def kernel(c_build: str) -> str:
+    """The C kernel build under test (tests/kernels/conftest.py: `c_build`)."""
+    return c_build
 
 
 @pytest.mark.parametrize("shape", [(1, 640), (7, 100), (60, 640), (300, 256), (3, 4, 48), (0, 64)])

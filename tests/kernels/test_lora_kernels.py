@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 
-from llmql.kernels.cpu_lib import kernel_available, kernel_library
 from llmql.kernels.lora_cpu import (
     bmm_lora,
     c_lora_delta,
@@ -35,16 +34,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["auto", "avx2"])
-def c_build(request, monkeypatch) -> str:
-    """Each build of the C kernel in turn: "auto" (AVX-512 where it runs), "avx2" (the AVX2
-    build, as on a CPU without AVX-512); skipped where that build cannot run."""
-    monkeypatch.setenv("LLMQL_CPU_KERNELS", request.param)
-    if not kernel_available("llmql_lora_delta"):
-        pytest.skip(f"no CPU or C compiler for LLMQL_CPU_KERNELS={request.param}")
-    if request.param == "avx2":  # NOTE: the AVX2 build itself, not the AVX-512 one again
-        assert "llmql_avx2" in kernel_library("llmql_lora_delta")._name
-    return request.param
 
 
 def make_case(lens, slots, k=40, outs=(24, 8, 8), stride=8, ranks=(0, 4, 8, 2), seed=0,
