@@ -85,16 +85,14 @@ def c_paged_attention(
     rows on AVX-512, 16 on AVX2 (queries x the query heads of the KV head) stream their visible
     keys in blocks of 16, widened from the pool's dtype
     once per block, with an online softmax (running max and sum) into float32 accumulators,
-    so no gathered K/V copy, mask or score matrix is built. None where the kernel does not
-    take the shapes (head dim not a multiple of 16 or over 256, more than 16 query heads per
-    KV head): the caller uses the torch path."""
+    so no gathered K/V copy, mask or score matrix is built. None where the kernel declines the
+    shapes (csrc/attention_driver.h: head dim not a multiple of 16 or over 256, more than 16
+    query heads per KV head): the caller uses the torch path."""
     if k_cache.dtype not in _C_DTYPES or q.dtype != torch.float32:
         raise ValueError(f"c_paged_attention: float32 q and a float32/float16/bfloat16 pool, got "
                          f"{q.dtype} and {k_cache.dtype}")
     _, hq, d = q.shape
     hkv = k_cache.shape[1]
-    if d % 16 or d > 256 or hq // hkv > 16:
-        return None
     q = q.contiguous()
     qo, kv, idx = (x.to(torch.int64).contiguous() for x in (qo_indptr, kv_indptr, kv_indices))
     out = torch.empty_like(q)

@@ -13,6 +13,8 @@ import functools
 
 import torch
 
+from llmql.kernels import dot_precision
+
 
 @functools.cache
 def _kernel():
@@ -136,6 +138,6 @@ def triton_paged_attention(
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_M=block_m, BLOCK_N=block_n,
         USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(q.dtype),
     )
     return out

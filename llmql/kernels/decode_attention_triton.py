@@ -26,6 +26,8 @@ import functools
 
 import torch
 
+from llmql.kernels import dot_precision
+
 
 def ref_decode_attention(
     q: torch.Tensor,
@@ -196,7 +198,7 @@ def triton_decode_attention(
         GROUP=group, HEAD_DIM=d, BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=splits,
         USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(q.dtype),
     )
     reduce_kernel[(bsz, hq)](
         mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),

@@ -17,6 +17,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from llmql.kernels import dot_precision
+
 
 def group_by_expert(topk_ids: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
     """Sort the T*K (token, slot) pairs by expert.
@@ -162,6 +164,6 @@ def _gemm(a, w, out, weights, sorted_ids, block_expert, total, pairs, k, per_tok
         a, w, out, weights, sorted_ids, block_expert, pairs, n_out, k_in, k,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         A_PER_TOKEN=per_token, MUL_WEIGHT=mul,
-        PRECISION="ieee" if torch.float32 in (a.dtype, w.dtype) else "tf32",
+        PRECISION=dot_precision(a.dtype, w.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )

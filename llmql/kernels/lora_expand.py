@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from llmql.kernels import dot_precision
 from llmql.kernels.lora_shrink import Groups, slot_groups
 
 
@@ -67,8 +68,7 @@ def lora_expand(
         xa, w, out, seg_indptr, seg_slots, ranks, off, w.shape[2],
         xa.stride(0), w.stride(0), w.stride(1), out.stride(0),
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=16,
-        # NOTE: float32 products as float32 (Triton's default on CUDA is tf32: ~1e-2 off)
-        PRECISION="ieee" if xa.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(xa.dtype),
     )
     return out
 

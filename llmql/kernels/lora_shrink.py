@@ -21,6 +21,8 @@ import functools
 
 import torch
 
+from llmql.kernels import dot_precision
+
 Groups = list[tuple[int, slice | torch.Tensor]]
 
 
@@ -81,8 +83,7 @@ def lora_shrink(
         x, w, y, seg_indptr, seg_slots, ranks, k, n, rank_stride,
         x.stride(0), w.stride(0), w.stride(1), y.stride(0),
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=64,
-        # NOTE: float32 products as float32 (Triton's default on CUDA is tf32: ~1e-2 off)
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(x.dtype),
     )
     return y
 
